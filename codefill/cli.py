@@ -1,0 +1,241 @@
+"""`codefill`: the one command line for the whole product.
+
+Each subcommand parses its arguments here and calls one function in the package that owns the work. Heavy
+imports (MindSpore, torch) happen inside the subcommand, so `codefill --help` answers at once.
+
+Errors that cross a boundary (bad config, bad checkpoint, bad tokenizer, bad arguments, a failing worker)
+are printed as one `codefill: error: ...` line and exit with status 2; anything else is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+class CliError(Exception):
+    """Bad command-line input; the message names the offending argument and value."""
+
+
+def _boundary_errors() -> tuple[type[BaseException], ...]:
+    """The error types that mean 'bad input or environment' rather than 'bug' (imported lazily)."""
+    errors: list[type[BaseException]] = [CliError]
+    from codefill.model.config import ConfigError
+
+    errors.append(ConfigError)
+    for module, name in [
+        ("codefill.model.checkpoint", "CheckpointError"),
+        ("codefill.model.tokenizer", "TokenizerError"),
+        ("codefill.model.generate", "GenerationError"),
+        ("codefill.model.sampling", "SamplingError"),
+        ("codefill.inference_workers.protocol", "WireError"),
+        ("codefill.inference_workers.client", "WorkerError"),
+    ]:
+        if module in sys.modules and hasattr(sys.modules[module], name):
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
+
+
+# --- subcommands ----------------------------------------------------------------------------------------
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from codefill.model import convert
+
+    if args.from_hf:
+        out = convert.hf_to_model_dir(Path(args.from_hf), Path(args.output))
+    else:
+        out = convert.model_dir_to_hf(Path(args.to_hf), Path(args.output))
+    print(f"wrote {out}")
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise CliError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise CliError("--prompt-ids is empty")
+    return ids
+
+
+def _sampling(args: argparse.Namespace):
+    from codefill.model.sampling import SamplingConfig
+
+    return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+
+def _generator(model_dir: str, prompt_len: int, max_new_tokens: int):
+    from codefill.model.generate import Generator
+
+    if max_new_tokens <= 0:
+        raise CliError(f"--max-new-tokens must be positive, got {max_new_tokens}")
+    return Generator.from_model_dir(Path(model_dir), max_seq_len=prompt_len + max_new_tokens, max_batch=1)
+
+
+def _emit(args: argparse.Namespace, ids: list[int], text: str) -> None:
+    if args.json:
+        print(json.dumps({"ids": ids, "text": text}, ensure_ascii=False))
+    else:
+        print(text)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from codefill.model.tokenizer import Tokenizer
+    from codefill.model.checkpoint import load_model_dir_meta
+
+    tok = Tokenizer(load_model_dir_meta(Path(args.model)).tokenizer_path)
+    prompt = _parse_ids(args.prompt_ids) if args.prompt_ids is not None else tok.encode(args.prompt, bos=True)
+    for i in prompt:
+        if not 0 <= i < tok.vocab_size:
+            raise CliError(f"prompt id {i} is outside the vocabulary [0, {tok.vocab_size})")
+    gen = _generator(args.model, len(prompt), args.max_new_tokens)
+    ids = [t for t, _ in gen.generate(prompt, args.max_new_tokens, _sampling(args), stop_ids=frozenset({tok.eos_id}))]
+    _emit(args, ids, tok.decode([t for t in ids if t != tok.eos_id]))
+
+
+def cmd_infill(args: argparse.Namespace) -> None:
+    from codefill.model.checkpoint import load_model_dir_meta
+    from codefill.model.fim import infilling_prompt_tokens
+    from codefill.model.tokenizer import Tokenizer
+
+    tok = Tokenizer(load_model_dir_meta(Path(args.model)).tokenizer_path)
+    prompt = infilling_prompt_tokens(tok, args.prefix, args.suffix, spm=args.spm)
+    gen = _generator(args.model, len(prompt), args.max_new_tokens)
+    stop = frozenset({tok.eot_id, tok.eos_id})
+    ids = [t for t, _ in gen.generate(prompt, args.max_new_tokens, _sampling(args), stop_ids=stop)]
+    _emit(args, ids, tok.decode([t for t in ids if t not in stop]))
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from codefill.lsp.server import main as serve_main
+
+    if not args.stdio:
+        raise CliError("only --stdio is supported by this version of `codefill serve`")
+    if args.model is None and args.endpoint is None:
+        raise CliError("give --model MODEL_DIR (starts a worker) or --endpoint with --model for the tokenizer")
+    serve_main(model_dir=Path(args.model) if args.model else None, endpoint=args.endpoint)
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    from codefill.inference_workers.worker import main as worker_main
+
+    worker_main(Path(args.model), args.endpoint)
+
+
+def cmd_init_tiny(args: argparse.Namespace) -> None:
+    from codefill.model.tiny import build_tiny_model_dir
+
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()):
+        print(f"{out} already exists; keeping it")
+        return
+    build_tiny_model_dir(out, preset=args.preset, seed=args.seed)
+    print(f"wrote an UNTRAINED tiny model (random weights, preset {args.preset}) to {out}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from codefill.demo import run_demo
+
+    run_demo(Path(args.model))
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    if args.what == "model":
+        from codefill.bench_model import run
+
+        report = run(out, preset=args.preset)
+    else:  # argparse restricts the choices
+        raise CliError(f"unknown benchmark {args.what!r}")
+    print(json.dumps(report, indent=2))
+    print(f"report written to {out}")
+
+
+# --- parser ---------------------------------------------------------------------------------------------
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, required=True)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help='print {"ids": [...], "text": "..."} on the last line')
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="codefill", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert between Hugging Face and codefill model directories")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--from-hf", metavar="HF_DIR")
+    g.add_argument("--to-hf", metavar="MODEL_DIR")
+    p.add_argument("--output", required=True)
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("generate", help="continue a prompt")
+    p.add_argument("--model", required=True, metavar="MODEL_DIR")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt", metavar="TEXT")
+    g.add_argument("--prompt-ids", metavar="1,2,3")
+    _sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("infill", help="fill in the middle between a prefix and a suffix")
+    p.add_argument("--model", required=True, metavar="MODEL_DIR")
+    p.add_argument("--prefix", required=True)
+    p.add_argument("--suffix", required=True)
+    p.add_argument("--spm", action="store_true", help="suffix-prefix-middle order (default prefix-suffix-middle)")
+    _sampling_args(p)
+    p.set_defaults(func=cmd_infill)
+
+    p = sub.add_parser("serve", help="run the language server")
+    p.add_argument("--stdio", action="store_true", default=True)
+    p.add_argument("--model", metavar="MODEL_DIR")
+    p.add_argument("--endpoint", help="a running worker's ZeroMQ endpoint (ipc:// or tcp://127.0.0.1:PORT)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="run one inference worker on a ZeroMQ endpoint")
+    p.add_argument("--model", required=True, metavar="MODEL_DIR")
+    p.add_argument("--endpoint", required=True)
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("init-tiny", help="build an untrained tiny model directory (random weights) for demos")
+    p.add_argument("--output", required=True)
+    p.add_argument("--preset", default="tiny-test")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_init_tiny)
+
+    p = sub.add_parser("demo", help="start the language server on a model and show a live completion")
+    p.add_argument("--model", default="models/default", metavar="MODEL_DIR")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="run a benchmark and write its report")
+    p.add_argument("what", choices=["model"])
+    p.add_argument("--preset", default="small")
+    p.add_argument("--out", default="bench_results")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # only boundary errors are turned into messages; others re-raise below
+        if isinstance(e, _boundary_errors()):
+            print(f"codefill: error: {e}", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

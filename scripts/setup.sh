@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Create .venv (Python 3.11) and install codefill into it, editable.
+#   bash scripts/setup.sh        runtime only (what `codefill serve` needs)
+#   bash scripts/setup.sh test   plus the test tools and the reference implementation (torch, transformers)
+# Re-running is cheap: the install is skipped while pyproject.toml and the extras are unchanged.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3.11}
+extras=""
+[ "${1:-}" = test ] && extras="[test]"
+
+if [ ! -x .venv/bin/python ]; then
+  "$python" -m venv .venv
+fi
+stamp=".venv/.codefill-$(sha256sum pyproject.toml | cut -c1-16)${extras:+-test}"
+if [ ! -f "$stamp" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
+  .venv/bin/python -m pip install -q -e ".${extras}"
+  rm -f .venv/.codefill-*
+  touch "$stamp"
+  [ -n "$extras" ] && touch ".venv/.codefill-$(sha256sum pyproject.toml | cut -c1-16)"
+fi
+echo "environment ready: .venv ($(.venv/bin/python --version))"

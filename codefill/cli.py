@@ -85,9 +85,9 @@ def _emit(args: argparse.Namespace, ids: list[int], text: str) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from codefill.model.tokenizer import Tokenizer
-    from codefill.model.checkpoint import load_model_dir_meta
+    from codefill.model.checkpoint import model_dir_tokenizer_path
 
-    tok = Tokenizer(load_model_dir_meta(Path(args.model)).tokenizer_path)
+    tok = Tokenizer(model_dir_tokenizer_path(Path(args.model)))
     prompt = _parse_ids(args.prompt_ids) if args.prompt_ids is not None else tok.encode(args.prompt, bos=True)
     for i in prompt:
         if not 0 <= i < tok.vocab_size:
@@ -98,11 +98,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_infill(args: argparse.Namespace) -> None:
-    from codefill.model.checkpoint import load_model_dir_meta
+    from codefill.model.checkpoint import model_dir_tokenizer_path
     from codefill.model.fim import infilling_prompt_tokens
     from codefill.model.tokenizer import Tokenizer
 
-    tok = Tokenizer(load_model_dir_meta(Path(args.model)).tokenizer_path)
+    tok = Tokenizer(model_dir_tokenizer_path(Path(args.model)))
     prompt = infilling_prompt_tokens(tok, args.prefix, args.suffix, spm=args.spm)
     gen = _generator(args.model, len(prompt), args.max_new_tokens)
     stop = frozenset({tok.eot_id, tok.eos_id})

@@ -1,1 +1,1 @@
-"""placeholder"""
+"""The language server: editor cursor context -> FIM prompt -> worker request -> completion items."""

@@ -1,1 +1,1 @@
-"""placeholder"""
+"""The Llama / Code Llama architecture in MindSpore: config, tokenizer and FIM prompts, weights on disk, generation."""

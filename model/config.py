@@ -82,6 +82,7 @@ class LlamaConfig:
         for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
             if key not in hf:
                 raise ConfigError(f"config.json has no {key!r}")
+        rope_theta = _hf_rope_theta(hf)
         cfg = cls(
             dim=hf["hidden_size"],
             n_layers=hf["num_hidden_layers"],
@@ -90,7 +91,7 @@ class LlamaConfig:
             vocab_size=hf["vocab_size"],
             ffn_dim=hf["intermediate_size"],
             norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(hf.get("rope_theta", 10000.0)),
+            rope_theta=rope_theta,
             max_seq_len=hf.get("max_position_embeddings", 2048),
         )
         head_dim = hf.get("head_dim")
@@ -120,6 +121,7 @@ class LlamaConfig:
             "bos_token_id": bos_id,
             "eos_token_id": eos_id,
             "torch_dtype": torch_dtype,
+            "dtype": torch_dtype,  # the key transformers 5 reads; 4.x reads torch_dtype
         }
 
     # --- codefill's own files --------------------------------------------------------------------------
@@ -144,6 +146,23 @@ class LlamaConfig:
             return cls.from_hf(json.loads(Path(path).read_text()))
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"cannot read Hugging Face config {path}: {e}") from e
+
+
+def _hf_rope_theta(hf: dict[str, Any]) -> float:
+    """rope_theta from a Hugging Face config: top-level (transformers 4) or in `rope_parameters`
+    (transformers 5, which writes {"rope_theta": ..., "rope_type": "default"} and no top-level key)."""
+    params = hf.get("rope_parameters")
+    if params is None:
+        return float(hf.get("rope_theta", 10000.0))
+    if not isinstance(params, dict) or params.get("rope_type", "default") != "default":
+        raise ConfigError(f"unsupported rope_parameters={params!r} (supported: rope_type 'default')")
+    extra = sorted(set(params) - {"rope_theta", "rope_type"})
+    if extra:
+        raise ConfigError(f"unsupported rope_parameters keys {extra} in {params!r}")
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if "rope_theta" in hf and float(hf["rope_theta"]) != theta:
+        raise ConfigError(f"rope_theta {hf['rope_theta']!r} disagrees with rope_parameters {params!r}")
+    return theta
 
 
 def _codellama(dim: int, n_layers: int, n_heads: int, n_kv_heads: int, ffn_dim: int, vocab_size: int) -> LlamaConfig:

@@ -1,1 +1,1 @@
-"""placeholder"""
+"""Training: preprocessing, finetuning, checkpoint shards, refreshing served weights (a later issue)."""

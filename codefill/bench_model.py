@@ -119,12 +119,12 @@ def _bench_hf(cfg, weights, prompts, reps: int) -> dict:
     @torch.no_grad()
     def generate(ids):
         out = model(torch.tensor([ids]), logits_to_keep=1, use_cache=True)
-        past = out.past_key_values
+        cache = out.cache  # transformers >= 5 names the KV cache `cache` (formerly past_key_values)
         token = int(out.logits[0, -1].argmax())
         yield token
         for _ in range(DECODE_TOKENS - 1):
-            out = model(torch.tensor([[token]]), past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(torch.tensor([[token]]), cache=cache, use_cache=True)
+            cache = out.cache
             token = int(out.logits[0, -1].argmax())
             yield token
 

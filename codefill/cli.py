@@ -99,7 +99,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_infill(args: argparse.Namespace) -> None:
     from codefill.model.checkpoint import model_dir_tokenizer_path
-    from codefill.model.fim import infilling_prompt_tokens
+    from codefill.model.fim import decode_middle, infilling_prompt_tokens
     from codefill.model.tokenizer import Tokenizer
 
     tok = Tokenizer(model_dir_tokenizer_path(Path(args.model)))
@@ -107,7 +107,7 @@ def cmd_infill(args: argparse.Namespace) -> None:
     gen = _generator(args.model, len(prompt), args.max_new_tokens)
     stop = frozenset({tok.eot_id, tok.eos_id})
     ids = [t for t, _ in gen.generate(prompt, args.max_new_tokens, _sampling(args), stop_ids=stop)]
-    _emit(args, ids, tok.decode([t for t in ids if t not in stop]))
+    _emit(args, ids, decode_middle(tok, ids))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

@@ -1,0 +1,236 @@
+"""A plain MindSpore Llama / Code Llama: RMSNorm, half-split rotary, grouped-query attention, SwiGLU, output head.
+
+No parallelism lives here; `inference_workers/` shards a model built by this file. Parameter names are the
+codefill names of `weights.expected_shapes` (`layers.3.attention.wq.weight`), so `load_weights` fills a model
+from a dict of numpy arrays by name and refuses anything missing, extra or mis-shaped.
+
+The KV cache is static (gpt-fast style): every layer owns `cache_k` / `cache_v` Parameters of shape
+[max_batch, n_kv_heads, max_seq_len + 1, head_dim], preallocated once and updated in place with
+`scatter_nd_update`. A forward pass writes the new keys/values at their positions, then attends over the whole
+cache row with a position mask (key j is visible to a query at position p iff j <= p), so
+
+- prefill of only the new tokens of a prompt onto an existing cache (prefix reuse) is `start_pos > 0`,
+- batched decode gives each row its own position (continuous batching),
+- stale entries past a row's position, left by an earlier longer sequence, are never seen.
+
+Column `max_seq_len` of the cache is scratch: a decode row whose slot is idle is given that position, so it
+writes there and its logits are ignored (all of the cache stays finite, so no NaN can leak into a live row).
+
+Shapes in comments: B batch rows, T new tokens, S = max_seq_len + 1 cache columns, H query heads,
+KV key/value heads, R = H // KV, D head_dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import initializer
+
+from .config import LlamaConfig
+from .weights import expected_shapes
+
+
+class WeightError(ValueError):
+    """Weights that do not fit the model; the message names the tensor and its shapes."""
+
+
+class Linear(nn.Cell):
+    """y = x @ weight.T with weight [out, in] (the Hugging Face / Meta layout), no bias."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        # Lazy zeros: memory is only allocated when load_weights sets real data.
+        self.weight = Parameter(initializer("zeros", (out_features, in_features), ms.float32), name="weight")
+        self.matmul = ops.MatMul(transpose_b=True)
+        self.out_features = out_features
+
+    def construct(self, x):
+        # x [..., in] -> [N, in] -> [N, out] -> [..., out]
+        lead = x.shape[:-1]
+        y = self.matmul(x.reshape(-1, x.shape[-1]), self.weight)
+        return y.reshape(lead + (self.out_features,))
+
+
+class Embedding(nn.Cell):
+    def __init__(self, vocab_size: int, dim: int):
+        super().__init__()
+        self.weight = Parameter(initializer("zeros", (vocab_size, dim), ms.float32), name="weight")
+
+    def construct(self, tokens):
+        return ops.gather(self.weight, tokens, 0)  # [B, T] -> [B, T, dim]
+
+
+class RMSNorm(nn.Cell):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = Parameter(initializer("ones", (dim,), ms.float32), name="weight")
+        self.eps = eps
+
+    def construct(self, x):
+        return x * ops.rsqrt((x * x).mean(-1, keep_dims=True) + self.eps) * self.weight
+
+
+def rotary_tables(head_dim: int, n_positions: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin [n_positions, head_dim] in the half-split layout: frequency i sits at columns i and i + D/2.
+
+    Computed in float64 and rounded once, so long positions do not accumulate float32 angle error.
+    """
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # [D/2]
+    angles = np.outer(np.arange(n_positions, dtype=np.float64), inv_freq)  # [P, D/2]
+    angles = np.concatenate([angles, angles], axis=-1)  # [P, D]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def apply_rotary(x, cos, sin):
+    # x [B, T, heads, D]; cos, sin [B, T, 1, D]. rotate_half(x) = cat(-x2, x1): Hugging Face's layout.
+    half = x.shape[-1] // 2
+    rotated = ops.cat((-x[..., half:], x[..., :half]), -1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Cell):
+    def __init__(self, cfg: LlamaConfig, max_batch: int, max_seq_len: int):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.n_rep = cfg.n_rep
+        self.wq = Linear(cfg.dim, cfg.n_heads * cfg.head_dim)
+        self.wk = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
+        self.wv = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
+        self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim)
+        # [max_batch, KV, S, D]: heads before positions so attention reads the cache without a transpose.
+        cache_shape = (max_batch, cfg.n_kv_heads, max_seq_len + 1, cfg.head_dim)
+        self.cache_k = Parameter(Tensor(np.zeros(cache_shape, np.float32)), name="cache_k", requires_grad=False)
+        self.cache_v = Parameter(Tensor(np.zeros(cache_shape, np.float32)), name="cache_v", requires_grad=False)
+        self.scale = 1.0 / float(np.sqrt(cfg.head_dim))
+        self.scores_matmul = ops.BatchMatMul(transpose_b=True)  # q @ k^T without materialising k^T
+
+    def construct(self, x, cos, sin, cache_idx, mask, slots, key_positions):
+        # x [B, T, dim]; cache_idx [B, T, KV, 3] of (slot, kv head, position); mask [B, 1, T*R, K].
+        # Which keys are read: slots [B] (cache row of each batch row) and key_positions [K] (cache columns),
+        # or both None for the whole cache with row i = slot i (decode: no copy of the cache at all).
+        b, t = x.shape[0], x.shape[1]
+        q = self.wq(x).reshape(b, t, self.n_heads, self.head_dim)
+        k = self.wk(x).reshape(b, t, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).reshape(b, t, self.n_kv_heads, self.head_dim)
+        q = apply_rotary(q, cos, sin) * self.scale  # scaling q is T*H*D multiplies, scaling scores T*H*K
+        k = apply_rotary(k, cos, sin)
+
+        # Write the new keys/values in place; updates [B, T, KV, D] land at cache[slot, kv, pos].
+        ops.scatter_nd_update(self.cache_k, cache_idx, k)
+        ops.scatter_nd_update(self.cache_v, cache_idx, v)
+        if slots is None:
+            keys, values = self.cache_k, self.cache_v  # [B, KV, S, D]
+        else:  # [B, KV, K, D]: only the columns up to the last new position, so prefill cost follows its length
+            keys = ops.gather(ops.gather(self.cache_k, slots, 0), key_positions, 2)
+            values = ops.gather(ops.gather(self.cache_v, slots, 0), key_positions, 2)
+
+        # Grouped-query attention without copying K/V per query head: query head h = kv * R + r uses kv head
+        # h // R (Hugging Face's repeat_kv), so rows (t, r) of [B, KV, T*R, D] go against kv head `kv` in one
+        # matmul; the mask is built in the same row order, so scores are never reshaped.
+        q = q.reshape(b, t, self.n_kv_heads, self.n_rep, self.head_dim).transpose(0, 2, 1, 3, 4)
+        q = q.reshape(b, self.n_kv_heads, t * self.n_rep, self.head_dim)
+        scores = self.scores_matmul(q, keys) + mask  # [B, KV, T*R, K]
+        out = ops.matmul(ops.softmax(scores, -1), values)  # [B, KV, T*R, D]
+        out = out.reshape(b, self.n_kv_heads, t, self.n_rep, self.head_dim).transpose(0, 2, 1, 3, 4)
+        return self.wo(out.reshape(b, t, self.n_heads * self.head_dim))  # [B, T, KV, R, D] -> [B, T, dim]
+
+
+class FeedForward(nn.Cell):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, ffn_dim: int):
+        super().__init__()
+        self.w1 = Linear(dim, ffn_dim)
+        self.w2 = Linear(ffn_dim, dim)
+        self.w3 = Linear(dim, ffn_dim)
+
+    def construct(self, x):
+        return self.w2(ops.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Cell):
+    def __init__(self, cfg: LlamaConfig, max_batch: int, max_seq_len: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg, max_batch, max_seq_len)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
+
+    def construct(self, x, cos, sin, cache_idx, mask, slots, key_positions):
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache_idx, mask, slots, key_positions)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Cell):
+    """Token ids in, logits of the last position of each row out, with the static KV cache updated in place.
+
+    `construct(tokens [B, T], positions [B, T], cache_idx [B, T, KV, 3], slots [B] | None,
+    key_positions [K] | None) -> logits [B, V]`, all int32. Positions lie in [0, max_seq_len]; `max_seq_len`
+    itself is the scratch column. With slots and key_positions, row b reads cache row slots[b], columns
+    key_positions (prefill: 0 .. its last position); with None, row i reads all of slot i (decode).
+    Callers build the index arrays with `cache_index` (generate.py does).
+    """
+
+    def __init__(self, cfg: LlamaConfig, max_batch: int = 1, max_seq_len: int = 2048):
+        super().__init__()
+        self.config, self.max_batch, self.max_seq_len = cfg, max_batch, max_seq_len
+        self.tok_embeddings = Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.CellList([TransformerBlock(cfg, max_batch, max_seq_len) for _ in range(cfg.n_layers)])
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = Linear(cfg.dim, cfg.vocab_size)
+        cos, sin = rotary_tables(cfg.head_dim, max_seq_len + 1, cfg.rope_theta)
+        self.rope_cos, self.rope_sin = Tensor(cos), Tensor(sin)  # [S, D] constants, not weights
+        self.key_positions = Tensor(np.arange(max_seq_len + 1, dtype=np.int32))  # [S]
+
+    def construct(self, tokens, positions, cache_idx, slots, key_positions):
+        x = self.tok_embeddings(tokens)  # [B, T, dim]
+        cos = ops.gather(self.rope_cos, positions, 0).expand_dims(2)  # [B, T, 1, D]
+        sin = ops.gather(self.rope_sin, positions, 0).expand_dims(2)
+        # Additive causal mask over the keys read: key j is visible to a query at position p iff j <= p.
+        # Rows in attention's (t, r) order: [B, T] -> [B, T*R] query positions.
+        b, t = positions.shape[0], positions.shape[1]
+        query_pos = ops.tile(positions.expand_dims(-1), (1, 1, self.config.n_rep)).reshape(b, -1, 1)
+        keys = self.key_positions if key_positions is None else key_positions
+        visible = keys.reshape(1, 1, -1) <= query_pos  # [B, T*R, K]
+        zeros = ops.zeros_like(visible.astype(ms.float32))
+        mask = ops.select(visible, zeros, zeros - 1e30).expand_dims(1)  # [B, 1, T*R, K]
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache_idx, mask, slots, key_positions)
+        return self.output(self.norm(x[:, -1]))  # only the last position's logits: [B, V]
+
+
+def cache_index(slots: np.ndarray, positions: np.ndarray, n_kv_heads: int) -> np.ndarray:
+    """(slot, kv head, position) for every new token: slots [B], positions [B, T] -> [B, T, KV, 3] int32."""
+    b, t = positions.shape
+    idx = np.empty((b, t, n_kv_heads, 3), np.int32)
+    idx[..., 0] = np.asarray(slots, np.int32).reshape(b, 1, 1)
+    idx[..., 1] = np.arange(n_kv_heads, dtype=np.int32)
+    idx[..., 2] = positions[:, :, None]
+    return idx
+
+
+def weight_parameters(model: Transformer) -> dict[str, Parameter]:
+    """The model's weights by codefill name (the KV cache is state, not weights, and is left out)."""
+    return {name: p for name, p in model.parameters_and_names() if not name.rsplit(".", 1)[-1].startswith("cache_")}
+
+
+def load_weights(model: Transformer, weights: dict[str, np.ndarray]) -> None:
+    """Copy a {codefill name: array} dict into the model, strictly: any missing, extra or mis-shaped tensor
+    raises WeightError naming it, before a single parameter is changed."""
+    params = weight_parameters(model)
+    expected = expected_shapes(model.config)
+    if set(params) != set(expected):  # a bug in this file, not in the weights
+        raise WeightError(f"model parameters differ from weights.expected_shapes: "
+                          f"{sorted(set(params) ^ set(expected))}")
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    if missing or extra:
+        raise WeightError(f"weights do not match the model: missing {missing[:8]}{'...' if len(missing) > 8 else ''}"
+                          f" ({len(missing)}), unexpected {extra[:8]}{'...' if len(extra) > 8 else ''} ({len(extra)})")
+    for name, shape in expected.items():
+        got = tuple(np.shape(weights[name]))
+        if got != shape:
+            raise WeightError(f"tensor {name} has shape {got}, the model expects {shape}")
+    for name, p in params.items():
+        p.set_data(Tensor(np.ascontiguousarray(weights[name], dtype=np.float32)))

@@ -1,0 +1,105 @@
+"""The `codefill` command as a user types it: real subprocesses, JSON on the last line, clear errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from codefill.model.fim import infilling_prompt_tokens
+from codefill.model.tokenizer import Tokenizer
+from helpers import make_tiny_model_dir
+
+CODEFILL = [sys.executable, "-m", "codefill.cli"]
+
+
+def codefill(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*CODEFILL, *args], capture_output=True, text=True, timeout=300)
+    if ok:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def last_json(proc: subprocess.CompletedProcess) -> dict:
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return make_tiny_model_dir(tmp_path_factory, preset="tiny-gqa")
+
+
+@pytest.fixture(scope="module")
+def generator(model_dir):
+    from codefill.model.generate import Generator
+
+    return Generator.from_model_dir(model_dir, max_seq_len=256, max_batch=1)
+
+
+def greedy(generator, prompt, n, stop):
+    from codefill.model.sampling import SamplingConfig
+
+    return [t for t, _ in generator.generate(prompt, n, SamplingConfig(), stop_ids=frozenset(stop))]
+
+
+def test_generate_prompt_ids_json_matches_in_process_greedy(model_dir, generator):
+    tok = Tokenizer(model_dir / "tokenizer.model")
+    prompt = [tok.bos_id] + tok.encode("def add(a, b):\n    return")
+    out = last_json(codefill("generate", "--model", str(model_dir), "--prompt-ids", ",".join(map(str, prompt)),
+                             "--max-new-tokens", "12", "--temperature", "0", "--json"))
+    expected = greedy(generator, prompt, 12, {tok.eos_id})
+    assert out["ids"] == expected
+    assert out["text"] == tok.decode([t for t in expected if t != tok.eos_id])
+
+
+def test_generate_text_prompt_is_encoded_with_bos(model_dir, generator):
+    tok = Tokenizer(model_dir / "tokenizer.model")
+    out = last_json(codefill("generate", "--model", str(model_dir), "--prompt", "import os\n",
+                             "--max-new-tokens", "8", "--json"))
+    assert out["ids"] == greedy(generator, tok.encode("import os\n", bos=True), 8, {tok.eos_id})
+
+
+@pytest.mark.parametrize("spm", [False, True])
+def test_infill_json_is_the_middle_up_to_eot(model_dir, generator, spm):
+    tok = Tokenizer(model_dir / "tokenizer.model")
+    prefix, suffix = "def area(r):\n    return ", "\n\nprint(area(2))\n"
+    args = ["infill", "--model", str(model_dir), "--prefix", prefix, "--suffix", suffix, "--max-new-tokens", "16",
+            "--json"] + (["--spm"] if spm else [])
+    out = last_json(codefill(*args))
+    expected = greedy(generator, infilling_prompt_tokens(tok, prefix, suffix, spm=spm), 16, {tok.eot_id, tok.eos_id})
+    assert out["ids"] == expected
+    middle = [t for t in expected if t not in (tok.eot_id, tok.eos_id)]
+    assert out["text"] == tok.decode_infilling(middle)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--prompt-ids", "1,x,3"], "comma-separated integers"),
+    (["--prompt-ids", "1,99999"], "outside the vocabulary"),
+    (["--prompt", "x", "--max-new-tokens", "0"], "must be positive"),
+])
+def test_bad_generate_arguments_are_one_clear_error(model_dir, args, needle):
+    if "--max-new-tokens" not in args:
+        args = args + ["--max-new-tokens", "4"]
+    proc = codefill("generate", "--model", str(model_dir), *args, ok=False)
+    assert proc.returncode == 2
+    assert needle in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_missing_model_dir_is_a_clear_error(tmp_path):
+    proc = codefill("generate", "--model", str(tmp_path / "nope"), "--prompt", "x", "--max-new-tokens", "2", ok=False)
+    assert proc.returncode == 2 and "nope" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_convert_round_trip_through_the_cli(model_dir, tmp_path):
+    codefill("convert", "--to-hf", str(model_dir), "--output", str(tmp_path / "hf"))
+    assert (tmp_path / "hf" / "config.json").exists()
+    codefill("convert", "--from-hf", str(tmp_path / "hf"), "--output", str(tmp_path / "back"))
+    assert (tmp_path / "back" / "model.safetensors").read_bytes() == (model_dir / "model.safetensors").read_bytes()
+    proc = codefill("convert", "--from-hf", str(model_dir), "--output", str(tmp_path / "bad"), ok=False)
+    assert proc.returncode == 2 and not (tmp_path / "bad").exists()
+
+
+def test_help_does_not_import_mindspore():
+    code = "import sys; from codefill.cli import build_parser; build_parser(); print('mindspore' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

@@ -111,13 +111,25 @@ def cmd_infill(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from codefill.lsp.server import main as serve_main
+    import logging
 
-    if not args.stdio:
-        raise CliError("only --stdio is supported by this version of `codefill serve`")
-    if args.model is None and args.endpoint is None:
-        raise CliError("give --model MODEL_DIR (starts a worker) or --endpoint with --model for the tokenizer")
-    serve_main(model_dir=Path(args.model) if args.model else None, endpoint=args.endpoint)
+    from codefill.lsp.server import Settings, main as serve_main
+
+    if args.model is None:
+        raise CliError("give --model MODEL_DIR: the server tokenizes (workers see token ids only) and starts a "
+                       "worker on it unless --endpoint names a running one")
+    given = {  # Settings field: (flag, value); unset flags keep the Settings default
+        "max_new_tokens": ("--max-new-tokens", args.max_new_tokens),
+        "request_timeout_s": ("--request-timeout", args.request_timeout),
+        "worker_max_seq_len": ("--worker-max-seq-len", args.worker_max_seq_len),
+    }
+    for flag, value in given.values():
+        if value is not None and value <= 0:
+            raise CliError(f"{flag} must be positive, got {value}")
+    settings = Settings(**{field: value for field, (_, value) in given.items() if value is not None})
+    # stdout carries JSON-RPC: logs go to stderr, which editors show in their LSP log.
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="codefill-lsp %(levelname)s %(message)s")
+    serve_main(model_dir=Path(args.model), endpoint=args.endpoint, settings=settings)
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
@@ -195,9 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_infill)
 
     p = sub.add_parser("serve", help="run the language server")
-    p.add_argument("--stdio", action="store_true", default=True)
-    p.add_argument("--model", metavar="MODEL_DIR")
-    p.add_argument("--endpoint", help="a running worker's ZeroMQ endpoint (ipc:// or tcp://127.0.0.1:PORT)")
+    p.add_argument("--stdio", action="store_true", help="speak LSP over stdin/stdout (the default and only transport)")
+    p.add_argument("--model", metavar="MODEL_DIR", help="its tokenizer; and a worker on it unless --endpoint")
+    p.add_argument("--endpoint", help="a running worker's ZeroMQ endpoint (ipc://PATH or tcp://127.0.0.1:PORT)")
+    p.add_argument("--max-new-tokens", type=int, help="longest middle, in tokens (default: lsp.server.Settings)")
+    p.add_argument("--worker-max-seq-len", type=int, help="context length of the worker this server starts")
+    p.add_argument("--request-timeout", type=float, help="seconds of worker silence before a request fails")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="run one inference worker on a ZeroMQ endpoint")

@@ -103,3 +103,14 @@ def test_convert_round_trip_through_the_cli(model_dir, tmp_path):
 def test_help_does_not_import_mindspore():
     code = "import sys; from codefill.cli import build_parser; build_parser(); print('mindspore' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("flag", ["--max-new-tokens", "--request-timeout", "--worker-max-seq-len"])
+def test_serve_refuses_non_positive_settings_naming_the_flag(model_dir, flag):
+    proc = codefill("serve", "--stdio", "--model", str(model_dir), flag, "0", ok=False)
+    assert proc.returncode == 2 and f"{flag} must be positive, got 0" in proc.stderr
+
+
+def test_serve_without_model_says_why():
+    proc = codefill("serve", "--stdio", ok=False)
+    assert proc.returncode == 2 and "--model MODEL_DIR" in proc.stderr

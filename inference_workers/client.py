@@ -1,0 +1,356 @@
+"""Talking to an inference worker: spawn it, wait for it, stream tokens from it, cancel, ping.
+
+Two clients share one reply-checking core (`_Replies`):
+
+- `WorkerClient`: blocking, for the CLI, benchmarks and tests.
+- `AsyncWorkerClient`: `zmq.asyncio`, for the language server. Chosen over running the blocking client in a
+  thread because cancellation then flows by itself: when the editor sends $/cancelRequest, pygls cancels the
+  handler's task, the `await` on the socket raises CancelledError, and `generate`'s cleanup sends `Cancel`,
+  so the worker stops within one token and is free for the next keystroke. A thread blocked in recv cannot be
+  interrupted like that, and a zmq socket must not be shared between threads. One reader task routes
+  replies to the request they belong to, so several completions can be in flight on one socket.
+
+Both raise `WorkerError` (the one error type of this boundary) for a worker that fails a request, sends
+something unreadable, or is silent for longer than `timeout_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from codefill.inference_workers.protocol import (
+    Cancel,
+    ErrorReply,
+    Finished,
+    FinishReason,
+    GenerateRequest,
+    Ping,
+    Pong,
+    Token,
+    WireError,
+    check_endpoint,
+    decode,
+    encode,
+)
+
+REPLY_TYPES = (Token, Finished, ErrorReply, Pong)
+
+
+class WorkerError(RuntimeError):
+    """A worker that cannot be started or reached, or that failed a request; the message says which and why."""
+
+
+def _request(request_id: str, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Any,
+             stop_ids: Sequence[int]) -> GenerateRequest:
+    """`sampling` is a model.sampling.SamplingConfig or anything with its four fields; None is greedy."""
+    try:
+        if sampling is None:
+            return GenerateRequest(request_id, list(prompt_ids), max_new_tokens, stop_ids=list(stop_ids))
+        return GenerateRequest(request_id, list(prompt_ids), max_new_tokens, sampling.temperature,
+                               sampling.top_k, sampling.top_p, sampling.seed, list(stop_ids))
+    except WireError as e:
+        raise WorkerError(f"invalid request: {e}") from e
+
+
+class _Replies:
+    """Checks the replies to one request: Token*, [ErrorReply], Finished."""
+
+    def __init__(self, endpoint: str, request_id: str):
+        self.endpoint, self.request_id = endpoint, request_id
+        self.error: str | None = None
+        self.done = False
+
+    def accept(self, msg: Any) -> Token | Finished | None:
+        """The message to hand to the caller, None to skip it, or WorkerError."""
+        if isinstance(msg, ErrorReply):
+            if msg.request_id == "":  # the worker could not read a frame we sent: a bug on this side
+                raise WorkerError(f"worker at {self.endpoint} rejected a frame: {msg.message}")
+            self.error = msg.message
+            return None
+        if isinstance(msg, Finished):
+            self.done = True
+            if msg.finish_reason == FinishReason.ERROR:
+                raise WorkerError(f"worker at {self.endpoint} failed: {self.error or 'no reason given'}")
+        return msg
+
+
+def _decode_reply(endpoint: str, frame: bytes) -> Any:
+    try:
+        return decode(frame, REPLY_TYPES)
+    except WireError as e:
+        raise WorkerError(f"unreadable reply from worker at {endpoint}: {e}") from e
+
+
+def _new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+class WorkerClient:
+    """Blocking client on a DEALER socket. Not thread-safe (no zmq socket is); one per thread."""
+
+    def __init__(self, endpoint: str, timeout_s: float = 60.0, context: zmq.Context | None = None):
+        try:
+            check_endpoint(endpoint)
+        except WireError as e:
+            raise WorkerError(str(e)) from e
+        if endpoint.endswith(":*"):
+            raise WorkerError(f"cannot connect to {endpoint!r}: a port of * only makes sense when binding")
+        self.endpoint, self.timeout_s = endpoint, timeout_s
+        self._ctx = context or zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(endpoint)
+        self._nonces = itertools.count(1)
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+
+    def __enter__(self) -> "WorkerClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _recv(self, what: str) -> Any:
+        if not self._sock.poll(int(self.timeout_s * 1000), zmq.POLLIN):
+            raise WorkerError(f"no reply from worker at {self.endpoint} within {self.timeout_s} s while {what}")
+        return _decode_reply(self.endpoint, self._sock.recv())
+
+    def send(self, msg: Any) -> None:
+        self._sock.send(encode(msg))
+
+    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Any = None,
+                 stop_ids: Sequence[int] = (), request_id: str | None = None) -> Iterator[Token | Finished]:
+        """Yield each Token as the worker sends it, then the Finished. Closing the iterator early cancels."""
+        replies = _Replies(self.endpoint, request_id or _new_request_id())
+        self.send(_request(replies.request_id, prompt_ids, max_new_tokens, sampling, stop_ids))
+        try:
+            while not replies.done:
+                msg = self._recv(f"generating {replies.request_id}")
+                if getattr(msg, "request_id", None) != replies.request_id:
+                    continue  # a late reply to an earlier, abandoned request
+                out = replies.accept(msg)
+                if out is not None:
+                    yield out
+        finally:
+            if not replies.done:
+                self.cancel(replies.request_id)
+
+    def complete(self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Any = None,
+                 stop_ids: Sequence[int] = ()) -> tuple[list[Token], Finished]:
+        tokens: list[Token] = []
+        for msg in self.generate(prompt_ids, max_new_tokens, sampling, stop_ids):
+            if isinstance(msg, Token):
+                tokens.append(msg)
+            else:
+                return tokens, msg
+        raise WorkerError(f"worker at {self.endpoint} ended a request without Finished")  # unreachable
+
+    def cancel(self, request_id: str) -> None:
+        self.send(Cancel(request_id))
+
+    def ping(self) -> Pong:
+        nonce = next(self._nonces)
+        self.send(Ping(nonce))
+        while True:
+            msg = self._recv("waiting for Pong")
+            if isinstance(msg, Pong) and msg.nonce == nonce:
+                return msg
+
+
+class AsyncWorkerClient:
+    """asyncio client on a zmq.asyncio DEALER socket; create and use it inside one running event loop."""
+
+    def __init__(self, endpoint: str, timeout_s: float = 60.0):
+        try:
+            check_endpoint(endpoint)
+        except WireError as e:
+            raise WorkerError(str(e)) from e
+        self.endpoint, self.timeout_s = endpoint, timeout_s
+        self._ctx = zmq.asyncio.Context.instance()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(endpoint)
+        self._nonces = itertools.count(1)
+        self._queues: dict[str | int, asyncio.Queue] = {}  # request id or ping nonce -> its replies
+        self._reader: asyncio.Task | None = None
+        self._reader_error: WorkerError | None = None
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        self._sock.close(linger=0)
+
+    def _ensure_reader(self) -> None:
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.get_running_loop().create_task(self._read_forever())
+
+    async def _read_forever(self) -> None:
+        while True:
+            frame = await self._sock.recv()
+            try:
+                msg = decode(frame, REPLY_TYPES)
+            except WireError as e:
+                msg = ErrorReply("", f"unreadable reply: {e}")
+            key = msg.nonce if isinstance(msg, Pong) else msg.request_id
+            if key == "":  # not attributable: every waiter sees it
+                for q in self._queues.values():
+                    q.put_nowait(msg)
+            elif (q := self._queues.get(key)) is not None:
+                q.put_nowait(msg)
+            # else: a reply to an abandoned request; drop it
+
+    async def _get(self, q: asyncio.Queue, what: str) -> Any:
+        try:
+            return await asyncio.wait_for(q.get(), self.timeout_s)
+        except TimeoutError:
+            raise WorkerError(
+                f"no reply from worker at {self.endpoint} within {self.timeout_s} s while {what}"
+            ) from None
+
+    async def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Any = None,
+                       stop_ids: Sequence[int] = (), request_id: str | None = None) -> AsyncIterator[Token | Finished]:
+        """Yield each Token, then the Finished. If the consumer is cancelled or stops early, send Cancel."""
+        replies = _Replies(self.endpoint, request_id or _new_request_id())
+        q: asyncio.Queue = asyncio.Queue()
+        self._queues[replies.request_id] = q
+        self._ensure_reader()
+        try:
+            await self._sock.send(encode(_request(replies.request_id, prompt_ids, max_new_tokens, sampling,
+                                                  stop_ids)))
+            while not replies.done:
+                out = replies.accept(await self._get(q, f"generating {replies.request_id}"))
+                if out is not None:
+                    yield out
+        finally:
+            del self._queues[replies.request_id]
+            if not replies.done:
+                # No await here: this runs during cancellation, and a DEALER send never blocks in practice
+                # (it queues). NOBLOCK keeps it that way if the worker is gone.
+                with contextlib.suppress(zmq.ZMQError):
+                    self._sock.send(encode(Cancel(replies.request_id)), zmq.NOBLOCK)
+
+    async def complete(self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Any = None,
+                       stop_ids: Sequence[int] = ()) -> tuple[list[Token], Finished]:
+        tokens: list[Token] = []
+        async for msg in self.generate(prompt_ids, max_new_tokens, sampling, stop_ids):
+            if isinstance(msg, Token):
+                tokens.append(msg)
+            else:
+                return tokens, msg
+        raise WorkerError(f"worker at {self.endpoint} ended a request without Finished")  # unreachable
+
+    async def ping(self) -> Pong:
+        nonce = next(self._nonces)
+        q: asyncio.Queue = asyncio.Queue()
+        self._queues[nonce] = q
+        self._ensure_reader()
+        try:
+            await self._sock.send(encode(Ping(nonce)))
+            while True:
+                msg = await self._get(q, "waiting for Pong")
+                if isinstance(msg, ErrorReply):
+                    raise WorkerError(f"worker at {self.endpoint} rejected a Ping: {msg.message}")
+                if isinstance(msg, Pong):
+                    return msg
+        finally:
+            del self._queues[nonce]
+
+
+# --- spawning ---------------------------------------------------------------------------------------------
+
+_OWNED_DIRS: dict[int, Path] = {}  # worker pid -> the temp dir spawn_worker made for it (socket, logs)
+
+
+def spawn_worker(model_dir: str | Path, endpoint: str | None = None, *, timeout_s: float = 300.0,
+                 max_seq_len: int | None = None) -> tuple[subprocess.Popen, str]:
+    """Start `python -m codefill.inference_workers.worker` and wait until it is serving.
+
+    endpoint None: a private ipc:// socket in a new temp directory (mode 0700, so only this user can
+    connect). Returns (process, the endpoint it actually bound). The worker's stdout and stderr go to
+    worker.log in that directory, never to ours: a language server's stdout is its JSON-RPC channel.
+    Raises WorkerError with the child's error, traceback or log tail if it exits or is not ready in time.
+    Stop it with `stop_worker(process)`.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix="codefill-worker-"))
+    endpoint = endpoint or f"ipc://{tmp / 'worker.sock'}"
+    try:
+        check_endpoint(endpoint)
+    except WireError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise WorkerError(str(e)) from e
+    ready_file, log_path = tmp / "ready.json", tmp / "worker.log"
+    cmd = [sys.executable, "-m", "codefill.inference_workers.worker", "--model", str(model_dir),
+           "--endpoint", endpoint, "--ready-file", str(ready_file), "--parent-pid", str(os.getpid())]
+    if max_seq_len is not None:
+        cmd += ["--max-seq-len", str(max_seq_len)]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    _OWNED_DIRS[process.pid] = tmp
+
+    def fail(why: str) -> WorkerError:
+        detail = ""
+        if ready_file.exists():
+            status = json.loads(ready_file.read_text())
+            detail = status.get("traceback") or status.get("error", "")
+        if not detail:
+            detail = "log tail:\n" + _tail(log_path)
+        stop_worker(process)
+        return WorkerError(f"worker for model {model_dir} {why}:\n{detail}")
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if ready_file.exists():
+            status = json.loads(ready_file.read_text())
+            if status.get("status") == "ready":
+                return process, status["endpoint"]
+            raise fail(f"failed to start: {status.get('error')}")
+        if process.poll() is not None:
+            raise fail(f"exited with status {process.returncode} before it was ready")
+        if time.monotonic() > deadline:
+            raise fail(f"was not ready within {timeout_s} s")
+        time.sleep(0.05)
+
+
+def stop_worker(process: subprocess.Popen, timeout_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after timeout_s; removes the temp directory spawn_worker made for it."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    tmp = _OWNED_DIRS.pop(process.pid, None)
+    if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def worker_log(process: subprocess.Popen) -> Path | None:
+    """The log file of a worker started by spawn_worker (None once it is stopped)."""
+    tmp = _OWNED_DIRS.get(process.pid)
+    return tmp / "worker.log" if tmp is not None else None
+
+
+def _tail(path: Path, n_bytes: int = 4000) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        return f"(cannot read {path}: {e})"
+    return data[-n_bytes:].decode("utf-8", "replace")

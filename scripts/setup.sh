@@ -14,8 +14,14 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=".venv/.codefill-$(sha256sum pyproject.toml | cut -c1-16)${extras:+-test}"
 if [ ! -f "$stamp" ]; then
-  .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
-  .venv/bin/python -m pip install -q -e ".${extras}"
+  # pip's and setuptools' chatter goes to a log, shown only when the install fails.
+  log=.venv/install.log
+  if ! { .venv/bin/python -m pip install --upgrade pip setuptools wheel \
+         && .venv/bin/python -m pip install -e ".${extras}"; } >"$log" 2>&1; then
+    tail -n 40 "$log"
+    echo "setup failed; the full pip log is $log" >&2
+    exit 1
+  fi
   rm -f .venv/.codefill-*
   touch "$stamp"
   [ -n "$extras" ] && touch ".venv/.codefill-$(sha256sum pyproject.toml | cut -c1-16)"

@@ -33,6 +33,7 @@ def _boundary_errors() -> tuple[type[BaseException], ...]:
         ("codefill.model.sampling", "SamplingError"),
         ("codefill.inference_workers.protocol", "WireError"),
         ("codefill.inference_workers.client", "WorkerError"),
+        ("codefill.training.data_error", "DataError"),
     ]:
         if module in sys.modules and hasattr(sys.modules[module], name):
             errors.append(getattr(sys.modules[module], name))
@@ -155,6 +156,38 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(Path(args.model))
 
 
+def cmd_data_alpaca(args: argparse.Namespace) -> None:
+    from codefill.training.alpaca import convert_alpaca_file
+
+    summary = convert_alpaca_file(Path(args.input), Path(args.output), skip_invalid=args.skip_invalid,
+                                  overwrite=args.overwrite)
+    print(summary.report())
+
+
+def cmd_data_tokenize(args: argparse.Namespace) -> None:
+    from codefill.training import tokenize_data
+
+    model, src, out = Path(args.model), Path(args.input), Path(args.output)
+    if args.mode == "instruct":
+        summary = tokenize_data.tokenize_instruct(model, src, out, args.seq_length, truncate=args.truncate,
+                                                  overwrite=args.overwrite)
+    elif args.mode == "pretrain":
+        summary = tokenize_data.tokenize_pretrain(model, src, out, args.seq_length, overwrite=args.overwrite)
+    else:
+        from codefill.training.fim_examples import FimConfig
+        from codefill.training.source_files import SourceConfig
+
+        extensions = tuple(e if e.startswith(".") else "." + e for e in args.extensions.split(",") if e) \
+            if args.extensions else None
+        summary = tokenize_data.tokenize_fim(
+            model, src, out, args.seq_length,
+            fim=FimConfig(fim_rate=args.fim_rate, spm_rate=args.spm_rate, seed=args.seed),
+            sources=SourceConfig(max_file_bytes=args.max_file_bytes, extensions=extensions,
+                                 held_out_fraction=args.held_out_fraction),
+            overwrite=args.overwrite)
+    print(summary.report())
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if args.what == "model":
@@ -229,6 +262,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="start the language server on a model and show a live completion")
     p.add_argument("--model", default="models/default", metavar="MODEL_DIR")
     p.set_defaults(func=cmd_demo)
+
+    data = sub.add_parser("data", help="prepare training data").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("alpaca", help="code-alpaca records -> conversations JSON (the seed's prompt template)")
+    p.add_argument("--input", required=True, metavar="code_alpaca.json")
+    p.add_argument("--output", required=True, metavar="conversations.json")
+    p.add_argument("--skip-invalid", action="store_true", help="skip malformed records instead of failing")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_data_alpaca)
+    p = data.add_parser("tokenize", help="tokenize into MindRecord rows of seq_length+1 ids and labels")
+    p.add_argument("--mode", required=True, choices=["instruct", "pretrain", "fim"],
+                   help="instruct: conversations, prompt labels masked; pretrain: packed text; "
+                        "fim: a source directory or git repository with fill-in-the-middle examples")
+    p.add_argument("--model", required=True, metavar="MODEL_DIR", help="whose tokenizer to use")
+    p.add_argument("--input", required=True, help="conversations JSON, text documents, or a source directory")
+    p.add_argument("--output", required=True, metavar="OUT.mindrecord")
+    p.add_argument("--seq-length", type=int, required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--truncate", action="store_true", help="instruct: cut over-long conversations (else dropped)")
+    p.add_argument("--fim-rate", type=float, default=0.9)
+    p.add_argument("--spm-rate", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--held-out-fraction", type=float, default=0.05, help="fim: files held out for evaluation")
+    p.add_argument("--max-file-bytes", type=int, default=1_000_000)
+    p.add_argument("--extensions", help="fim: only these, e.g. .py,.js")
+    p.set_defaults(func=cmd_data_tokenize)
 
     p = sub.add_parser("bench", help="run a benchmark and write its report")
     p.add_argument("what", choices=["model"])

@@ -114,3 +114,25 @@ def test_serve_refuses_non_positive_settings_naming_the_flag(model_dir, flag):
 def test_serve_without_model_says_why():
     proc = codefill("serve", "--stdio", ok=False)
     assert proc.returncode == 2 and "--model MODEL_DIR" in proc.stderr
+
+
+def test_data_alpaca_then_tokenize_instruct(model_dir, tmp_path):
+    records = [{"instruction": "Add two numbers.", "input": "", "output": "def add(a, b):\n    return a + b"},
+               {"instruction": "Reverse a list.", "input": "[1, 2]", "output": "xs[::-1]"}]
+    (tmp_path / "alpaca.json").write_text(json.dumps(records))
+    proc = codefill("data", "alpaca", "--input", str(tmp_path / "alpaca.json"), "--output", str(tmp_path / "c.json"))
+    assert "2 conversations written" in proc.stdout
+    conv = json.loads((tmp_path / "c.json").read_text())
+    assert conv[0]["conversations"][0]["value"].endswith("### Instruction:\nAdd two numbers.\n\n### Response:")
+    proc = codefill("data", "tokenize", "--mode", "instruct", "--model", str(model_dir), "--input",
+                    str(tmp_path / "c.json"), "--output", str(tmp_path / "rows.mindrecord"), "--seq-length", "384")
+    assert "2 rows of 385 tokens" in proc.stdout and (tmp_path / "rows.mindrecord").exists()
+
+
+def test_data_errors_name_the_record_and_keep_existing_output(tmp_path):
+    (tmp_path / "bad.json").write_text(json.dumps([{"instruction": "x", "input": "", "output": 3}]))
+    (tmp_path / "c.json").write_text("keep me")
+    proc = codefill("data", "alpaca", "--input", str(tmp_path / "bad.json"), "--output", str(tmp_path / "c.json"),
+                    "--overwrite", ok=False)
+    assert proc.returncode == 2 and "record 0: 'output' is int" in proc.stderr and "Traceback" not in proc.stderr
+    assert (tmp_path / "c.json").read_text() == "keep me"

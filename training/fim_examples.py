@@ -1,0 +1,177 @@
+"""Fill-in-the-middle training examples, Code Llama's way (Rozière et al. 2023, section 2.3).
+
+A source file is first cut into windows that fit a row: at line boundaries, greedily, each window at most
+`row_length - FIM_OVERHEAD` tokens (a single over-long line is cut inside). Then each window, with its own
+random stream seeded by (seed, path, window index), becomes one example:
+
+  - with probability 1 - fim_rate, plain left-to-right:  [BOS] + encode(window) (+ [EOS] if it ends the file)
+  - otherwise two cut points are drawn uniformly over the window's characters (sorted: i <= j), giving
+    prefix = w[:i], middle = w[i:j], suffix = w[j:], and with probability spm_rate the SPM layout, else PSM:
+
+    PSM: [BOS, <PRE>] + encode(prefix) + [<SUF>] + encode_infilling(suffix) + [<MID>] + encode_infilling(middle) + [<EOT>]
+         = infilling_prompt_tokens(tok, prefix, suffix) + encode_infilling(middle) + [<EOT>]
+    SPM: [BOS, <PRE>, <SUF>] + encode_infilling(suffix) + [<MID>] + encode(prefix + middle) + [<EOT>]
+
+The SPM rule follows the paper, which encodes the prefix and the middle together in SPM: prefix + middle is
+tokenized as ordinary left-to-right text, with no split sub-token at the cut (PSM, which encodes them apart,
+has one where the cut falls inside a token). So the prompt part of an SPM example,
+infilling_prompt_tokens(tok, prefix, suffix, spm=True), is a token prefix of the example only when the cut
+falls on a token boundary. Only the suffix and (in PSM) the middle lose SentencePiece's implicit leading
+space, as in the paper and Meta's inference code.
+
+One departure from the paper: Code Llama applied FIM only to documents not cut across training contexts. We
+cut long files into windows first and treat every window as a document, so long files also yield infilling
+examples (an editor's prompt is a window of a file too); fim_rate=0 gives plain left-to-right windows only.
+
+Every token is a training target (labels = ids, the trainer shifts), as in the FIM papers; one example per
+row, padded. Seeding per window makes an example depend only on its own file, so adding a file to the corpus
+changes no other file's examples.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from codefill.model.fim import infilling_prompt_tokens
+from codefill.model.tokenizer import Tokenizer
+
+from .data_error import DataError
+
+# Tokens a window's encoding can grow by in an example: BOS, <PRE>, <SUF>, <MID>, <EOT> and a few more from
+# re-encoding the three parts separately (each cut can split one token in two) and the leading space.
+FIM_OVERHEAD = 8
+
+
+@dataclass
+class FimConfig:
+    fim_rate: float = 0.9   # share of windows turned into infilling examples; the rest stay left-to-right
+    spm_rate: float = 0.5   # share of infilling examples in SPM layout; the rest are PSM
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("fim_rate", "spm_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise DataError(f"{name} must be in [0, 1], got {value}")
+
+
+@dataclass
+class FimExample:
+    kind: str          # "psm", "spm" or "plain"
+    ids: list[int]
+    prefix: str = ""   # for "plain": the whole window is in `prefix`
+    middle: str = ""
+    suffix: str = ""
+
+
+@dataclass
+class FimCounts:
+    files: int = 0
+    windows: int = 0
+    psm: int = 0
+    spm: int = 0
+    plain: int = 0
+    dropped_too_long: int = 0   # examples that outgrew the row after the transform (should stay 0)
+
+    def report(self) -> str:
+        return (f"  source files: {self.files}, windows: {self.windows}; examples: psm {self.psm}, "
+                f"spm {self.spm}, plain {self.plain}; dropped (too long): {self.dropped_too_long}")
+
+
+# --- windows ------------------------------------------------------------------------------------------
+
+
+def _halve(text: str) -> tuple[str, str]:
+    """Two non-empty parts, cut at the line start nearest below the middle, else above, else mid-line."""
+    mid = len(text) // 2
+    cut = text.rfind("\n", 0, mid) + 1
+    if cut <= 0:
+        cut = text.find("\n", mid) + 1
+    if not 0 < cut < len(text):
+        cut = mid
+    return text[:cut], text[cut:]
+
+
+def _fit(tok: Tokenizer, text: str, max_tokens: int) -> list[str]:
+    """Halve until every part's exact encoding has at most `max_tokens` tokens."""
+    if len(text) <= 1 or len(tok.encode(text)) <= max_tokens:
+        return [text]
+    a, b = _halve(text)
+    return _fit(tok, a, max_tokens) + _fit(tok, b, max_tokens)
+
+
+def split_into_windows(tok: Tokenizer, text: str, max_tokens: int) -> list[str]:
+    """Consecutive pieces of `text` ("".join gives it back) whose encodings have at most `max_tokens` tokens.
+
+    Lines are packed greedily by their own token counts (an estimate: encoding a join can differ by a
+    token or so), then each window is checked exactly and halved at line boundaries where needed."""
+    if max_tokens < 8:
+        raise DataError(f"windows of {max_tokens} tokens are too small; use a larger seq_length")
+    if len(tok.encode(text)) <= max_tokens:
+        return [text]
+    windows: list[str] = []
+    current: list[str] = []
+    current_tokens = 0
+    for line in text.splitlines(keepends=True):
+        n = len(tok.encode(line))
+        if current and current_tokens + n > max_tokens:
+            windows.append("".join(current))
+            current, current_tokens = [], 0
+        current.append(line)
+        current_tokens += n
+    if current:
+        windows.append("".join(current))
+    return [part for window in windows for part in _fit(tok, window, max_tokens)]
+
+
+# --- the transform ------------------------------------------------------------------------------------
+
+
+def psm_ids(tok: Tokenizer, prefix: str, middle: str, suffix: str) -> list[int]:
+    return infilling_prompt_tokens(tok, prefix, suffix, spm=False) + tok.encode_infilling(middle) + [tok.eot_id]
+
+
+def spm_ids(tok: Tokenizer, prefix: str, middle: str, suffix: str) -> list[int]:
+    # Not infilling_prompt_tokens(spm=True) + middle: prefix and middle are encoded together (see above).
+    return ([tok.bos_id, tok.prefix_id, tok.suffix_id] + tok.encode_infilling(suffix) + [tok.middle_id]
+            + tok.encode(prefix + middle) + [tok.eot_id])
+
+
+def fim_example(tok: Tokenizer, window: str, rng: random.Random, config: FimConfig, *,
+                ends_file: bool = True) -> FimExample:
+    """One example from one window; all randomness comes from `rng`, in a fixed order of draws."""
+    if rng.random() >= config.fim_rate:
+        return FimExample("plain", tok.encode(window, bos=True, eos=ends_file), prefix=window)
+    i, j = sorted((rng.randint(0, len(window)), rng.randint(0, len(window))))
+    prefix, middle, suffix = window[:i], window[i:j], window[j:]
+    if rng.random() < config.spm_rate:
+        return FimExample("spm", spm_ids(tok, prefix, middle, suffix), prefix, middle, suffix)
+    return FimExample("psm", psm_ids(tok, prefix, middle, suffix), prefix, middle, suffix)
+
+
+def window_rng(seed: int, path: str, index: int) -> random.Random:
+    # A str seed is hashed with SHA-512 by random.Random: the same stream in every process and Python run.
+    return random.Random(f"{seed}\0{path}\0{index}")
+
+
+def fim_rows(tok: Tokenizer, sources: Iterable[tuple[str, str]], row_length: int, config: FimConfig,
+             counts: FimCounts | None = None) -> Iterator[tuple[list[int], list[int]]]:
+    """(ids, labels) rows, unpadded, from (path, text) pairs; tallies go into `counts`."""
+    if not tok.has_infilling:
+        raise DataError(f"tokenizer {tok.path} has no infilling pieces; FIM data needs a Code Llama base "
+                        f"tokenizer (7B/13B), not a Python or 34B one")
+    counts = counts if counts is not None else FimCounts()
+    for path, text in sources:
+        counts.files += 1
+        windows = split_into_windows(tok, text, row_length - FIM_OVERHEAD)
+        for index, window in enumerate(windows):
+            counts.windows += 1
+            example = fim_example(tok, window, window_rng(config.seed, path, index), config,
+                                  ends_file=index == len(windows) - 1)
+            if len(example.ids) > row_length:
+                counts.dropped_too_long += 1
+                continue
+            setattr(counts, example.kind, getattr(counts, example.kind) + 1)
+            yield example.ids, list(example.ids)

@@ -34,6 +34,7 @@ def _boundary_errors() -> tuple[type[BaseException], ...]:
         ("codefill.inference_workers.protocol", "WireError"),
         ("codefill.inference_workers.client", "WorkerError"),
         ("codefill.training.data_error", "DataError"),
+        ("codefill.inference_workers.tp", "TensorParallelError"),
     ]:
         if module in sys.modules and hasattr(sys.modules[module], name):
             errors.append(getattr(sys.modules[module], name))
@@ -69,12 +70,31 @@ def _sampling(args: argparse.Namespace):
     return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
 
-def _generator(model_dir: str, prompt_len: int, max_new_tokens: int):
+def _run(args: argparse.Namespace, prompt: list[int], stop_ids: frozenset[int]) -> list[int]:
+    """Generate in this process, or with --tp N through N tensor-parallel worker ranks started for the call."""
+    if args.max_new_tokens <= 0:
+        raise CliError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    max_seq_len = len(prompt) + args.max_new_tokens
+    if args.tp is not None:
+        from codefill.inference_workers.launch import generate_with_workers
+
+        if args.tp < 1:
+            raise CliError(f"--tp must be >= 1, got {args.tp}")
+        out = generate_with_workers(Path(args.model), args.tp, prompt, args.max_new_tokens, _sampling(args),
+                                    stop_ids=sorted(stop_ids), max_seq_len=max_seq_len)
+        return [t for t, _ in out]
     from codefill.model.generate import Generator
 
-    if max_new_tokens <= 0:
-        raise CliError(f"--max-new-tokens must be positive, got {max_new_tokens}")
-    return Generator.from_model_dir(Path(model_dir), max_seq_len=prompt_len + max_new_tokens, max_batch=1)
+    gen = Generator.from_model_dir(Path(args.model), max_seq_len=max_seq_len, max_batch=1)
+    return [t for t, _ in gen.generate(prompt, args.max_new_tokens, _sampling(args), stop_ids=stop_ids)]
+
+
+def _tokenizer(model_dir: str):
+    """The tokenizer of a MODEL_DIR or of a directory written by `codefill split`."""
+    from codefill.inference_workers.tp import tokenizer_path
+    from codefill.model.tokenizer import Tokenizer
+
+    return Tokenizer(tokenizer_path(Path(model_dir)))
 
 
 def _emit(args: argparse.Namespace, ids: list[int], text: str) -> None:
@@ -85,29 +105,21 @@ def _emit(args: argparse.Namespace, ids: list[int], text: str) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from codefill.model.tokenizer import Tokenizer
-    from codefill.model.checkpoint import model_dir_tokenizer_path
-
-    tok = Tokenizer(model_dir_tokenizer_path(Path(args.model)))
+    tok = _tokenizer(args.model)
     prompt = _parse_ids(args.prompt_ids) if args.prompt_ids is not None else tok.encode(args.prompt, bos=True)
     for i in prompt:
         if not 0 <= i < tok.vocab_size:
             raise CliError(f"prompt id {i} is outside the vocabulary [0, {tok.vocab_size})")
-    gen = _generator(args.model, len(prompt), args.max_new_tokens)
-    ids = [t for t, _ in gen.generate(prompt, args.max_new_tokens, _sampling(args), stop_ids=frozenset({tok.eos_id}))]
+    ids = _run(args, prompt, frozenset({tok.eos_id}))
     _emit(args, ids, tok.decode([t for t in ids if t != tok.eos_id]))
 
 
 def cmd_infill(args: argparse.Namespace) -> None:
-    from codefill.model.checkpoint import model_dir_tokenizer_path
     from codefill.model.fim import decode_middle, infilling_prompt_tokens
-    from codefill.model.tokenizer import Tokenizer
 
-    tok = Tokenizer(model_dir_tokenizer_path(Path(args.model)))
+    tok = _tokenizer(args.model)
     prompt = infilling_prompt_tokens(tok, args.prefix, args.suffix, spm=args.spm)
-    gen = _generator(args.model, len(prompt), args.max_new_tokens)
-    stop = frozenset({tok.eot_id, tok.eos_id})
-    ids = [t for t, _ in gen.generate(prompt, args.max_new_tokens, _sampling(args), stop_ids=stop)]
+    ids = _run(args, prompt, frozenset({tok.eot_id, tok.eos_id}))
     _emit(args, ids, decode_middle(tok, ids))
 
 
@@ -137,6 +149,24 @@ def cmd_worker(args: argparse.Namespace) -> None:
     from codefill.inference_workers.worker import main as worker_main
 
     worker_main(Path(args.model), args.endpoint)
+
+
+def cmd_workers(args: argparse.Namespace) -> None:
+    from codefill.inference_workers.launch import run_workers
+
+    code = run_workers(Path(args.model), args.tp, args.endpoint, master_addr=args.master_addr,
+                       master_port=args.master_port, nnodes=args.nnodes, node_rank=args.node_rank,
+                       log_dir=args.log_dir, max_seq_len=args.max_seq_len, max_batch=args.max_batch,
+                       threads=args.threads)
+    if code:
+        sys.exit(code)
+
+
+def cmd_split(args: argparse.Namespace) -> None:
+    from codefill.inference_workers.tp import split_model_dir
+
+    out = split_model_dir(Path(args.model), args.tp, Path(args.output), overwrite=args.overwrite)
+    print(f"wrote {args.tp} tensor-parallel shards to {out}")
 
 
 def cmd_init_tiny(args: argparse.Namespace) -> None:
@@ -229,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", metavar="TEXT")
     g.add_argument("--prompt-ids", metavar="1,2,3")
     _sampling_args(p)
+    p.add_argument("--tp", type=int, help="run on N tensor-parallel worker ranks (msrun) instead of in-process")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("infill", help="fill in the middle between a prefix and a suffix")
@@ -237,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suffix", required=True)
     p.add_argument("--spm", action="store_true", help="suffix-prefix-middle order (default prefix-suffix-middle)")
     _sampling_args(p)
+    p.add_argument("--tp", type=int, help="run on N tensor-parallel worker ranks (msrun) instead of in-process")
     p.set_defaults(func=cmd_infill)
 
     p = sub.add_parser("serve", help="run the language server")
@@ -252,6 +284,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, metavar="MODEL_DIR")
     p.add_argument("--endpoint", required=True)
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("workers", help="run N tensor-parallel worker ranks with msrun behind one ZeroMQ endpoint")
+    p.add_argument("--model", required=True, help="a MODEL_DIR or a directory written by `codefill split`")
+    p.add_argument("--tp", type=int, required=True, help="tensor-parallel size: ranks in all")
+    p.add_argument("--endpoint", help="ZeroMQ endpoint rank 0 binds (default: ipc:// in a private directory)")
+    p.add_argument("--master-addr", default="127.0.0.1", help="msrun's master address (multi-node)")
+    p.add_argument("--master-port", type=int, help="msrun's master port (default: a free one; fixed for multi-node)")
+    p.add_argument("--nnodes", type=int, default=1, help="nodes in the job; each runs tp/nnodes ranks")
+    p.add_argument("--node-rank", type=int, default=0, help="this node's index; rank 0 (the server) is on node 0")
+    p.add_argument("--log-dir", help="msrun's log directory (default: in the private run directory)")
+    p.add_argument("--max-seq-len", type=int, default=2048, help="positions per cache slot")
+    p.add_argument("--max-batch", type=int, default=4, help="cache slots (concurrent sequences)")
+    p.add_argument("--threads", type=int, help="kernel threads per rank (default: cores / local ranks)")
+    p.set_defaults(func=cmd_workers)
+
+    p = sub.add_parser("split", help="pre-split a model into tensor-parallel shards, one file per rank")
+    p.add_argument("--model", required=True, metavar="MODEL_DIR")
+    p.add_argument("--tp", type=int, required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_split)
 
     p = sub.add_parser("init-tiny", help="build an untrained tiny model directory (random weights) for demos")
     p.add_argument("--output", required=True)

@@ -136,3 +136,27 @@ def test_data_errors_name_the_record_and_keep_existing_output(tmp_path):
                     "--overwrite", ok=False)
     assert proc.returncode == 2 and "record 0: 'output' is int" in proc.stderr and "Traceback" not in proc.stderr
     assert (tmp_path / "c.json").read_text() == "keep me"
+
+
+def test_generate_and_infill_through_tensor_parallel_workers(model_dir, generator, tmp_path):
+    """--tp 2 runs two real msrun ranks; greedy ids equal the in-process path. Then the same from a pre-split dir."""
+    tok = Tokenizer(model_dir / "tokenizer.model")
+    prompt = [tok.bos_id] + tok.encode("for i in range(10):\n")
+    args = ["--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", "10", "--json"]
+    out = last_json(codefill("generate", "--model", str(model_dir), "--tp", "2", *args))
+    assert out["ids"] == greedy(generator, prompt, 10, {tok.eos_id})
+
+    codefill("split", "--model", str(model_dir), "--tp", "2", "--output", str(tmp_path / "tp2"))
+    prefix, suffix = "def area(r):\n    return ", "\n"
+    out = last_json(codefill("infill", "--model", str(tmp_path / "tp2"), "--tp", "2", "--prefix", prefix,
+                             "--suffix", suffix, "--max-new-tokens", "8", "--json"))
+    expected = greedy(generator, infilling_prompt_tokens(tok, prefix, suffix), 8, {tok.eot_id, tok.eos_id})
+    assert out["ids"] == expected
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "x", "--max-new-tokens", "2"],
+                                     ["workers"]])
+def test_a_tp_size_that_does_not_divide_is_refused_before_any_rank_starts(model_dir, command):
+    proc = codefill(command[0], "--model", str(model_dir), "--tp", "3", *command[1:], ok=False)
+    assert proc.returncode == 2 and "3" in proc.stderr and "Traceback" not in proc.stderr
+    assert "n_heads" in proc.stderr or "heads" in proc.stderr

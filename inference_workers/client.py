@@ -11,7 +11,9 @@ Two clients share one reply-checking core (`_Replies`):
   replies to the request they belong to, so several completions can be in flight on one socket.
 
 Both raise `WorkerError` (the one error type of this boundary) for a worker that fails a request, sends
-something unreadable, or is silent for longer than `timeout_s`.
+something unreadable, or is silent for longer than `timeout_s`; its subclass `WorkerOverloaded` when the
+worker refuses a request at once (full queue, draining). Other finish reasons (DEADLINE, CANCELLED,
+SUPERSEDED, the stop rules) are normal ends: the caller reads `Finished.finish_reason`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,14 +59,31 @@ class WorkerError(RuntimeError):
     """A worker that cannot be started or reached, or that failed a request; the message says which and why."""
 
 
+class WorkerOverloaded(WorkerError):
+    """The worker refused a request at once (queue full, or draining): retrying later may work."""
+
+
+@dataclass(frozen=True)
+class StopRules:
+    """The text stop rules of a request (see stops.py); the defaults stop on nothing but stop ids."""
+
+    stop_strings: tuple[str, ...] = ()
+    stop_at_eol: bool = False
+    dedent_column: int = 0  # 0 = off
+
+
 def _request(request_id: str, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Any,
-             stop_ids: Sequence[int]) -> GenerateRequest:
+             stop_ids: Sequence[int], rules: StopRules | None = None,
+             deadline_s: float | None = None) -> GenerateRequest:
     """`sampling` is a model.sampling.SamplingConfig or anything with its four fields; None is greedy."""
+    rules = rules or StopRules()
     try:
-        if sampling is None:
-            return GenerateRequest(request_id, list(prompt_ids), max_new_tokens, stop_ids=list(stop_ids))
-        return GenerateRequest(request_id, list(prompt_ids), max_new_tokens, sampling.temperature,
-                               sampling.top_k, sampling.top_p, sampling.seed, list(stop_ids))
+        greedy = sampling is None
+        return GenerateRequest(request_id, list(prompt_ids), max_new_tokens,
+                               0.0 if greedy else sampling.temperature, 0 if greedy else sampling.top_k,
+                               1.0 if greedy else sampling.top_p, 0 if greedy else sampling.seed, list(stop_ids),
+                               list(rules.stop_strings), rules.stop_at_eol, rules.dedent_column,
+                               0.0 if deadline_s is None else deadline_s * 1000.0)
     except WireError as e:
         raise WorkerError(f"invalid request: {e}") from e
 
@@ -87,6 +107,9 @@ class _Replies:
             self.done = True
             if msg.finish_reason == FinishReason.ERROR:
                 raise WorkerError(f"worker at {self.endpoint} failed: {self.error or 'no reason given'}")
+            if msg.finish_reason == FinishReason.OVERLOADED:
+                raise WorkerOverloaded(f"worker at {self.endpoint} refused the request: "
+                                       f"{self.error or 'overloaded'}")
         return msg
 
 
@@ -136,10 +159,12 @@ class WorkerClient:
         self._sock.send(encode(msg))
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Any = None,
-                 stop_ids: Sequence[int] = (), request_id: str | None = None) -> Iterator[Token | Finished]:
-        """Yield each Token as the worker sends it, then the Finished. Closing the iterator early cancels."""
+                 stop_ids: Sequence[int] = (), request_id: str | None = None, *, rules: StopRules | None = None,
+                 deadline_s: float | None = None) -> Iterator[Token | Finished]:
+        """Yield each Token as the worker sends it, then the Finished. Closing the iterator early cancels.
+        Raises WorkerError for Finished(ERROR), WorkerOverloaded for Finished(OVERLOADED)."""
         replies = _Replies(self.endpoint, request_id or _new_request_id())
-        self.send(_request(replies.request_id, prompt_ids, max_new_tokens, sampling, stop_ids))
+        self.send(_request(replies.request_id, prompt_ids, max_new_tokens, sampling, stop_ids, rules, deadline_s))
         try:
             while not replies.done:
                 msg = self._recv(f"generating {replies.request_id}")
@@ -153,9 +178,10 @@ class WorkerClient:
                 self.cancel(replies.request_id)
 
     def complete(self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Any = None,
-                 stop_ids: Sequence[int] = ()) -> tuple[list[Token], Finished]:
+                 stop_ids: Sequence[int] = (), *, rules: StopRules | None = None,
+                 deadline_s: float | None = None) -> tuple[list[Token], Finished]:
         tokens: list[Token] = []
-        for msg in self.generate(prompt_ids, max_new_tokens, sampling, stop_ids):
+        for msg in self.generate(prompt_ids, max_new_tokens, sampling, stop_ids, rules=rules, deadline_s=deadline_s):
             if isinstance(msg, Token):
                 tokens.append(msg)
             else:
@@ -166,6 +192,7 @@ class WorkerClient:
         self.send(Cancel(request_id))
 
     def ping(self) -> Pong:
+        """The worker's health (Pong.ready, queue, active requests); answered even while it generates."""
         nonce = next(self._nonces)
         self.send(Ping(nonce))
         while True:
@@ -225,7 +252,9 @@ class AsyncWorkerClient:
             ) from None
 
     async def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Any = None,
-                       stop_ids: Sequence[int] = (), request_id: str | None = None) -> AsyncIterator[Token | Finished]:
+                       stop_ids: Sequence[int] = (), request_id: str | None = None, *,
+                       rules: StopRules | None = None,
+                       deadline_s: float | None = None) -> AsyncIterator[Token | Finished]:
         """Yield each Token, then the Finished. If the consumer is cancelled or stops early, send Cancel."""
         replies = _Replies(self.endpoint, request_id or _new_request_id())
         q: asyncio.Queue = asyncio.Queue()
@@ -233,7 +262,7 @@ class AsyncWorkerClient:
         self._ensure_reader()
         try:
             await self._sock.send(encode(_request(replies.request_id, prompt_ids, max_new_tokens, sampling,
-                                                  stop_ids)))
+                                                  stop_ids, rules, deadline_s)))
             while not replies.done:
                 out = replies.accept(await self._get(q, f"generating {replies.request_id}"))
                 if out is not None:
@@ -247,9 +276,11 @@ class AsyncWorkerClient:
                     self._sock.send(encode(Cancel(replies.request_id)), zmq.NOBLOCK)
 
     async def complete(self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Any = None,
-                       stop_ids: Sequence[int] = ()) -> tuple[list[Token], Finished]:
+                       stop_ids: Sequence[int] = (), *, rules: StopRules | None = None,
+                       deadline_s: float | None = None) -> tuple[list[Token], Finished]:
         tokens: list[Token] = []
-        async for msg in self.generate(prompt_ids, max_new_tokens, sampling, stop_ids):
+        async for msg in self.generate(prompt_ids, max_new_tokens, sampling, stop_ids, rules=rules,
+                                       deadline_s=deadline_s):
             if isinstance(msg, Token):
                 tokens.append(msg)
             else:
@@ -279,14 +310,16 @@ _OWNED_DIRS: dict[int, Path] = {}  # worker pid -> the temp dir spawn_worker mad
 
 
 def spawn_worker(model_dir: str | Path, endpoint: str | None = None, *, timeout_s: float = 300.0,
-                 max_seq_len: int | None = None) -> tuple[subprocess.Popen, str]:
+                 max_seq_len: int | None = None, max_batch: int | None = None,
+                 engine: Any = None) -> tuple[subprocess.Popen, str]:
     """Start `python -m codefill.inference_workers.worker` and wait until it is serving.
 
     endpoint None: a private ipc:// socket in a new temp directory (mode 0700, so only this user can
     connect). Returns (process, the endpoint it actually bound). The worker's stdout and stderr go to
     worker.log in that directory, never to ours: a language server's stdout is its JSON-RPC channel.
     Raises WorkerError with the child's error, traceback or log tail if it exits or is not ready in time.
-    Stop it with `stop_worker(process)`.
+    Stop it with `stop_worker(process)`. max_batch: cache slots (the worker's default when None); engine: an
+    engine.EngineConfig, passed as command-line flags.
     """
     tmp = Path(tempfile.mkdtemp(prefix="codefill-worker-"))
     endpoint = endpoint or f"ipc://{tmp / 'worker.sock'}"
@@ -300,6 +333,13 @@ def spawn_worker(model_dir: str | Path, endpoint: str | None = None, *, timeout_
            "--endpoint", endpoint, "--ready-file", str(ready_file), "--parent-pid", str(os.getpid())]
     if max_seq_len is not None:
         cmd += ["--max-seq-len", str(max_seq_len)]
+    if max_batch is not None:
+        cmd += ["--max-batch", str(max_batch)]
+    if engine is not None:
+        cmd += ["--max-queue", str(engine.max_queue), "--prefill-chunk", str(engine.prefill_chunk),
+                "--step-timeout", str(engine.step_timeout_s), "--drain-timeout", str(engine.drain_timeout_s)]
+        cmd += [] if engine.prefix_reuse else ["--no-prefix-reuse"]
+        cmd += [] if engine.inflight_extension else ["--no-inflight-extension"]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     _OWNED_DIRS[process.pid] = tmp

@@ -3,23 +3,28 @@
 A frame is one byte of `MessageType` followed by a msgpack array holding the message's fields in
 declaration order:
 
-    b"\\x01" + msgpack([request_id, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids])
+    b"\\x01" + msgpack([request_id, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids,
+                        stop_strings, stop_at_eol, dedent_column, deadline_ms])
 
 `decode(frame, expected)` reads the tag, refuses any type the caller did not expect, then rebuilds the
 dataclass, whose `__post_init__` checks every field's type and range. Building a message checks it the
 same way, so a bad value is caught on the side that made it. Every failure is a `WireError` naming the
 offending value. Nothing here is pickled: a frame can only ever become one of the dataclasses below.
 
-Workers see token ids only; text, tokenizers and prompt formats stay on the language-server side.
+Workers see token ids only; tokenizing and prompt formats stay on the language-server side. The one
+exception is stop rules on text (stop strings, end of line, dedent): the worker matches them on the bytes
+of the generated pieces (a token -> bytes table, `stops.py`) and reports where the answer ends.
 
 Conversation for one request (DEALER client <-> ROUTER worker):
 
     client: GenerateRequest(id)
     worker: Token(id) ... Token(id)   one per generated token, the stop token included
-    worker: [ErrorReply(id)]          only when the request failed; carries the reason
+    worker: [ErrorReply(id)]          before Finished(ERROR) and Finished(OVERLOADED): the reason
     worker: Finished(id)              always last, exactly once per decoded GenerateRequest
     client: Cancel(id)                at any time; the worker stops between two tokens
-    client: Ping(nonce) -> worker: Pong(nonce, ...)   answered even while generating
+    client: Ping(nonce) -> worker: Pong(nonce, ready, ...)   health, answered even while generating
+
+Request ids are scoped to the client's connection: two clients may both use "1".
 
 A frame the worker cannot decode gets `ErrorReply(request_id="", message)`.
 
@@ -46,6 +51,8 @@ MAX_TOKENS = 1 << 20  # per prompt, per stop list, per max_new_tokens
 MAX_TOKEN_ID = (1 << 31) - 1
 MAX_REQUEST_ID_LEN = 128
 MAX_MESSAGE_LEN = 64 * 1024  # ErrorReply text
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_LEN = 256
 
 
 class WireError(ValueError):
@@ -69,7 +76,12 @@ class FinishReason(enum.IntEnum):
     LENGTH = 2  # max_new_tokens reached
     CANCELLED = 3  # a Cancel arrived before either of the above
     ERROR = 4  # the worker failed; an ErrorReply with the reason came just before
-
+    STOP_STRING = 5  # the generated text contains one of stop_strings (Finished.text_bytes cuts before it)
+    END_OF_LINE = 6  # stop_at_eol: a newline after some non-blank generated text (cut before the newline)
+    DEDENT = 7  # a generated line starts left of dedent_column (cut before that line's newline)
+    DEADLINE = 8  # deadline_ms passed: dropped from the queue unstarted, or stopped between two tokens
+    OVERLOADED = 9  # refused at once: the queue is full or the worker is draining (ErrorReply says which)
+    SUPERSEDED = 10  # a newer request from the same client extended this one's prompt and took over its decode
 
 # ---- field checks: each returns the value (possibly normalised) or raises WireError ----
 
@@ -130,6 +142,25 @@ def _enum(msg: Any, name: str, enum_cls: type[enum.IntEnum]) -> None:
         raise WireError(f"{_where(msg, name)} = {value} is not a {enum_cls.__name__} ({valid})") from None
 
 
+def _bool(msg: Any, name: str) -> None:
+    value = getattr(msg, name)
+    if not isinstance(value, bool):
+        raise WireError(f"{_where(msg, name)} must be a bool, got {type(value).__name__} {value!r:.80}")
+
+
+def _strings(msg: Any, name: str, max_items: int, max_len: int) -> None:
+    value = getattr(msg, name)
+    if isinstance(value, tuple):
+        value = list(value)
+        object.__setattr__(msg, name, value)
+    if not isinstance(value, list) or len(value) > max_items:
+        got = f"{len(value)} items" if isinstance(value, list) else type(value).__name__
+        raise WireError(f"{_where(msg, name)} must be a list of at most {max_items} strings, got {got}")
+    for i, s in enumerate(value):
+        if not isinstance(s, str) or not 1 <= len(s) <= max_len:
+            raise WireError(f"{_where(msg, name)}[{i}] = {s!r:.80} is not a str of length [1, {max_len}]")
+
+
 def _request_id(msg: Any, allow_empty: bool = False) -> None:
     _str(msg, "request_id", MAX_REQUEST_ID_LEN, min_len=0 if allow_empty else 1)
 
@@ -147,7 +178,15 @@ class GenerateRequest:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     seed: int = 0
-    stop_ids: list[int] = dataclasses.field(default_factory=list)
+    stop_ids: list[int] = dataclasses.field(default_factory=list)  # e.g. <EOT>, EOS; the stop id is sent
+    # Stop rules on the generated *text* (the worker's token -> bytes table; see stops.py). The Token that
+    # completes a match is sent; Finished.text_bytes says where the answer's text ends.
+    stop_strings: list[str] = dataclasses.field(default_factory=list)
+    stop_at_eol: bool = False  # end at the first newline after some non-blank generated text
+    dedent_column: int = 0  # end when a generated line starts with fewer than this many blanks; 0 = off
+    # Milliseconds after the worker receives the request: unstarted by then -> dropped, running -> stopped,
+    # both with Finished(DEADLINE). 0 = no deadline.
+    deadline_ms: float = 0.0
 
     def __post_init__(self) -> None:
         _request_id(self)
@@ -159,6 +198,14 @@ class GenerateRequest:
         _float(self, "top_p", 1e-9, 1.0)
         _int(self, "seed", 0, (1 << 64) - 1)
         _token_ids(self, "stop_ids", min_len=0)
+        _strings(self, "stop_strings", MAX_STOP_STRINGS, MAX_STOP_STRING_LEN)
+        _bool(self, "stop_at_eol")
+        _int(self, "dedent_column", 0, MAX_TOKENS)
+        _float(self, "deadline_ms", 0.0, 1e9)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
 
 
 @dataclass(frozen=True)
@@ -182,6 +229,12 @@ class Finished:
     n_prompt: int
     n_generated: int
     elapsed_ms: float  # from the worker receiving the request to this message
+    n_reused: int = 0  # prompt tokens whose keys/values came from the cache instead of a prefill
+    n_replayed: int = 0  # generated tokens streamed from a cached decode of the same prompt (in-flight extension)
+    # UTF-8 bytes of the generated tokens' text that belong to the answer: all of it, or the text before a
+    # stop string / end of line / dedent (the Token that completed it was still sent). -1: the worker has no
+    # token table (no text stop rules).
+    text_bytes: int = -1
 
     def __post_init__(self) -> None:
         _request_id(self)
@@ -189,6 +242,9 @@ class Finished:
         _int(self, "n_prompt", 0, MAX_TOKENS)
         _int(self, "n_generated", 0, MAX_TOKENS)
         _float(self, "elapsed_ms", 0.0, math.inf)
+        _int(self, "n_reused", 0, MAX_TOKENS)
+        _int(self, "n_replayed", 0, MAX_TOKENS)
+        _int(self, "text_bytes", -1, MAX_TOKENS * 64)
 
 
 @dataclass(frozen=True)
@@ -222,22 +278,32 @@ class Ping:
 
 @dataclass(frozen=True)
 class Pong:
-    """Health: the worker is up, its model is loaded, and this is what it is doing."""
+    """Health: the worker is up and this is what it is doing. Answered by the socket loop, never by the
+    model thread, so a hung model still gets a (not ready) answer."""
 
     TYPE: ClassVar[MessageType] = MessageType.PONG
     nonce: int
     pid: int
-    busy: bool  # generating right now
-    n_queued: int  # requests waiting behind the running one
+    ready: bool  # accepting and able to run requests (False: the model failed, or the worker is draining)
+    n_queued: int  # requests waiting for a cache slot
+    n_active: int  # requests holding a slot (prefilling or decoding)
+    max_batch: int  # cache slots: requests that decode together
     max_seq_len: int  # the worker's context: len(prompt) + max_new_tokens - 1 must fit
+    reason: str = ""  # why not ready: the model error, a hung step, "draining"
 
     def __post_init__(self) -> None:
         _int(self, "nonce", 0, (1 << 63) - 1)
         _int(self, "pid", 0, (1 << 31) - 1)
-        if not isinstance(self.busy, bool):
-            raise WireError(f"Pong.busy must be a bool, got {self.busy!r:.80}")
+        _bool(self, "ready")
         _int(self, "n_queued", 0, MAX_TOKENS)
+        _int(self, "n_active", 0, MAX_TOKENS)
+        _int(self, "max_batch", 1, MAX_TOKENS)
         _int(self, "max_seq_len", 1, MAX_TOKENS)
+        _str(self, "reason", MAX_MESSAGE_LEN)
+
+    @property
+    def busy(self) -> bool:
+        return self.n_queued + self.n_active > 0
 
 
 Message = GenerateRequest | Token | Finished | Cancel | ErrorReply | Ping | Pong

@@ -1,19 +1,26 @@
-"""One inference worker: a model behind a ZeroMQ ROUTER socket, serving one request at a time.
+"""An inference worker: the serving engine behind a ZeroMQ ROUTER socket.
 
     python -m codefill.inference_workers.worker --model DIR --endpoint ipc:///tmp/x/worker.sock
 
-The worker knows nothing about text: it receives `GenerateRequest`s of token ids and streams back one
-`Token` per generated id, then one `Finished` (see protocol.py for the whole conversation). Between two
-decode steps it reads whatever has arrived, so a `Cancel` stops the running request after at most one more
-token, a `Ping` is answered while generating, and new requests queue behind the running one.
+`serve(runner, endpoint, ...)` is the whole worker around any ModelRunner: the single-process worker
+(`main`, a LocalRunner on a Generator) and rank 0 of a tensor-parallel group both call it. Two threads:
 
-A frame it cannot decode (garbage, unknown tag, wrong field types, oversize) is answered with an
-`ErrorReply` and the worker carries on; an exception inside generation ends that request with
-`ErrorReply` + `Finished(ERROR)` and the worker carries on. Only startup can fail the process.
+- the socket loop (the caller's thread) owns the socket: it decodes each frame against the message types it
+  handles, dispatches through a table, answers Ping itself, and sends whatever the engine emitted;
+- the engine's model thread (engine.py) runs the model steps and never touches the socket; it appends
+  replies to an outbox and rings a doorbell (a pipe the socket loop polls).
 
-Startup is reported to whoever spawned the worker (client.spawn_worker) through `ready_file`, written
-atomically once: {"status": "ready", "endpoint": ..., "pid": ...} after the socket is bound, or
-{"status": "error", "error": ..., "traceback": ...} if anything before that raised.
+So a frame that cannot be decoded (garbage, unknown tag, wrong field types, oversize) gets an `ErrorReply`
+at once, health is answered while the model runs, and a model step that hangs is noticed by the socket
+loop's watchdog (`EngineConfig.step_timeout_s`): every waiting request gets ErrorReply + Finished(ERROR) and
+health turns not ready. The worker knows nothing about text beyond the stop-rule table (stops.py).
+
+SIGTERM (or `stop_event`): stop admitting (new requests get ErrorReply "draining" + Finished(OVERLOADED)),
+let queued and running requests finish for up to `drain_timeout_s`, fail the rest, return.
+
+Startup is reported through `ready_file`, written atomically once: {"status": "ready", "endpoint": ...,
+"pid": ...} after the socket is bound, or {"status": "error", "error": ..., "traceback": ...} if anything
+before that raised.
 """
 
 from __future__ import annotations
@@ -24,72 +31,175 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import zmq
 
+from codefill.inference_workers.engine import Engine, EngineConfig
 from codefill.inference_workers.protocol import (
     Cancel,
     ErrorReply,
-    Finished,
-    FinishReason,
     GenerateRequest,
+    Message,
     Ping,
-    Pong,
-    Token,
     WireError,
     check_endpoint,
     decode,
     encode,
 )
 
-_POLL_MS = 500  # idle poll period; also how quickly the worker notices that its parent died
+_POLL_MS = 100  # longest wait of the socket loop: watchdog, drain and parent checks run at least this often
+_MAX_FRAMES_PER_TURN = 256  # frames read before the loop flushes replies and checks the watchdog again
 
 
-@dataclass
-class _Pending:
-    identity: bytes  # ROUTER routing id of the client that sent it
-    request: GenerateRequest
-    received: float  # time.perf_counter() when it arrived
+def _write_ready_file(path: Path, status: dict[str, Any]) -> None:
+    # Write then rename, so the parent never reads half a file.
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(status))
+    os.replace(tmp, path)
 
 
-class Worker:
-    """The serving loop around a generator: anything with Generator's `generate(prompt_ids, max_new_tokens,
-    sampling, stop_ids)` and `max_seq_len` (tests pass a stand-in)."""
+def _report_error(ready_file: str | Path | None, e: BaseException) -> None:
+    if ready_file is not None:
+        _write_ready_file(Path(ready_file), {"status": "error", "error": f"{type(e).__name__}: {e}",
+                                             "traceback": traceback.format_exc()})
 
-    def __init__(self, generator: Any, sock: zmq.Socket, parent_pid: int | None = None):
-        self.generator = generator
-        self.sock = sock
-        self.parent_pid = parent_pid
-        self.queue: collections.deque[_Pending] = collections.deque()
-        self.running: _Pending | None = None
-        self.cancel_running = False
+
+class _Outbox:
+    """Replies from any thread, sent by the socket loop in the order they were emitted."""
+
+    def __init__(self) -> None:
+        self.items: collections.deque[tuple[bytes, Message]] = collections.deque()
+        self.bell_r, self.bell_w = os.pipe()
+        os.set_blocking(self.bell_r, False)
+        os.set_blocking(self.bell_w, False)
+
+    def put(self, identity: bytes, msg: Message) -> None:
+        self.items.append((identity, msg))  # deque.append is atomic
+        self.ring()
+
+    def ring(self) -> None:
+        try:
+            os.write(self.bell_w, b"\0")
+        except BlockingIOError:  # the pipe is full of unread rings: the loop is waking up anyway
+            pass
+
+    def flush(self, sock: zmq.Socket) -> None:
+        try:
+            while os.read(self.bell_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while self.items:
+            identity, msg = self.items.popleft()
+            sock.send_multipart([identity, encode(msg)])  # to a vanished client: ROUTER drops it
+
+    def close(self) -> None:
+        os.close(self.bell_r)
+        os.close(self.bell_w)
+
+
+def serve(runner: Any, endpoint: str, *, table: Sequence[bytes] | None = None,
+          config: EngineConfig = EngineConfig(), ready_file: str | Path | None = None,
+          parent_pid: int | None = None, stop_event: threading.Event | None = None) -> None:
+    """Bind `endpoint`, serve requests on `runner` until SIGTERM, `stop_event` or the parent's death.
+
+    runner: a ModelRunner (runner.py); serve does not close it. table: token id -> bytes for text stop rules
+    (`stops.token_bytes_of_model_dir`); None refuses requests that use them. ready_file: see the module
+    docstring. parent_pid: return when this process is no longer our parent. SIGTERM is handled only when
+    serve runs in the main thread; otherwise set `stop_event`. Both drain (see the module docstring).
+    """
+    ctx = zmq.Context()
+    sock = outbox = engine = None
+    old_handler = None
+    term = threading.Event()
+    try:
+        try:
+            check_endpoint(endpoint)
+            sock = ctx.socket(zmq.ROUTER)
+            sock.setsockopt(zmq.LINGER, 0)
+            try:
+                sock.bind(endpoint)
+            except zmq.ZMQError as e:
+                raise WireError(f"cannot bind {endpoint!r}: {e}") from e
+            bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)  # the real port when endpoint ends in :*
+            outbox = _Outbox()
+            engine = Engine(runner, config, table, outbox.put)
+        except Exception as e:
+            _report_error(ready_file, e)
+            raise
+        if threading.current_thread() is threading.main_thread():
+            def on_term(signum, frame):
+                term.set()
+                outbox.ring()
+
+            old_handler = signal.signal(signal.SIGTERM, on_term)
+        engine.start()
+        if ready_file is not None:
+            _write_ready_file(Path(ready_file), {"status": "ready", "endpoint": bound, "pid": os.getpid()})
+        print(f"codefill worker {os.getpid()} ready on {bound} ({runner.max_batch} slots x {runner.max_seq_len})",
+              file=sys.stderr, flush=True)
+        _SocketLoop(sock, engine, outbox, config, parent_pid, term, stop_event).run()
+    finally:
+        if engine is not None:
+            engine.close(timeout_s=1.0)
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+        if sock is not None:
+            sock.close(linger=0)
+        if outbox is not None:
+            outbox.close()
+        ctx.term()
+
+
+class _SocketLoop:
+    def __init__(self, sock: zmq.Socket, engine: Engine, outbox: _Outbox, config: EngineConfig,
+                 parent_pid: int | None, term: threading.Event, stop_event: threading.Event | None):
+        self.sock, self.engine, self.outbox, self.config = sock, engine, outbox, config
+        self.parent_pid, self.term, self.stop_event = parent_pid, term, stop_event
         self.handlers = {GenerateRequest: self._on_generate, Cancel: self._on_cancel, Ping: self._on_ping}
 
-    # --- loop ---
-
-    def serve_forever(self) -> None:
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.outbox.bell_r, zmq.POLLIN)
+        drain_until: float | None = None
         while True:
-            if self.queue:
-                self._run(self.queue.popleft())
-                continue
-            if self.sock.poll(_POLL_MS, zmq.POLLIN):
-                self._receive_one()
-            elif self.parent_pid is not None and os.getppid() != self.parent_pid:
+            events = dict(poller.poll(_POLL_MS))
+            if self.sock in events:
+                for _ in range(_MAX_FRAMES_PER_TURN):
+                    if not self.sock.poll(0, zmq.POLLIN):
+                        break
+                    self._receive_one()
+            self.engine.check_watchdog()
+            self._flush()
+            if drain_until is None and (self.term.is_set() or (self.stop_event and self.stop_event.is_set())):
+                print(f"codefill worker {os.getpid()}: draining for up to {self.config.drain_timeout_s} s",
+                      file=sys.stderr, flush=True)
+                self.engine.drain()
+                drain_until = time.monotonic() + self.config.drain_timeout_s
+            if drain_until is not None:
+                if self.engine.idle():
+                    return
+                if time.monotonic() > drain_until:
+                    self.engine.abort_all(f"draining: not finished within drain_timeout_s "
+                                          f"{self.config.drain_timeout_s} s; the worker is exiting")
+                    self._flush()
+                    return
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
                 print(f"codefill worker {os.getpid()}: parent {self.parent_pid} is gone, exiting", file=sys.stderr)
                 return
 
-    def _drain(self) -> None:
-        """Handle every frame that has already arrived, without waiting."""
-        while self.sock.poll(0, zmq.POLLIN):
-            self._receive_one()
+    def _flush(self) -> None:
+        self.outbox.flush(self.sock)
 
-    def _send(self, identity: bytes, msg: Any) -> None:
-        self.sock.send_multipart([identity, encode(msg)])
+    def _send(self, identity: bytes, msg: Message) -> None:
+        self.outbox.put(identity, msg)  # through the outbox, so it is ordered after the engine's replies
 
     def _receive_one(self) -> None:
         frames = self.sock.recv_multipart(copy=True)
@@ -107,145 +217,73 @@ class Worker:
             raise RuntimeError(f"no handler for {type(msg).__name__}")
         handler(identity, msg)
 
-    # --- handlers ---
-
     def _on_generate(self, identity: bytes, req: GenerateRequest) -> None:
-        self.queue.append(_Pending(identity, req, time.perf_counter()))
+        self.engine.submit(identity, req)
 
     def _on_cancel(self, identity: bytes, msg: Cancel) -> None:
-        if self.running is not None and (self.running.identity, self.running.request.request_id) == (
-            identity,
-            msg.request_id,
-        ):
-            self.cancel_running = True
-            return
-        for p in self.queue:
-            if (p.identity, p.request.request_id) == (identity, msg.request_id):
-                self.queue.remove(p)
-                self._finish(p, FinishReason.CANCELLED, 0)
-                return
-        # Unknown or already finished: a cancel racing the end of its request is normal; nothing to do.
+        self.engine.cancel(identity, msg.request_id)  # unknown or finished: a normal race, nothing to do
 
     def _on_ping(self, identity: bytes, msg: Ping) -> None:
-        busy, n_queued = self.running is not None, len(self.queue)
-        self._send(identity, Pong(msg.nonce, os.getpid(), busy, n_queued, self.generator.max_seq_len))
-
-    # --- generation ---
-
-    def _finish(self, p: _Pending, reason: FinishReason, n_generated: int) -> None:
-        elapsed_ms = (time.perf_counter() - p.received) * 1000.0
-        req = p.request
-        self._send(p.identity, Finished(req.request_id, reason, len(req.prompt_ids), n_generated, elapsed_ms))
-
-    def _run(self, p: _Pending) -> None:
-        from codefill.model.sampling import SamplingConfig
-
-        req = p.request
-        self.running, self.cancel_running = p, False
-        n_generated, reason = 0, FinishReason.LENGTH
-        try:
-            sampling = SamplingConfig(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed)
-            stop_ids = frozenset(req.stop_ids)
-            stream = self.generator.generate(req.prompt_ids, req.max_new_tokens, sampling, stop_ids=stop_ids)
-            try:
-                for token_id, logprob in stream:
-                    self._send(p.identity, Token(req.request_id, int(token_id), float(logprob)))
-                    n_generated += 1
-                    if token_id in stop_ids:
-                        reason = FinishReason.STOP
-                        break
-                    self._drain()
-                    if self.cancel_running:
-                        reason = FinishReason.CANCELLED
-                        break
-            finally:
-                close = getattr(stream, "close", None)  # a Python generator: frees its state if stopped early
-                if close is not None:
-                    close()
-        except Exception as e:
-            # One bad request must not take the worker down: report it, keep serving.
-            traceback.print_exc(file=sys.stderr)
-            message = f"request {req.request_id!r} failed after {n_generated} tokens: {type(e).__name__}: {e}"
-            self._send(p.identity, ErrorReply(req.request_id, message[:4096]))
-            reason = FinishReason.ERROR
-        finally:
-            self.running = None
-        self._finish(p, reason, n_generated)
+        self._send(identity, self.engine.health(msg.nonce))
 
 
-def _write_ready_file(path: Path, status: dict[str, Any]) -> None:
-    # Write then rename, so the parent never reads half a file.
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(status))
-    os.replace(tmp, path)
+def main(model_dir: str | Path, endpoint: str, ready_file: str | Path | None = None, *,
+         max_seq_len: int | None = None, max_batch: int = 4, parent_pid: int | None = None,
+         config: EngineConfig = EngineConfig()) -> None:
+    """The single-process worker: load `model_dir` on a LocalRunner with `max_batch` cache slots, serve it.
 
-
-def main(
-    model_dir: str | Path,
-    endpoint: str,
-    ready_file: str | Path | None = None,
-    *,
-    max_seq_len: int | None = None,
-    parent_pid: int | None = None,
-) -> None:
-    """Load the model in `model_dir`, bind `endpoint`, report ready, serve until killed (or the parent dies).
-
-    max_seq_len: the generator's context (prompt + new tokens); None leaves Generator's default.
+    max_seq_len: positions per slot (prompt + new tokens); None leaves Generator's default.
     parent_pid: exit when this process is no longer our parent (set by spawn_worker, so that a crashed
     language server does not leave a worker holding the model in memory).
     """
-    ready_path = Path(ready_file) if ready_file is not None else None
-    ctx = zmq.Context()
-    sock = None
     try:
-        try:
-            check_endpoint(endpoint)
-            from codefill.model.generate import Generator
+        check_endpoint(endpoint)  # before loading anything
+        from codefill.inference_workers.runner import LocalRunner
+        from codefill.inference_workers.stops import token_bytes_of_model_dir
+        from codefill.model.generate import Generator
 
-            kwargs: dict[str, Any] = {"max_batch": 1}
-            if max_seq_len is not None:
-                kwargs["max_seq_len"] = max_seq_len
-            generator = Generator.from_model_dir(Path(model_dir), **kwargs)
-            sock = ctx.socket(zmq.ROUTER)
-            sock.setsockopt(zmq.LINGER, 0)
-            try:
-                sock.bind(endpoint)
-            except zmq.ZMQError as e:
-                raise WireError(f"cannot bind {endpoint!r}: {e}") from e
-            bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)  # the real port when endpoint ends in :*
-        except Exception as e:
-            if ready_path is not None:
-                _write_ready_file(
-                    ready_path,
-                    {"status": "error", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()},
-                )
-            raise
-        if ready_path is not None:
-            _write_ready_file(ready_path, {"status": "ready", "endpoint": bound, "pid": os.getpid()})
-        print(f"codefill worker {os.getpid()} ready on {bound} (model {model_dir})", file=sys.stderr, flush=True)
-        # SIGTERM (stop_worker) unwinds through the finally below, so the socket is closed cleanly.
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        Worker(generator, sock, parent_pid).serve_forever()
+        kwargs: dict[str, Any] = {"max_batch": max_batch}
+        if max_seq_len is not None:
+            kwargs["max_seq_len"] = max_seq_len
+        runner = LocalRunner(Generator.from_model_dir(Path(model_dir), **kwargs))
+        table = token_bytes_of_model_dir(model_dir)
+    except Exception as e:
+        _report_error(ready_file, e)
+        raise
+    try:
+        serve(runner, endpoint, table=table, config=config, ready_file=ready_file, parent_pid=parent_pid)
     finally:
-        if sock is not None:
-            sock.close(linger=0)
-        ctx.term()
+        runner.close()
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    d = EngineConfig()
     p = argparse.ArgumentParser(prog="python -m codefill.inference_workers.worker", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="model directory (checkpoint.load_model_dir layout)")
     p.add_argument("--endpoint", required=True, help="ipc://PATH, tcp://127.0.0.1:PORT or tcp://localhost:PORT")
     p.add_argument("--ready-file", help="where to write the ready/error status JSON")
-    p.add_argument("--max-seq-len", type=int, help="context length of the generator (prompt + new tokens)")
+    p.add_argument("--max-seq-len", type=int, help="positions per cache slot (prompt + new tokens)")
+    p.add_argument("--max-batch", type=int, default=4, help="cache slots: requests decoded together (default 4)")
+    p.add_argument("--max-queue", type=int, default=d.max_queue)
+    p.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk)
+    p.add_argument("--step-timeout", type=float, default=d.step_timeout_s, help="seconds; a longer model call "
+                   "fails the worker (not ready)")
+    p.add_argument("--drain-timeout", type=float, default=d.drain_timeout_s)
+    p.add_argument("--no-prefix-reuse", action="store_true")
+    p.add_argument("--no-inflight-extension", action="store_true")
     p.add_argument("--parent-pid", type=int, help="exit when this process stops being the parent")
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
     args = _parse_args(None)
+    engine_config = EngineConfig(max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
+                                 step_timeout_s=args.step_timeout, drain_timeout_s=args.drain_timeout,
+                                 prefix_reuse=not args.no_prefix_reuse,
+                                 inflight_extension=not args.no_inflight_extension)
     try:
-        main(args.model, args.endpoint, args.ready_file, max_seq_len=args.max_seq_len, parent_pid=args.parent_pid)
+        main(args.model, args.endpoint, args.ready_file, max_seq_len=args.max_seq_len, max_batch=args.max_batch,
+             parent_pid=args.parent_pid, config=engine_config)
     except KeyboardInterrupt:
         pass
     except Exception as e:

@@ -28,16 +28,21 @@ from codefill.inference_workers.protocol import (
 
 EXAMPLES = [
     GenerateRequest("r1", [1, 32007, 415, 32008, 32009], 64, 0.7, 40, 0.95, 1234, [32010, 2]),
-    GenerateRequest("r2", [5], 1),  # defaults: greedy, no stop ids
+    GenerateRequest("r2", [5], 1),  # defaults: greedy, no stop rules, no deadline
+    GenerateRequest("r3", [1, 2], 24, stop_ids=[32010], stop_strings=["\n\n", "☺"], stop_at_eol=True,
+                    dedent_column=4, deadline_ms=250.0),
     Token("r1", 32010, -0.25),
     Token("r1", 0, -math.inf),
     Finished("r1", FinishReason.STOP, 5, 12, 33.5),
     Finished("r1", FinishReason.CANCELLED, 5, 0, 0.0),
+    Finished("r1", FinishReason.STOP_STRING, 1500, 9, 20.0, n_reused=1497, n_replayed=4, text_bytes=17),
+    Finished("r1", FinishReason.SUPERSEDED, 5, 3, 1.0),
     Cancel("r1"),
     ErrorReply("", "bad frame: unknown message type tag 200"),
     ErrorReply("r1", "GenerationError: prompt of 9000 tokens ... ☺ non-ascii survives"),
     Ping(7),
-    Pong(7, 4242, True, 3, 2048),
+    Pong(7, 4242, True, 3, 2, 4, 2048),
+    Pong(8, 4242, False, 0, 0, 1, 2048, "model step hung: decode step of 2 rows has run for 31.0 s"),
 ]
 
 
@@ -94,7 +99,7 @@ def _frame(cls, *fields) -> bytes:
     return bytes([cls.TYPE]) + msgpack.packb(list(fields), use_bin_type=True)
 
 
-GOOD_REQ = ["r", [1, 2, 3], 16, 0.0, 0, 1.0, 0, [9]]
+GOOD_REQ = ["r", [1, 2, 3], 16, 0.0, 0, 1.0, 0, [9], [], False, 0, 0.0]
 
 
 def _req(**changes) -> bytes:
@@ -131,6 +136,14 @@ def test_hand_built_good_request_decodes():
         ({"seed": -1}, r"seed = -1 is out of range"),
         ({"stop_ids": [[1]]}, r"stop_ids\[0\] = \[1\] is not a token id"),
         ({"stop_ids": None}, r"stop_ids must be a list of token ids, got NoneType"),
+        ({"stop_strings": "\n"}, r"stop_strings must be a list of at most 16 strings, got str"),
+        ({"stop_strings": ["a"] * 17}, r"stop_strings must be a list of at most 16 strings, got 17 items"),
+        ({"stop_strings": [""]}, r"stop_strings\[0\] = '' is not a str of length \[1, 256\]"),
+        ({"stop_strings": [b"x"]}, r"stop_strings\[0\] = b'x' is not a str"),
+        ({"stop_at_eol": 1}, r"stop_at_eol must be a bool, got int 1"),
+        ({"dedent_column": -1}, r"dedent_column = -1 is out of range"),
+        ({"deadline_ms": -5}, r"deadline_ms = -5.0 is out of range"),
+        ({"deadline_ms": "soon"}, r"deadline_ms must be a float, got str"),
     ],
 )
 def test_bad_request_fields(changes, match):
@@ -141,12 +154,13 @@ def test_bad_request_fields(changes, match):
 @pytest.mark.parametrize(
     "frame, match",
     [
-        (_frame(Finished, "r", 9, 1, 1, 1.0), r"Finished.finish_reason = 9 is not a FinishReason \(STOP=1"),
-        (_frame(Finished, "r", 1, -1, 1, 1.0), r"Finished.n_prompt = -1 is out of range"),
-        (_frame(Finished, "r", 1, 1, 1, -5.0), r"Finished.elapsed_ms = -5.0 is out of range"),
+        (_frame(Finished, "r", 99, 1, 1, 1.0, 0, 0, -1), r"Finished.finish_reason = 99 is not a FinishReason \(STOP=1"),
+        (_frame(Finished, "r", 1, -1, 1, 1.0, 0, 0, -1), r"Finished.n_prompt = -1 is out of range"),
+        (_frame(Finished, "r", 1, 1, 1, -5.0, 0, 0, -1), r"Finished.elapsed_ms = -5.0 is out of range"),
+        (_frame(Finished, "r", 1, 1, 1, 1.0), r"Finished body must be a list of 8 fields, got 5-item list"),
         (_frame(Token, "r", 3, 2.0), r"Token.logprob = 2.0 is out of range"),
         (_frame(Token, "r", 3, float("nan")), r"Token.logprob = nan is out of range"),
-        (_frame(Pong, 1, 2, 1, 0, 2048), r"Pong.busy must be a bool, got 1"),
+        (_frame(Pong, 1, 2, 1, 0, 0, 4, 2048, ""), r"Pong.ready must be a bool, got int 1"),
         (_frame(Ping, -1), r"Ping.nonce = -1 is out of range"),
         (_frame(ErrorReply, "r", b"bytes"), r"ErrorReply.message must be a str, got bytes"),
     ],
@@ -172,7 +186,7 @@ def test_oversize_frames():
         decode(bytes([MessageType.CANCEL]) + b"\x00" * n, Cancel)
     # encode refuses to make one: 2 x 1M ids of 5 bytes each is ~10 MiB
     big = [70000] * protocol.MAX_TOKENS
-    with pytest.raises(WireError, match="GenerateRequest frame is 104857.. bytes, over the"):
+    with pytest.raises(WireError, match="GenerateRequest frame is 104858.. bytes, over the"):
         encode(GenerateRequest("r", big, 1, stop_ids=big))
 
 

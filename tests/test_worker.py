@@ -1,7 +1,8 @@
 """A real worker subprocess on a tiny model, over real ZeroMQ sockets.
 
-The worker's greedy tokens must equal the in-process Generator's; cancel, bad frames, failing requests and
-failing startups are each driven through the real sockets.
+The worker's greedy tokens must equal the in-process Generator's, alone and with other clients decoding in
+the same batch; cancel, bad frames, failing requests, failing startups, overload, SIGTERM drain and a hung
+model (a fake runner under `serve` in a thread) are each driven through the real sockets.
 """
 
 from __future__ import annotations
@@ -9,17 +10,22 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
+import threading
 import time
 
 import msgpack
+import numpy as np
 import pytest
 import zmq
 
 from codefill.inference_workers import worker as worker_module
 from codefill.inference_workers.client import (
     AsyncWorkerClient,
+    StopRules,
     WorkerClient,
     WorkerError,
+    WorkerOverloaded,
     spawn_worker,
     stop_worker,
 )
@@ -151,13 +157,17 @@ def _raw_dealer(endpoint):
         ([b""], "empty frame"),
         ([bytes([250]) + msgpack.packb([])], "unknown message type tag 250"),
         ([encode(Token("r", 1, -1.0))], "expected GenerateRequest, Cancel, Ping, got Token"),
-        ([bytes([MessageType.GENERATE_REQUEST]) + msgpack.packb(["r", [1, "x"], 4, 0.0, 0, 1.0, 0, []])],
+        ([bytes([MessageType.GENERATE_REQUEST]) + msgpack.packb(["r", [1, "x"], 4, 0.0, 0, 1.0, 0, [], [], False,
+                                                                 0, 0.0])],
          r"prompt_ids\[1\] = 'x' is not a token id"),
+        ([bytes([MessageType.GENERATE_REQUEST]) + msgpack.packb(["r", [1], 4, 0.0, 0, 1.0, 0, []])],
+         r"GenerateRequest body must be a list of 12 fields, got 8-item list"),
         ([bytes([MessageType.CANCEL]) + b"\x00" * MAX_FRAME_BYTES], f"over the {MAX_FRAME_BYTES}-byte cap"),
         ([encode(Ping(1)), encode(Ping(2))], "expected 1 frame after the routing id, got 2"),
         ([b"\x80\x04\x95pickle"], "unknown message type tag 128"),
     ],
-    ids=["garbage", "empty", "unknown-tag", "wrong-type", "bad-field", "oversize", "two-frames", "pickle"],
+    ids=["garbage", "empty", "unknown-tag", "wrong-type", "bad-field", "old-version", "oversize", "two-frames",
+         "pickle"],
 )
 def test_bad_frames_get_error_reply_and_worker_keeps_serving(endpoint, frames, match, reference):
     sock = _raw_dealer(endpoint)
@@ -176,9 +186,9 @@ def test_bad_frames_get_error_reply_and_worker_keeps_serving(endpoint, frames, m
 
 def test_failing_request_reports_error_and_worker_keeps_serving(client):
     too_long = PROMPT * (MAX_SEQ_LEN // len(PROMPT) + 1)
-    with pytest.raises(WorkerError, match=rf"GenerationError: prompt of {len(too_long)} tokens .*max_seq_len 512\)"):
+    with pytest.raises(WorkerError, match=rf"prompt of {len(too_long)} tokens .*max_seq_len 512\)"):
         client.complete(too_long, 4)
-    with pytest.raises(WorkerError, match=r"GenerationError: token id 100000 out of range \[0, 512\)"):
+    with pytest.raises(WorkerError, match=r"token id 100000 out of range \[0, 512\)"):
         client.complete([1, 100000], 4)
     tokens, finished = client.complete(PROMPT, 2)
     assert len(tokens) == 2
@@ -254,3 +264,153 @@ def test_tcp_loopback_with_ephemeral_port(tiny_dir):
             assert c.ping().max_seq_len == 64
     finally:
         stop_worker(process)
+
+
+def test_concurrent_clients_decode_together_and_get_their_solo_tokens(endpoint, reference):
+    prompts = [PROMPT, [1, 5, 6, 7], [1, 300, 301, 302, 303], PROMPT[:5] + [9]]
+    results: dict[int, list[int]] = {}
+
+    def one(i):
+        with WorkerClient(endpoint, timeout_s=60) as c:
+            tokens, finished = c.complete(prompts[i], 10 + i)
+            assert finished.finish_reason == FinishReason.LENGTH
+            results[i] = [t.token_id for t in tokens]
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for i, p in enumerate(prompts):
+        assert results[i] == [t for t, _ in reference(p, 10 + i)]
+
+
+def test_repeated_prompt_reuses_the_cache_and_replays(client, reference):
+    tokens, first = client.complete(PROMPT, 8)
+    ids = [t.token_id for t in tokens]
+    # the next keystroke typed the first two suggested tokens: the rest comes from the cached decode
+    tokens, second = client.complete(PROMPT + ids[:2], 6)
+    assert [t.token_id for t in tokens] == [t for t, _ in reference(PROMPT + ids[:2], 6)]
+    assert second.n_reused == len(PROMPT) + 2 and second.n_replayed == 6
+
+
+def test_text_stop_rules_and_text_bytes(client, tiny_dir):
+    from codefill.inference_workers.stops import token_bytes_of_model_dir
+
+    table = token_bytes_of_model_dir(tiny_dir)  # random weights emit stray UTF-8 pieces: compare bytes
+    tokens, _ = client.complete(PROMPT, 20)
+    text = b"".join(table[t.token_id] for t in tokens)
+    at = next(i for i in range(2, len(text)) if text[i:i + 2].isascii() and text[i:i + 2].strip())
+    stop = text[at:at + 2]
+    tokens, finished = client.complete(PROMPT, 20, rules=StopRules(stop_strings=(stop.decode(),)))
+    assert finished.finish_reason == FinishReason.STOP_STRING
+    assert finished.text_bytes == text.find(stop)
+    assert b"".join(table[t.token_id] for t in tokens)[:finished.text_bytes] == text[:text.find(stop)]
+
+
+def test_health_reports_ready_queue_and_slots(client):
+    pong = client.ping()
+    assert pong.ready and pong.reason == "" and pong.max_batch == 4 and pong.n_queued == pong.n_active == 0
+
+
+def test_overload_and_deadline_over_the_socket(tiny_dir):
+    from codefill.inference_workers.engine import EngineConfig
+
+    process, endpoint = spawn_worker(tiny_dir, max_seq_len=MAX_SEQ_LEN, max_batch=1,
+                                     engine=EngineConfig(max_queue=1))
+    try:
+        with WorkerClient(endpoint, timeout_s=60) as c:
+            long = c.generate(PROMPT, MAX_SEQ_LEN - len(PROMPT))
+            next(long)  # holds the only slot
+            c.send(GenerateRequest("queued", PROMPT, 2, deadline_ms=1.0))  # fills the queue, expires there
+            with pytest.raises(WorkerOverloaded, match=r"overloaded: 1 requests queued \(max_queue 1\)"):
+                c.complete(PROMPT, 2)
+            long.close()  # cancel: the slot frees, the queued request is dropped for its deadline
+            msg = _replies_until_finished(c, "queued")[-1]
+            assert msg.finish_reason == FinishReason.DEADLINE and msg.n_generated == 0
+    finally:
+        stop_worker(process)
+
+
+def _replies_until_finished(client, request_id, timeout_s=30.0):
+    """Raw replies to `request_id` on a WorkerClient's socket, up to its Finished."""
+    out = []
+    while True:
+        assert client._sock.poll(int(timeout_s * 1000)), f"no Finished for {request_id} within {timeout_s} s"
+        msg = decode(client._sock.recv(), (Token, Finished, ErrorReply))
+        if getattr(msg, "request_id", None) == request_id:
+            out.append(msg)
+            if isinstance(msg, Finished):
+                return out
+
+
+def test_sigterm_drains_in_flight_requests_then_exits(tiny_dir):
+    from codefill.inference_workers.engine import EngineConfig
+
+    process, endpoint = spawn_worker(tiny_dir, max_seq_len=MAX_SEQ_LEN, engine=EngineConfig(drain_timeout_s=120))
+    try:
+        with WorkerClient(endpoint, timeout_s=60) as c, WorkerClient(endpoint, timeout_s=60) as late:
+            n = MAX_SEQ_LEN - len(PROMPT)
+            stream = c.generate(PROMPT, n)
+            next(stream)
+            process.send_signal(signal.SIGTERM)
+            while late.ping().ready:
+                time.sleep(0.01)
+            with pytest.raises(WorkerOverloaded, match="draining"):
+                late.complete(PROMPT, 2)
+            rest = list(stream)
+            assert rest[-1].finish_reason == FinishReason.LENGTH and rest[-1].n_generated == n
+        assert process.wait(60) == 0
+    finally:
+        stop_worker(process)
+
+
+class HangingRunner:
+    """A model of 16 ids whose decode_step never returns until released: a rank stuck in a collective."""
+
+    max_batch, max_seq_len, vocab_size, idle_position = 2, 64, 16, 64
+
+    def __init__(self):
+        self.release = threading.Event()
+
+    def prefill(self, ids, slot, start_pos):
+        return np.eye(self.vocab_size, dtype=np.float32)[(ids[-1] + 1) % self.vocab_size]
+
+    def decode_step(self, tokens, positions):
+        self.release.wait(120)
+        return np.zeros((self.max_batch, self.vocab_size), np.float32)
+
+    def close(self):
+        pass
+
+
+def test_hung_model_turns_into_errors_and_not_ready(tmp_path):
+    from codefill.inference_workers.engine import EngineConfig
+
+    runner, stop = HangingRunner(), threading.Event()
+    endpoint = f"ipc://{tmp_path}/w.sock"
+    ready = tmp_path / "ready.json"
+    thread = threading.Thread(target=worker_module.serve, args=(runner, endpoint),
+                              kwargs=dict(config=EngineConfig(step_timeout_s=0.5), ready_file=ready,
+                                          stop_event=stop))
+    thread.start()
+    try:
+        while not ready.exists():
+            time.sleep(0.01)
+        with WorkerClient(endpoint, timeout_s=30) as a, WorkerClient(endpoint, timeout_s=30) as b:
+            stream = a.generate([1, 2], 10)
+            assert next(stream).token_id == 3  # from the prefill; then the decode step hangs
+            b.send(GenerateRequest("waiting", [1, 5], 4))
+            with pytest.raises(WorkerError, match=r"model step hung: decode step of \d rows has run for"):
+                list(stream)
+            msgs = _replies_until_finished(b, "waiting")
+            assert msgs[-1].finish_reason == FinishReason.ERROR and "model step hung" in msgs[-2].message
+            pong = b.ping()
+            assert not pong.ready and "step_timeout_s 0.5" in pong.reason
+            with pytest.raises(WorkerError, match="model not ready"):
+                b.complete([1], 2)
+    finally:
+        stop.set()
+        runner.release.set()
+        thread.join(30)
+    assert not thread.is_alive()

@@ -1,0 +1,437 @@
+"""The serving engine on rank 0: a queue, cache slots, and one model step at a time.
+
+It knows nothing about sockets or text: requests come in as `GenerateRequest`s with the client's routing
+identity, and every reply goes out through `emit(identity, message)`. Models are driven only through a
+`ModelRunner` (runner.py), so the same engine serves a local model and a tensor-parallel one.
+
+One iteration (`step`), all scheduling decided under the lock, model calls made outside it:
+
+1. finish requests that were cancelled or whose deadline passed (a queued one is dropped unstarted);
+2. in-flight extension: a queued greedy request whose prompt strictly extends the prompt of an active greedy
+   request *from the same client* supersedes it (Finished SUPERSEDED) and takes over its slot: the ids the
+   model already produced past the new prompt are streamed at once, and a divergence rolls the slot back;
+3. admit queued requests into free slots, each into the slot sharing the longest prefix (prefix_cache.py);
+4. prefill: up to `prefill_chunk` prompt ids in total this iteration (a long prompt is spread over several
+   iterations), so decodes already running wait at most one chunk. A prompt with a single id left to run
+   (the usual keystroke) skips this: its last id is fed by the decode step below;
+5. one decode step over every slot: each decoding request gets its next token (continuous batching: a
+   request whose prefill finished in 4. decodes in the same iteration).
+
+Faults: every runner call is timed. The socket loop calls `check_watchdog()`; a call running longer than
+`step_timeout_s` (a hung model, a tensor-parallel rank that died inside a collective) fails the engine: every
+queued and active request gets ErrorReply + Finished(ERROR), health turns not ready, and new requests are
+refused the same way. The model thread may stay stuck in that call; it is a daemon thread and the engine
+never touches its results. A runner call that raises ValueError (a request the model refuses) fails the
+requests in that call only; any other exception means the model is broken and fails the engine.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import os
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from codefill.model.sampling import SamplingConfig, log_softmax, sample
+
+from .prefix_cache import Match, PrefixCache, Slot, common_prefix
+from .protocol import ErrorReply, Finished, FinishReason, GenerateRequest, Message, Pong, Token
+from .stops import StopRuleError, StopState
+
+Emit = Callable[[bytes, Message], None]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_queue: int = 64  # requests waiting for a slot; one more is answered OVERLOADED at once
+    prefill_chunk: int = 256  # prompt ids prefilled per iteration, over all requests
+    step_timeout_s: float = 120.0  # one runner call longer than this fails the engine (covers first compiles)
+    drain_timeout_s: float = 10.0  # on SIGTERM, how long in-flight requests may still run
+    prefix_reuse: bool = True  # prefill only what a cached slot does not already hold
+    inflight_extension: bool = True  # continue (or take over) a greedy decode the new prompt extends
+
+    def __post_init__(self) -> None:
+        if self.max_queue < 0 or self.prefill_chunk < 1 or self.step_timeout_s <= 0 or self.drain_timeout_s < 0:
+            raise ValueError(f"bad EngineConfig: {self}")
+
+
+class State(enum.Enum):
+    QUEUED = 1
+    PREFILL = 2
+    DECODE = 3
+    DONE = 4
+
+
+@dataclass(eq=False)
+class Request:
+    identity: bytes
+    req: GenerateRequest
+    received: float  # time.monotonic()
+    stops: StopState
+    sampling: SamplingConfig
+    rng: np.random.Generator | None
+    state: State = State.QUEUED
+    slot: Slot | None = None
+    prefilled: int = 0  # prompt ids in the slot's cache
+    feed: int | None = None  # the id the next decode step feeds
+    n_reused: int = 0
+    n_replayed: int = 0
+    cancelled: bool = False
+    deadline: float | None = None
+
+    @property
+    def key(self) -> tuple[bytes, str]:
+        return self.identity, self.req.request_id
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.req.prompt_ids
+
+
+class Engine:
+    def __init__(self, runner, config: EngineConfig = EngineConfig(), table=None, emit: Emit | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.runner, self.config, self.table = runner, config, table
+        self.emit: Emit = emit or (lambda identity, msg: None)
+        self.clock = clock
+        self.cache = PrefixCache(runner.max_batch, config.prefix_reuse, config.inflight_extension)
+        self.queue: collections.deque[Request] = collections.deque()
+        self.active: dict[tuple[bytes, str], Request] = {}
+        # Guards everything above and below; never held during a runner call, so the socket loop can
+        # always answer health, queue, cancel and run the watchdog.
+        self.lock = threading.Condition()
+        self.failed: str | None = None
+        self.draining = False
+        self.closed = False
+        self._call_started: float | None = None
+        self._call_what = ""
+        self._thread: threading.Thread | None = None
+
+    # --- the socket side: each call takes the lock briefly and never runs the model ----------------------
+
+    def submit(self, identity: bytes, req: GenerateRequest) -> None:
+        with self.lock:
+            now = self.clock()
+            if self.failed is not None:
+                return self._refuse(identity, req, FinishReason.ERROR, f"model not ready: {self.failed}")
+            if self.draining:
+                return self._refuse(identity, req, FinishReason.OVERLOADED,
+                                    "draining: the worker is shutting down and admits no new requests")
+            if (identity, req.request_id) in self.active or any(r.key == (identity, req.request_id)
+                                                                 for r in self.queue):
+                return self._refuse(identity, req, FinishReason.ERROR,
+                                    f"request id {req.request_id!r} is already in flight on this connection")
+            problem = self._check(req)
+            if problem is not None:
+                return self._refuse(identity, req, FinishReason.ERROR, problem)
+            if len(self.queue) >= self.config.max_queue:
+                return self._refuse(identity, req, FinishReason.OVERLOADED,
+                                    f"overloaded: {len(self.queue)} requests queued (max_queue "
+                                    f"{self.config.max_queue}), {len(self.active)} running")
+            sampling = SamplingConfig(req.temperature, req.top_k, req.top_p, req.seed)
+            r = Request(identity, req, now, StopState.of(req, self.table), sampling,
+                        None if sampling.greedy else sampling.rng(),
+                        deadline=now + req.deadline_ms / 1000.0 if req.deadline_ms > 0 else None)
+            self.queue.append(r)
+            self.lock.notify_all()
+
+    def cancel(self, identity: bytes, request_id: str) -> None:
+        """Queued: finished now. Active: finished at the start of the next iteration (after the model call
+        in progress, if any, whose cache writes are kept). Unknown or already finished: nothing to do."""
+        with self.lock:
+            for r in self.queue:
+                if r.key == (identity, request_id):
+                    self._finish(r, FinishReason.CANCELLED)
+                    return
+            r = self.active.get((identity, request_id))
+            if r is not None:
+                r.cancelled = True
+                self.lock.notify_all()
+
+    def health(self, nonce: int) -> Pong:
+        with self.lock:
+            reason = self.failed or ("draining" if self.draining else "")
+            return Pong(nonce, os.getpid(), not reason, len(self.queue), len(self.active), self.runner.max_batch,
+                        self.runner.max_seq_len, reason[:4096])
+
+    def check_watchdog(self) -> None:
+        with self.lock:
+            started = self._call_started
+            if self.failed is None and started is not None:
+                running = self.clock() - started
+                if running > self.config.step_timeout_s:
+                    self._fail(f"model step hung: {self._call_what} has run for {running:.1f} s "
+                               f"(step_timeout_s {self.config.step_timeout_s})")
+
+    def drain(self) -> None:
+        """Stop admitting; what is queued or running goes on (see `idle`, `abort_all`)."""
+        with self.lock:
+            self.draining = True
+
+    def idle(self) -> bool:
+        with self.lock:
+            return not self.queue and not self.active
+
+    def abort_all(self, message: str) -> None:
+        with self.lock:
+            for r in list(self.queue) + list(self.active.values()):
+                self._finish(r, FinishReason.ERROR, message)
+
+    # --- the model thread ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="codefill-engine", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop the model thread (it finishes the call it is in). Requests still held are not answered."""
+        with self.lock:
+            self.closed = True
+            self.lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout_s)  # a thread stuck in a hung call stays behind (daemon)
+
+    def _run(self) -> None:
+        while True:
+            with self.lock:
+                while not (self.closed or self.failed) and not (self.queue or self.active):
+                    self.lock.wait()
+                if self.closed or self.failed:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # a bug in the engine itself: no request can be trusted to finish
+                traceback.print_exc(file=sys.stderr)
+                with self.lock:
+                    self._fail(f"engine error: {type(e).__name__}: {e}")
+                return
+
+    def run_until_idle(self, max_steps: int = 100_000) -> None:
+        """Step in the calling thread until nothing is queued or active (tests, without the thread)."""
+        for _ in range(max_steps):
+            if not self.step():
+                return
+        raise RuntimeError(f"engine still busy after {max_steps} steps")
+
+    def step(self) -> bool:
+        """One iteration (see the module docstring); False when there was nothing to do."""
+        with self.lock:
+            if self.closed or self.failed:
+                return False
+            self._schedule()
+            prefills = self._plan_prefills()
+            if not prefills and not any(r.state is State.DECODE for r in self.active.values()):
+                return bool(self.queue or self.active)
+        for r, ids, start in prefills:
+            slot = r.slot
+            logits = self._call(f"prefill of {len(ids)} ids into slot {slot.index} at position {start}",
+                                lambda: self.runner.prefill(ids, slot.index, start), [r])
+            with self.lock:
+                if self.failed or self.closed:
+                    return False
+                if logits is not None and r.state is State.PREFILL:
+                    self._prefilled(r, ids, logits)
+        with self.lock:
+            if self.failed or self.closed:
+                return False
+            rows = [r for r in self.active.values() if r.state is State.DECODE]
+            if not rows:
+                return True
+            tokens = [0] * self.runner.max_batch
+            positions = [self.runner.idle_position] * self.runner.max_batch
+            for r in rows:
+                tokens[r.slot.index], positions[r.slot.index] = r.feed, len(r.slot.tokens)
+        logits = self._call(f"decode step of {len(rows)} rows", lambda: self.runner.decode_step(tokens, positions),
+                            rows)
+        with self.lock:
+            if self.failed or self.closed:
+                return False
+            if logits is not None:
+                for r in rows:
+                    if r.state is State.DECODE:
+                        self._decoded(r, logits[r.slot.index])
+        return True
+
+    # --- scheduling (under the lock) -------------------------------------------------------------------
+
+    def _schedule(self) -> None:
+        now = self.clock()
+        for r in list(self.active.values()):
+            if r.cancelled:
+                self._finish(r, FinishReason.CANCELLED)
+            elif r.deadline is not None and now > r.deadline:
+                self._finish(r, FinishReason.DEADLINE)
+        for r in list(self.queue):
+            if r.deadline is not None and now > r.deadline:
+                self._finish(r, FinishReason.DEADLINE)  # dropped before it ran
+        if self.config.inflight_extension:
+            for r in list(self.queue):
+                old = self._extended(r)
+                if old is not None:
+                    slot = old.slot
+                    self._finish(old, FinishReason.SUPERSEDED)
+                    self.queue.remove(r)
+                    self._place(r, self.cache.match(slot, r.prompt, r.req.greedy))
+        while self.queue and self.cache.free_slots():
+            r = self.queue.popleft()
+            self._place(r, self.cache.best(r.prompt, r.req.greedy))
+
+    def _extended(self, new: Request) -> Request | None:
+        """The active request from the same client whose prompt `new`'s strictly extends (both greedy)."""
+        if not new.req.greedy:
+            return None
+        for old in self.active.values():
+            if old.identity == new.identity and old.req.greedy and len(new.prompt) > len(old.prompt) \
+                    and common_prefix(new.prompt, old.prompt) == len(old.prompt):
+                return old
+        return None
+
+    def _place(self, r: Request, m: Match) -> None:
+        slot = self.cache.acquire(m.slot, r)
+        r.slot, self.active[r.key] = slot, r
+        r.n_reused = m.reuse
+        if m.replay or m.feed_pending:
+            # The slot's state is what this prompt would reach: no prefill. Stream what it already produced.
+            r.state, r.prefilled, r.feed = State.DECODE, len(r.prompt), slot.pending
+            for token, logprob in m.replay:
+                r.n_replayed += 1
+                if self._emit_token(r, token, logprob):
+                    return
+        elif len(r.prompt) - m.reuse == 1:
+            # One id to go (a keystroke that added or changed the last token): it rides in the next decode
+            # step with the other rows instead of costing a prefill call of its own.
+            slot.forget_from(m.reuse)
+            r.state, r.prefilled, r.feed = State.DECODE, len(r.prompt), r.prompt[-1]
+        else:
+            slot.forget_from(m.reuse)
+            r.state, r.prefilled = State.PREFILL, m.reuse
+
+    def _plan_prefills(self) -> list[tuple[Request, list[int], int]]:
+        budget, plan = self.config.prefill_chunk, []
+        for r in self.active.values():
+            if r.state is State.PREFILL and budget > 0:
+                ids = r.prompt[r.prefilled:r.prefilled + budget]
+                plan.append((r, ids, r.prefilled))
+                budget -= len(ids)
+        return plan
+
+    # --- results (under the lock) ----------------------------------------------------------------------
+
+    def _prefilled(self, r: Request, ids: list[int], logits: np.ndarray) -> None:
+        slot = r.slot
+        slot.tokens.extend(ids)
+        r.prefilled += len(ids)
+        if r.prefilled < len(r.prompt):
+            return
+        token, logprob = self._sample(r, logits)
+        slot.pending = token
+        slot.greedy_from, slot.logprobs = (len(r.prompt), [logprob]) if r.req.greedy else (None, [])
+        r.state, r.feed = State.DECODE, token
+        if r.cancelled:
+            self._finish(r, FinishReason.CANCELLED)
+        else:
+            self._emit_token(r, token, logprob)
+
+    def _decoded(self, r: Request, logits: np.ndarray) -> None:
+        slot = r.slot
+        slot.tokens.append(r.feed)  # the step wrote its keys/values
+        token, logprob = self._sample(r, logits)
+        slot.pending = token
+        if not r.req.greedy:
+            slot.greedy_from, slot.logprobs = None, []
+        elif slot.greedy_from is not None:
+            slot.logprobs.append(logprob)
+        elif r.stops.n_generated == 0:  # the first token, decoded from the prompt's last id
+            slot.greedy_from, slot.logprobs = len(r.prompt), [logprob]
+        r.feed = token
+        if r.cancelled:
+            self._finish(r, FinishReason.CANCELLED)
+        else:
+            self._emit_token(r, token, logprob)
+
+    def _sample(self, r: Request, logits: np.ndarray) -> tuple[int, float]:
+        token = sample(logits, r.sampling, r.rng)
+        return token, min(float(log_softmax(logits)[token]), 0.0)
+
+    def _emit_token(self, r: Request, token: int, logprob: float) -> bool:
+        """Send one token and apply the stop rules; True if that finished the request."""
+        self.emit(r.identity, Token(r.req.request_id, token, logprob))
+        reason, text_bytes = r.stops.add(token)
+        if reason is None:
+            return False
+        self._finish(r, reason, text_bytes=text_bytes)
+        return True
+
+    def _finish(self, r: Request, reason: FinishReason, message: str | None = None, text_bytes: int | None = None):
+        if r.state is State.DONE:
+            return
+        if r.state is State.QUEUED:
+            self.queue.remove(r)
+        else:
+            del self.active[r.key]
+            self.cache.release(r.slot)
+            r.slot = None
+        r.state = State.DONE
+        if message is not None:
+            self.emit(r.identity, ErrorReply(r.req.request_id, message[:4096]))
+        elapsed_ms = (self.clock() - r.received) * 1000.0
+        self.emit(r.identity, Finished(r.req.request_id, reason, len(r.prompt), r.stops.n_generated, elapsed_ms,
+                                       r.n_reused, r.n_replayed,
+                                       r.stops.text_bytes if text_bytes is None else text_bytes))
+
+    def _refuse(self, identity: bytes, req: GenerateRequest, reason: FinishReason, message: str) -> None:
+        self.emit(identity, ErrorReply(req.request_id, message[:4096]))
+        self.emit(identity, Finished(req.request_id, reason, len(req.prompt_ids), 0, 0.0))
+
+    def _check(self, req: GenerateRequest) -> str | None:
+        vocab, ctx = self.runner.vocab_size, self.runner.max_seq_len
+        bad = next((t for t in req.prompt_ids if t >= vocab), None)
+        if bad is not None:
+            return f"token id {bad} out of range [0, {vocab})"
+        n = len(req.prompt_ids)
+        if n + req.max_new_tokens - 1 > ctx:
+            return (f"prompt of {n} tokens + max_new_tokens {req.max_new_tokens} does not fit the KV cache "
+                    f"(max_seq_len {ctx})")
+        try:
+            StopState.of(req, self.table)
+        except StopRuleError as e:
+            return str(e)
+        return None
+
+    def _fail(self, reason: str) -> None:
+        if self.failed is not None:
+            return
+        print(f"codefill engine: not ready: {reason}", file=sys.stderr, flush=True)
+        self.failed = reason
+        for r in list(self.queue) + list(self.active.values()):
+            self._finish(r, FinishReason.ERROR, f"model failed: {reason}")
+        self.lock.notify_all()
+
+    # --- model calls (outside the lock) ----------------------------------------------------------------
+
+    def _call(self, what: str, fn: Callable[[], np.ndarray], requests: list[Request]) -> np.ndarray | None:
+        with self.lock:
+            self._call_started, self._call_what = self.clock(), what
+        try:
+            return fn()
+        except ValueError as e:  # the model refused these requests (e.g. GenerationError); others go on
+            with self.lock:
+                if self.failed is None:
+                    for r in requests:
+                        self._finish(r, FinishReason.ERROR, f"{what} failed: {type(e).__name__}: {e}")
+            return None
+        except Exception as e:
+            traceback.print_exc(file=sys.stderr)
+            with self.lock:
+                self._fail(f"{what} raised {type(e).__name__}: {e}")
+            return None
+        finally:
+            with self.lock:
+                self._call_started = None

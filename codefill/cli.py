@@ -35,6 +35,8 @@ def _boundary_errors() -> tuple[type[BaseException], ...]:
         ("codefill.inference_workers.client", "WorkerError"),
         ("codefill.training.data_error", "DataError"),
         ("codefill.inference_workers.tp", "TensorParallelError"),
+        ("codefill.lsp.settings", "SettingsError"),
+        ("codefill.lsp.transport", "TransportError"),
     ]:
         if module in sys.modules and hasattr(sys.modules[module], name):
             errors.append(getattr(sys.modules[module], name))
@@ -135,6 +137,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         "max_new_tokens": ("--max-new-tokens", args.max_new_tokens),
         "request_timeout_s": ("--request-timeout", args.request_timeout),
         "worker_max_seq_len": ("--worker-max-seq-len", args.worker_max_seq_len),
+        "tp": ("--tp", args.tp),
     }
     for flag, value in given.values():
         if value is not None and value <= 0:
@@ -142,13 +145,52 @@ def cmd_serve(args: argparse.Namespace) -> None:
     settings = Settings(**{field: value for field, (_, value) in given.items() if value is not None})
     # stdout carries JSON-RPC: logs go to stderr, which editors show in their LSP log.
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="codefill-lsp %(levelname)s %(message)s")
-    serve_main(model_dir=Path(args.model), endpoint=args.endpoint, settings=settings)
+    if args.tp is not None and args.endpoint is not None:
+        raise CliError("--tp starts tensor-parallel workers; --endpoint uses running ones: give one of them")
+    from codefill.lsp.settings import SettingsError
+    from codefill.lsp.transport import TransportError
+
+    try:
+        code = serve_main(model_dir=Path(args.model), endpoint=args.endpoint, settings=settings, tcp=args.tcp)
+    except (SettingsError, TransportError) as e:
+        raise CliError(str(e)) from e
+    if code:
+        sys.exit(code)
+
+
+def _server_keys(args: argparse.Namespace):
+    """CURVE keys for binding a non-local endpoint (both flags or neither)."""
+    from codefill.inference_workers.security import ServerKeys
+
+    given = (args.curve_secret_key, args.curve_authorized_clients)
+    if given == (None, None):
+        return None
+    if None in given:
+        raise CliError("--curve-secret-key and --curve-authorized-clients go together")
+    return ServerKeys(Path(args.curve_secret_key), Path(args.curve_authorized_clients))
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
+    from codefill.inference_workers.engine import EngineConfig
     from codefill.inference_workers.worker import main as worker_main
 
-    worker_main(Path(args.model), args.endpoint)
+    d = EngineConfig()
+    config = EngineConfig(
+        max_queue=d.max_queue if args.max_queue is None else args.max_queue,
+        prefill_chunk=d.prefill_chunk if args.prefill_chunk is None else args.prefill_chunk,
+        step_timeout_s=d.step_timeout_s if args.step_timeout is None else args.step_timeout,
+        drain_timeout_s=d.drain_timeout_s if args.drain_timeout is None else args.drain_timeout,
+        prefix_reuse=not args.no_prefix_reuse, inflight_extension=not args.no_inflight_extension)
+    worker_main(Path(args.model), args.endpoint, args.ready_file, max_seq_len=args.max_seq_len,
+                max_batch=args.max_batch, parent_pid=args.parent_pid, config=config,
+                allow_remote=args.allow_remote, keys=_server_keys(args))
+
+
+def cmd_keys(args: argparse.Namespace) -> None:
+    from codefill.inference_workers.security import generate_keys
+
+    public, secret = generate_keys(Path(args.output), args.name)
+    print(f"public key {public} (copy it to the other side), secret key {secret} (keep it here)")
 
 
 def cmd_workers(args: argparse.Namespace) -> None:
@@ -157,7 +199,7 @@ def cmd_workers(args: argparse.Namespace) -> None:
     code = run_workers(Path(args.model), args.tp, args.endpoint, master_addr=args.master_addr,
                        master_port=args.master_port, nnodes=args.nnodes, node_rank=args.node_rank,
                        log_dir=args.log_dir, max_seq_len=args.max_seq_len, max_batch=args.max_batch,
-                       threads=args.threads)
+                       threads=args.threads, allow_remote=args.allow_remote, keys=_server_keys(args))
     if code:
         sys.exit(code)
 
@@ -220,10 +262,22 @@ def cmd_data_tokenize(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     out = Path(args.out)
+    model = Path(args.model) if args.model else None
     if args.what == "model":
         from codefill.bench_model import run
 
         report = run(out, preset=args.preset)
+    elif args.what == "workers":  # (a) TP=1 vs TP=2; (b) keystroke replay; (c) concurrent typists
+        from codefill import bench_workers, bench_workers_tp
+
+        report = {}
+        if not args.skip_tp:
+            report["tp"] = bench_workers_tp.run(out, preset=args.preset)
+        report["keystrokes"] = bench_workers.run(out, model_dir=model, preset=args.preset)
+    elif args.what == "lsp":
+        from codefill.bench_lsp import run
+
+        report = run(out, model_dir=model, preset=args.preset)
     else:  # argparse restricts the choices
         raise CliError(f"unknown benchmark {args.what!r}")
     print(json.dumps(report, indent=2))
@@ -240,6 +294,13 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help='print {"ids": [...], "text": "..."} on the last line')
+
+
+def _remote_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-remote", action="store_true",
+                   help="allow binding an endpoint other machines can reach (needs the CURVE keys below)")
+    p.add_argument("--curve-secret-key", metavar="NAME.key_secret", help="this worker's CURVE key pair")
+    p.add_argument("--curve-authorized-clients", metavar="DIR", help="directory of client NAME.key files allowed in")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -272,7 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_infill)
 
     p = sub.add_parser("serve", help="run the language server")
-    p.add_argument("--stdio", action="store_true", help="speak LSP over stdin/stdout (the default and only transport)")
+    p.add_argument("--stdio", action="store_true", help="speak LSP over stdin/stdout (the default)")
+    p.add_argument("--tcp", metavar="[HOST:]PORT", help="serve one LSP client on a loopback TCP port instead of stdio")
+    p.add_argument("--tp", type=int, help="start N tensor-parallel worker ranks (msrun) instead of one worker")
     p.add_argument("--model", metavar="MODEL_DIR", help="its tokenizer; and a worker on it unless --endpoint")
     p.add_argument("--endpoint", help="a running worker's ZeroMQ endpoint (ipc://PATH or tcp://127.0.0.1:PORT)")
     p.add_argument("--max-new-tokens", type=int, help="longest middle, in tokens (default: lsp.server.Settings)")
@@ -280,10 +343,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout", type=float, help="seconds of worker silence before a request fails")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("worker", help="run one inference worker on a ZeroMQ endpoint")
+    p = sub.add_parser("worker", help="run one inference worker (one process, TP=1) on a ZeroMQ endpoint")
     p.add_argument("--model", required=True, metavar="MODEL_DIR")
-    p.add_argument("--endpoint", required=True)
+    p.add_argument("--endpoint", required=True, help="ipc://PATH or tcp://127.0.0.1:PORT (others: --allow-remote)")
+    p.add_argument("--ready-file", help="where to write the ready/error status JSON")
+    p.add_argument("--max-seq-len", type=int, help="positions per cache slot (prompt + new tokens)")
+    p.add_argument("--max-batch", type=int, default=4, help="cache slots: requests decoded together (default 4)")
+    p.add_argument("--max-queue", type=int, help="waiting requests before OVERLOADED")
+    p.add_argument("--prefill-chunk", type=int, help="prompt ids prefilled per engine iteration")
+    p.add_argument("--step-timeout", type=float, help="seconds; a longer model call fails the worker (not ready)")
+    p.add_argument("--drain-timeout", type=float, help="seconds in-flight requests may run after SIGTERM")
+    p.add_argument("--no-prefix-reuse", action="store_true")
+    p.add_argument("--no-inflight-extension", action="store_true")
+    p.add_argument("--parent-pid", type=int, help="exit when this process stops being the parent")
+    _remote_args(p)
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("keys", help="make a CURVE key pair (NAME.key public, NAME.key_secret) for remote workers")
+    p.add_argument("--output", required=True, help="directory to write the two files into")
+    p.add_argument("--name", required=True, help="e.g. worker, or the client's host name")
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("workers", help="run N tensor-parallel worker ranks with msrun behind one ZeroMQ endpoint")
     p.add_argument("--model", required=True, help="a MODEL_DIR or a directory written by `codefill split`")
@@ -297,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-len", type=int, default=2048, help="positions per cache slot")
     p.add_argument("--max-batch", type=int, default=4, help="cache slots (concurrent sequences)")
     p.add_argument("--threads", type=int, help="kernel threads per rank (default: cores / local ranks)")
+    _remote_args(p)
     p.set_defaults(func=cmd_workers)
 
     p = sub.add_parser("split", help="pre-split a model into tensor-parallel shards, one file per rank")
@@ -342,8 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_tokenize)
 
     p = sub.add_parser("bench", help="run a benchmark and write its report")
-    p.add_argument("what", choices=["model"])
-    p.add_argument("--preset", default="small")
+    p.add_argument("what", choices=["model", "workers", "lsp"])
+    p.add_argument("--preset", default="small", help="architecture of the random-weight model benchmarked")
+    p.add_argument("--model", metavar="MODEL_DIR", help="workers/lsp: benchmark this model instead of a preset")
+    p.add_argument("--skip-tp", action="store_true", help="workers: skip part (a), TP=1 vs TP=2")
     p.add_argument("--out", default="bench_results")
     p.set_defaults(func=cmd_bench)
     return parser

@@ -51,6 +51,7 @@ from codefill.inference_workers.protocol import (
     decode,
     encode,
 )
+from codefill.inference_workers.security import ClientKeys, secure_client
 
 REPLY_TYPES = (Token, Finished, ErrorReply, Pong)
 
@@ -120,6 +121,35 @@ def _decode_reply(endpoint: str, frame: bytes) -> Any:
         raise WorkerError(f"unreadable reply from worker at {endpoint}: {e}") from e
 
 
+def _connect(ctx: zmq.Context, endpoint: str, keys: ClientKeys | None, timeout_s: float) -> zmq.Socket:
+    """A DEALER socket connected to a worker: a local endpoint, or with CURVE keys any endpoint.
+
+    A DEALER with no completed connection (worker not started yet, or a CURVE handshake the worker refused)
+    blocks on send; SNDTIMEO turns that into zmq.Again after `timeout_s`, which callers report."""
+    try:
+        check_endpoint(endpoint, allow_remote=keys is not None)
+    except WireError as e:
+        raise WorkerError(str(e)) from e
+    if endpoint.endswith(":*"):
+        raise WorkerError(f"cannot connect to {endpoint!r}: a port of * only makes sense when binding")
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDTIMEO, max(1, int(timeout_s * 1000)))
+    if keys is not None:
+        try:
+            secure_client(sock, keys)
+        except WireError as e:
+            sock.close(linger=0)
+            raise WorkerError(str(e)) from e
+    sock.connect(endpoint)
+    return sock
+
+
+def _unreachable(endpoint: str, timeout_s: float) -> WorkerError:
+    return WorkerError(f"cannot reach the worker at {endpoint} within {timeout_s} s "
+                       f"(not running, or it refused this client's keys)")
+
+
 def _new_request_id() -> str:
     return uuid.uuid4().hex
 
@@ -127,18 +157,11 @@ def _new_request_id() -> str:
 class WorkerClient:
     """Blocking client on a DEALER socket. Not thread-safe (no zmq socket is); one per thread."""
 
-    def __init__(self, endpoint: str, timeout_s: float = 60.0, context: zmq.Context | None = None):
-        try:
-            check_endpoint(endpoint)
-        except WireError as e:
-            raise WorkerError(str(e)) from e
-        if endpoint.endswith(":*"):
-            raise WorkerError(f"cannot connect to {endpoint!r}: a port of * only makes sense when binding")
+    def __init__(self, endpoint: str, timeout_s: float = 60.0, context: zmq.Context | None = None, *,
+                 keys: ClientKeys | None = None):
         self.endpoint, self.timeout_s = endpoint, timeout_s
         self._ctx = context or zmq.Context.instance()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(endpoint)
+        self._sock = _connect(self._ctx, endpoint, keys, timeout_s)
         self._nonces = itertools.count(1)
 
     def close(self) -> None:
@@ -156,7 +179,10 @@ class WorkerClient:
         return _decode_reply(self.endpoint, self._sock.recv())
 
     def send(self, msg: Any) -> None:
-        self._sock.send(encode(msg))
+        try:
+            self._sock.send(encode(msg))
+        except zmq.Again:
+            raise _unreachable(self.endpoint, self.timeout_s) from None
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Any = None,
                  stop_ids: Sequence[int] = (), request_id: str | None = None, *, rules: StopRules | None = None,
@@ -204,16 +230,10 @@ class WorkerClient:
 class AsyncWorkerClient:
     """asyncio client on a zmq.asyncio DEALER socket; create and use it inside one running event loop."""
 
-    def __init__(self, endpoint: str, timeout_s: float = 60.0):
-        try:
-            check_endpoint(endpoint)
-        except WireError as e:
-            raise WorkerError(str(e)) from e
+    def __init__(self, endpoint: str, timeout_s: float = 60.0, *, keys: ClientKeys | None = None):
         self.endpoint, self.timeout_s = endpoint, timeout_s
         self._ctx = zmq.asyncio.Context.instance()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(endpoint)
+        self._sock = _connect(self._ctx, endpoint, keys, timeout_s)
         self._nonces = itertools.count(1)
         self._queues: dict[str | int, asyncio.Queue] = {}  # request id or ping nonce -> its replies
         self._reader: asyncio.Task | None = None
@@ -251,6 +271,12 @@ class AsyncWorkerClient:
                 f"no reply from worker at {self.endpoint} within {self.timeout_s} s while {what}"
             ) from None
 
+    async def _send(self, msg: Any) -> None:
+        try:
+            await self._sock.send(encode(msg))
+        except zmq.Again:
+            raise _unreachable(self.endpoint, self.timeout_s) from None
+
     async def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Any = None,
                        stop_ids: Sequence[int] = (), request_id: str | None = None, *,
                        rules: StopRules | None = None,
@@ -261,8 +287,8 @@ class AsyncWorkerClient:
         self._queues[replies.request_id] = q
         self._ensure_reader()
         try:
-            await self._sock.send(encode(_request(replies.request_id, prompt_ids, max_new_tokens, sampling,
-                                                  stop_ids, rules, deadline_s)))
+            await self._send(_request(replies.request_id, prompt_ids, max_new_tokens, sampling, stop_ids, rules,
+                                      deadline_s))
             while not replies.done:
                 out = replies.accept(await self._get(q, f"generating {replies.request_id}"))
                 if out is not None:
@@ -293,7 +319,7 @@ class AsyncWorkerClient:
         self._queues[nonce] = q
         self._ensure_reader()
         try:
-            await self._sock.send(encode(Ping(nonce)))
+            await self._send(Ping(nonce))
             while True:
                 msg = await self._get(q, "waiting for Pong")
                 if isinstance(msg, ErrorReply):

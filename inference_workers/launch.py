@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from codefill.inference_workers.client import WorkerError
+from codefill.inference_workers.protocol import WireError
+from codefill.inference_workers.security import ServerKeys, check_bind
 from codefill.inference_workers.tp import TensorParallelError, check_model_dir_for_tp
 
 RANKS_SCRIPT = Path(__file__).with_name("ranks.py")
@@ -179,11 +181,17 @@ def start_job(script: str | Path, script_args: list[str], tp: int, *, run_dir: P
 def start_workers(model_dir: str | Path, tp: int, endpoint: str | None = None, *, master_addr: str = "127.0.0.1",
                   master_port: int | None = None, nnodes: int = 1, node_rank: int = 0,
                   log_dir: str | Path | None = None, ready_timeout_s: float = 600.0, max_seq_len: int = 2048,
-                  max_batch: int = 1, threads: int | None = None) -> Job:
+                  max_batch: int = 1, threads: int | None = None, allow_remote: bool = False,
+                  keys: ServerKeys | None = None) -> Job:
     """Validate, start msrun on ranks.py, and return once rank 0 serves (`job.endpoint`) or, on a node other
     than 0, once its ranks have joined. Raises TensorParallelError before starting anything if `tp` does
     not fit the model, LaunchError (with the failing rank's traceback) if a rank fails or time runs out."""
     check_model_dir_for_tp(model_dir, tp)
+    if endpoint is not None:
+        try:
+            check_bind(endpoint, allow_remote, keys)  # before any rank starts
+        except WireError as e:
+            raise LaunchError(str(e)) from e
     if nnodes < 1 or tp % nnodes:
         raise TensorParallelError(f"tensor-parallel size {tp} cannot be spread evenly over {nnodes} nodes")
     run_dir = Path(tempfile.mkdtemp(prefix="codefill-workers-"))  # mode 0700: a private ipc:// socket
@@ -192,6 +200,11 @@ def start_workers(model_dir: str | Path, tp: int, endpoint: str | None = None, *
     args = ["--model", str(Path(model_dir).absolute()), "--tp", str(tp), "--endpoint", endpoint,
             "--ready-file", str(ready_file), "--run-dir", str(run_dir), "--max-seq-len", str(max_seq_len),
             "--max-batch", str(max_batch), "--threads", str(threads or default_threads(tp // nnodes))]
+    if allow_remote:
+        args.append("--allow-remote")
+    if keys is not None:
+        args += ["--curve-secret-key", str(Path(keys.secret_key_file).absolute()),
+                 "--curve-authorized-clients", str(Path(keys.authorized_clients).absolute())]
     job = start_job(RANKS_SCRIPT, args, tp, run_dir=run_dir, log_dir=Path(log_dir) if log_dir else None,
                     master_addr=master_addr, master_port=master_port, nnodes=nnodes, node_rank=node_rank)
     job.owns_run_dir = True
@@ -225,7 +238,8 @@ def start_workers(model_dir: str | Path, tp: int, endpoint: str | None = None, *
 def run_workers(model_dir: str | Path, tp: int, endpoint: str | None = None, *, master_addr: str = "127.0.0.1",
                 master_port: int | None = None, nnodes: int = 1, node_rank: int = 0,
                 log_dir: str | Path | None = None, ready_timeout_s: float = 600.0, stop_timeout_s: float = 30.0,
-                max_seq_len: int = 2048, max_batch: int = 1, threads: int | None = None) -> int:
+                max_seq_len: int = 2048, max_batch: int = 1, threads: int | None = None,
+                allow_remote: bool = False, keys: ServerKeys | None = None) -> int:
     """`codefill workers`: start, print the endpoint, supervise until SIGTERM/SIGINT (then drain and stop: 0)
     or a rank failure (LaunchError with its traceback; the CLI exits non-zero)."""
     stop = {"requested": False}
@@ -237,7 +251,8 @@ def run_workers(model_dir: str | Path, tp: int, endpoint: str | None = None, *, 
     try:
         job = start_workers(model_dir, tp, endpoint, master_addr=master_addr, master_port=master_port,
                             nnodes=nnodes, node_rank=node_rank, log_dir=log_dir, ready_timeout_s=ready_timeout_s,
-                            max_seq_len=max_seq_len, max_batch=max_batch, threads=threads)
+                            max_seq_len=max_seq_len, max_batch=max_batch, threads=threads,
+                            allow_remote=allow_remote, keys=keys)
         where = job.endpoint if node_rank == 0 else f"node {node_rank} (rank 0 serves on node 0)"
         print(f"codefill workers: {tp} ranks ready, serving on {where}; logs in {job.log_dir}", flush=True)
         job.wait(lambda: stop["requested"])  # LaunchError (job already killed) if a rank fails

@@ -366,13 +366,20 @@ def decode(data: bytes | bytearray | memoryview, expected: type | tuple[type, ..
 
 _PORT = r"(\d{1,5}|\*)"
 _LOCAL_TCP = re.compile(rf"tcp://(127\.0\.0\.1|localhost):{_PORT}")
+# Any other host: an IPv4 address, a hostname, an interface name, * (all interfaces) or a bracketed IPv6.
+_ANY_TCP = re.compile(rf"tcp://(\*|\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.\-]*):{_PORT}")
 _IPC_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
 
 
-def check_endpoint(endpoint: str) -> str:
-    """Accept only endpoints that stay on this machine: ipc://PATH, tcp://127.0.0.1:PORT, tcp://localhost:PORT.
+def is_local_endpoint(endpoint: str) -> bool:
+    """ipc:// or loopback TCP: reachable from this machine only."""
+    return endpoint.startswith("ipc://") or _LOCAL_TCP.fullmatch(endpoint) is not None
 
-    The workers have no authentication; a non-local endpoint would let anyone on the network run the model.
+
+def check_endpoint(endpoint: str, allow_remote: bool = False) -> str:
+    """A well-formed endpoint: ipc://PATH, tcp://127.0.0.1:PORT or tcp://localhost:PORT; with allow_remote,
+    also tcp://HOST:PORT for any host (security.check_bind decides whether a worker may bind it: only with
+    CURVE keys). The workers run whatever they are sent, so nothing non-local is accepted by default.
     PORT may be * when binding (the worker reports the port it got).
     """
     if not isinstance(endpoint, str):
@@ -384,10 +391,11 @@ def check_endpoint(endpoint: str) -> str:
         if len(path.encode()) > _IPC_PATH_MAX:
             raise WireError(f"endpoint {endpoint!r}: ipc path is {len(path.encode())} bytes, over {_IPC_PATH_MAX}")
         return endpoint
-    m = _LOCAL_TCP.fullmatch(endpoint)
+    m = _LOCAL_TCP.fullmatch(endpoint) or (_ANY_TCP.fullmatch(endpoint) if allow_remote else None)
     if m is None:
+        hint = " (other hosts need --allow-remote and CURVE keys)" if _ANY_TCP.fullmatch(endpoint) else ""
         raise WireError(
-            f"endpoint {endpoint!r} is refused: only ipc://PATH, tcp://127.0.0.1:PORT or tcp://localhost:PORT"
+            f"endpoint {endpoint!r} is refused: only ipc://PATH, tcp://127.0.0.1:PORT or tcp://localhost:PORT{hint}"
         )
     if m.group(2) != "*" and not 1 <= int(m.group(2)) <= 65535:
         raise WireError(f"endpoint {endpoint!r}: port {m.group(2)} is out of range [1, 65535]")

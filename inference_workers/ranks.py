@@ -129,7 +129,13 @@ def main(argv: list[str] | None = None) -> None:
     from codefill.inference_workers.worker import serve
 
     try:
-        serve(runner, args.endpoint, table=token_bytes(tokenizer_path(args.model)), ready_file=ready_file)
+        keys = None
+        if args.curve_secret_key:
+            from codefill.inference_workers.security import ServerKeys
+
+            keys = ServerKeys(Path(args.curve_secret_key), Path(args.curve_authorized_clients))
+        serve(runner, args.endpoint, table=token_bytes(tokenizer_path(args.model)), ready_file=ready_file,
+              allow_remote=args.allow_remote, keys=keys)
     finally:
         if runner.busy:
             # The engine gave up on a step that never returned (a rank died or hung inside a collective): the
@@ -160,6 +166,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-seq-len", type=int, default=2048, help="positions per cache slot")
     p.add_argument("--max-batch", type=int, default=1, help="cache slots (rows of a decode step)")
     p.add_argument("--threads", type=int, default=1, help="MindSpore kernel threads of this rank")
+    p.add_argument("--allow-remote", action="store_true", help="rank 0 may bind a non-local endpoint")
+    p.add_argument("--curve-secret-key", help="rank 0's CURVE key pair (NAME.key_secret)")
+    p.add_argument("--curve-authorized-clients", help="directory of client NAME.key files allowed in")
     return p.parse_args(argv)
 
 

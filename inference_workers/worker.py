@@ -25,7 +25,6 @@ before that raised.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import os
@@ -48,10 +47,10 @@ from codefill.inference_workers.protocol import (
     Message,
     Ping,
     WireError,
-    check_endpoint,
     decode,
     encode,
 )
+from codefill.inference_workers.security import ServerKeys, check_bind, secure_server
 
 _POLL_MS = 100  # longest wait of the socket loop: watchdog, drain and parent checks run at least this often
 _MAX_FRAMES_PER_TURN = 256  # frames read before the loop flushes replies and checks the watchdog again
@@ -106,23 +105,27 @@ class _Outbox:
 
 def serve(runner: Any, endpoint: str, *, table: Sequence[bytes] | None = None,
           config: EngineConfig = EngineConfig(), ready_file: str | Path | None = None,
-          parent_pid: int | None = None, stop_event: threading.Event | None = None) -> None:
+          parent_pid: int | None = None, stop_event: threading.Event | None = None,
+          allow_remote: bool = False, keys: ServerKeys | None = None) -> None:
     """Bind `endpoint`, serve requests on `runner` until SIGTERM, `stop_event` or the parent's death.
 
     runner: a ModelRunner (runner.py); serve does not close it. table: token id -> bytes for text stop rules
     (`stops.token_bytes_of_model_dir`); None refuses requests that use them. ready_file: see the module
     docstring. parent_pid: return when this process is no longer our parent. SIGTERM is handled only when
     serve runs in the main thread; otherwise set `stop_event`. Both drain (see the module docstring).
+    allow_remote, keys: an endpoint other machines can reach is bound only with both (security.py).
     """
     ctx = zmq.Context()
-    sock = outbox = engine = None
+    sock = outbox = engine = auth = None
     old_handler = None
     term = threading.Event()
     try:
         try:
-            check_endpoint(endpoint)
+            check_bind(endpoint, allow_remote, keys)
             sock = ctx.socket(zmq.ROUTER)
             sock.setsockopt(zmq.LINGER, 0)
+            if keys is not None:
+                auth = secure_server(ctx, sock, keys)
             try:
                 sock.bind(endpoint)
             except zmq.ZMQError as e:
@@ -152,6 +155,8 @@ def serve(runner: Any, endpoint: str, *, table: Sequence[bytes] | None = None,
             signal.signal(signal.SIGTERM, old_handler)
         if sock is not None:
             sock.close(linger=0)
+        if auth is not None:
+            auth.stop()
         if outbox is not None:
             outbox.close()
         ctx.term()
@@ -229,7 +234,7 @@ class _SocketLoop:
 
 def main(model_dir: str | Path, endpoint: str, ready_file: str | Path | None = None, *,
          max_seq_len: int | None = None, max_batch: int = 4, parent_pid: int | None = None,
-         config: EngineConfig = EngineConfig()) -> None:
+         config: EngineConfig = EngineConfig(), allow_remote: bool = False, keys: ServerKeys | None = None) -> None:
     """The single-process worker: load `model_dir` on a LocalRunner with `max_batch` cache slots, serve it.
 
     max_seq_len: positions per slot (prompt + new tokens); None leaves Generator's default.
@@ -237,7 +242,7 @@ def main(model_dir: str | Path, endpoint: str, ready_file: str | Path | None = N
     language server does not leave a worker holding the model in memory).
     """
     try:
-        check_endpoint(endpoint)  # before loading anything
+        check_bind(endpoint, allow_remote, keys)  # before loading anything
         from codefill.inference_workers.runner import LocalRunner
         from codefill.inference_workers.stops import token_bytes_of_model_dir
         from codefill.model.generate import Generator
@@ -251,43 +256,13 @@ def main(model_dir: str | Path, endpoint: str, ready_file: str | Path | None = N
         _report_error(ready_file, e)
         raise
     try:
-        serve(runner, endpoint, table=table, config=config, ready_file=ready_file, parent_pid=parent_pid)
+        serve(runner, endpoint, table=table, config=config, ready_file=ready_file, parent_pid=parent_pid,
+              allow_remote=allow_remote, keys=keys)
     finally:
         runner.close()
 
 
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    d = EngineConfig()
-    p = argparse.ArgumentParser(prog="python -m codefill.inference_workers.worker", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="model directory (checkpoint.load_model_dir layout)")
-    p.add_argument("--endpoint", required=True, help="ipc://PATH, tcp://127.0.0.1:PORT or tcp://localhost:PORT")
-    p.add_argument("--ready-file", help="where to write the ready/error status JSON")
-    p.add_argument("--max-seq-len", type=int, help="positions per cache slot (prompt + new tokens)")
-    p.add_argument("--max-batch", type=int, default=4, help="cache slots: requests decoded together (default 4)")
-    p.add_argument("--max-queue", type=int, default=d.max_queue)
-    p.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk)
-    p.add_argument("--step-timeout", type=float, default=d.step_timeout_s, help="seconds; a longer model call "
-                   "fails the worker (not ready)")
-    p.add_argument("--drain-timeout", type=float, default=d.drain_timeout_s)
-    p.add_argument("--no-prefix-reuse", action="store_true")
-    p.add_argument("--no-inflight-extension", action="store_true")
-    p.add_argument("--parent-pid", type=int, help="exit when this process stops being the parent")
-    return p.parse_args(argv)
+if __name__ == "__main__":  # spawn_worker's entry: `python -m codefill.inference_workers.worker` is `codefill worker`
+    from codefill.cli import main as cli_main
 
-
-if __name__ == "__main__":
-    args = _parse_args(None)
-    engine_config = EngineConfig(max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
-                                 step_timeout_s=args.step_timeout, drain_timeout_s=args.drain_timeout,
-                                 prefix_reuse=not args.no_prefix_reuse,
-                                 inflight_extension=not args.no_inflight_extension)
-    try:
-        main(args.model, args.endpoint, args.ready_file, max_seq_len=args.max_seq_len, max_batch=args.max_batch,
-             parent_pid=args.parent_pid, config=engine_config)
-    except KeyboardInterrupt:
-        pass
-    except Exception as e:
-        # The traceback is already in the ready file when there is one; stderr gets the full story anyway.
-        traceback.print_exc()
-        print(f"codefill worker: error: {type(e).__name__}: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(cli_main(["worker", *sys.argv[1:]]))

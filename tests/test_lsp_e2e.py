@@ -1,13 +1,16 @@
 """The language server as an editor sees it: a real LSP client (pytest-lsp) drives the server subprocess,
 which drives a real worker subprocess on a tiny model.
 
-The completion text must equal what the in-process path gives for the same prefix and suffix: decode_middle
-of the Generator's greedy tokens on fim.infilling_prompt_tokens. A cursor after an emoji proves positions
-are read in UTF-16 code units (and UTF-32, when the client asks for it), not as Python str indices.
+The completion text must equal what the in-process path gives for the same prefix and suffix: the
+Generator's greedy tokens on lsp/prompt.py's SPM prompt (path header, same budget), decoded and passed
+through lsp/postprocess.py's `fit`. The server is started without cross-file context and without token
+healing, so the expectation depends only on the document. A cursor after an emoji proves positions are read
+in UTF-16 code units (and UTF-32, when the client asks for it), not as Python str indices.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -69,20 +72,45 @@ def expected_middle(tiny_dir):
     from codefill.model.generate import Generator
     from codefill.model.sampling import SamplingConfig
     from codefill.model.tokenizer import Tokenizer
+    from codefill.lsp.prompt import PromptConfig, build_prompt
 
     tok = Tokenizer(tiny_dir / TOKENIZER_NAME)
     gen = Generator.from_model_dir(tiny_dir, max_seq_len=MAX_SEQ_LEN, max_batch=1)
 
-    def middle(prefix: str, suffix: str) -> str:
-        ids = infilling_prompt_tokens(tok, prefix, suffix)
+    def middle(prefix: str, suffix: str, path: str | None = None) -> str:
+        """The raw middle for `path` (None: the old PSM prompt without header, for the wrong-cut check)."""
+        if path is None:
+            ids = infilling_prompt_tokens(tok, prefix, suffix)
+        else:
+            config = PromptConfig(max_prompt_tokens=min(PromptConfig().max_prompt_tokens, MAX_SEQ_LEN - MAX_NEW + 1))
+            ids = build_prompt(tok, prefix, suffix, config, path=path, language_id="python").ids
         out = gen.generate(ids, MAX_NEW, SamplingConfig(), stop_ids=frozenset({tok.eot_id, tok.eos_id}))
         return decode_middle(tok, [t for t, _ in out])
 
     return middle
 
 
-async def start(command: list[str], position_encodings: list[str] | None = None) -> LanguageClient:
-    client = await ClientServerConfig(server_command=command).start()
+@pytest.fixture(scope="module")
+def expected_items(expected_middle):
+    """What the server should show: the fitted middle, as a list of insert texts (empty: nothing shown)."""
+    from codefill.lsp.postprocess import fit
+
+    def items(prefix: str, suffix: str, path: str) -> list[str]:
+        fitted = fit(prefix, suffix, expected_middle(prefix, suffix, path))
+        return [] if fitted is None else [fitted.text]
+
+    return items
+
+
+# Deterministic prompts: no other documents in the context, no token healing; telemetry into a temp dir.
+OPTIONS = {"context_chunks": 0, "token_healing": False}
+
+
+async def start(command: list[str], position_encodings: list[str] | None = None,
+                options: dict | None = None) -> LanguageClient:
+    state = os.environ.get("CODEFILL_TEST_STATE") or __import__("tempfile").mkdtemp(prefix="codefill-state-")
+    env = {**os.environ, "XDG_STATE_HOME": state}
+    client = await ClientServerConfig(server_command=command, server_env=env).start()
     general = types.GeneralClientCapabilities(position_encodings=position_encodings) if position_encodings else None
     capabilities = types.ClientCapabilities(
         general=general,
@@ -91,7 +119,8 @@ async def start(command: list[str], position_encodings: list[str] | None = None)
             completion=types.CompletionClientCapabilities(),
         ),
     )
-    client.initialize_result = await client.initialize_session(types.InitializeParams(capabilities=capabilities))
+    client.initialize_result = await client.initialize_session(types.InitializeParams(
+        capabilities=capabilities, initialization_options={**OPTIONS, **(options or {})}))
     return client
 
 
@@ -143,24 +172,25 @@ async def test_server_advertises_both_features(client):
 
 
 @pytest.mark.asyncio(loop_scope="module")
-async def test_inline_completion_equals_in_process_middle(client, expected_middle):
+async def test_inline_completion_equals_in_process_middle(client, expected_items):
     text, prefix, line, char16, _ = split(DOC)
     uri = "file:///work/fib.py"
     open_doc(client, uri, text)
-    expected = expected_middle(prefix, text[len(prefix) :])
-    assert expected.strip(), "the tiny model should produce a visible middle for this document"
+    expected = expected_items(prefix, text[len(prefix) :], "/work/fib.py")
+    assert expected, "the tiny model should produce a visible middle for this document"
 
     result = await inline(client, uri, line, char16)
-    assert [item.insert_text for item in result.items] == [expected]
+    assert [item.insert_text for item in result.items] == expected
     assert result.items[0].range == types.Range(types.Position(line, char16), types.Position(line, char16))
+    assert result.items[0].command.command == "codefill.accept"
 
 
 @pytest.mark.asyncio(loop_scope="module")
-async def test_completion_item_inserts_the_middle(client, expected_middle):
+async def test_completion_item_inserts_the_middle(client, expected_items):
     text, prefix, line, char16, _ = split(DOC)
     uri = "file:///work/fib2.py"
     open_doc(client, uri, text)
-    expected = expected_middle(prefix, text[len(prefix) :])
+    [expected] = expected_items(prefix, text[len(prefix) :], "/work/fib2.py")
 
     result = await client.text_document_completion_async(
         types.CompletionParams(text_document=types.TextDocumentIdentifier(uri), position=types.Position(line, char16))
@@ -173,22 +203,23 @@ async def test_completion_item_inserts_the_middle(client, expected_middle):
 
 
 @pytest.mark.asyncio(loop_scope="module")
-async def test_emoji_before_cursor_uses_utf16_positions(client, expected_middle):
+async def test_emoji_before_cursor_uses_utf16_positions(client, expected_middle, expected_items):
     text, prefix, line, char16, char32 = split(EMOJI_DOC)
     assert char16 == char32 + 2  # the two emoji
     uri = "file:///work/emoji.py"
     open_doc(client, uri, text)
-    expected = expected_middle(prefix, text[len(prefix) :])
+    path = "/work/emoji.py"
+    expected = expected_items(prefix, text[len(prefix) :], path)
     # What a server reading the character as a str index would have sent: a different prompt, another middle.
     wrong_cut = text.index("\n") + 1 + char16
-    assert expected != expected_middle(text[:wrong_cut], text[wrong_cut:])
+    assert expected_middle(prefix, text[len(prefix) :], path) != expected_middle(text[:wrong_cut], text[wrong_cut:], path)
 
     result = await inline(client, uri, line, char16)
-    assert [item.insert_text for item in result.items] == [expected]
+    assert [item.insert_text for item in result.items] == expected
 
 
 @pytest.mark.asyncio(loop_scope="module")
-async def test_edits_are_seen(client, expected_middle):
+async def test_edits_are_seen(client, expected_items):
     """Incremental didChange with an emoji in the edited range: the server's copy of the document follows."""
     text, _, _, _, _ = split(EMOJI_DOC)
     uri = "file:///work/edit.py"
@@ -207,17 +238,16 @@ async def test_edits_are_seen(client, expected_middle):
     edited = text.replace("+ name", "+ full_name")
     cut = edited.index("full_na") + len("full_na")
     result = await inline(client, uri, 1, 17 + len("full_na"))
-    assert [item.insert_text for item in result.items] == [expected_middle(edited[:cut], edited[cut:])]
+    assert [item.insert_text for item in result.items] == expected_items(edited[:cut], edited[cut:], "/work/edit.py")
 
 
 @pytest.mark.asyncio(loop_scope="module")
-async def test_cursor_past_line_end_is_clamped(client, expected_middle):
+async def test_cursor_past_line_end_is_clamped(client, expected_items):
     text = "x = 1\ny = \n"
     uri = "file:///work/clamp.py"
     open_doc(client, uri, text)
-    expected = expected_middle("x = 1\ny = ", "\n")
     result = await inline(client, uri, 1, 99)
-    assert [item.insert_text for item in result.items] == ([expected] if expected.strip() else [])
+    assert [item.insert_text for item in result.items] == expected_items("x = 1\ny = ", "\n", "/work/clamp.py")
 
 
 @pytest.mark.asyncio(loop_scope="module")
@@ -248,10 +278,25 @@ async def test_dead_worker_gives_error_response_not_a_crash(tiny_dir):
         [worker] = workers
         os.kill(worker, signal.SIGKILL)
         # No waiting: whether the worker dies before the request or during it, the answer is the same error.
+        # (A new cursor position: the one asked before is answered from the suggestion cache.)
         with pytest.raises(Exception, match=r"the worker \(pid \d+\) exited with status -9"):
-            await inline(client, uri, 1, 0)
+            await inline(client, uri, 0, 9)
         assert client._server.returncode is None
         assert [m.type for m in client.messages] == [types.MessageType.Error]
+        # While it is down: empty answers at once, no more messages.
+        t0 = time.monotonic()
+        assert len((await inline(client, uri, 0, 8)).items) == 0
+        assert time.monotonic() - t0 < 1.0
+        # The server restarts the worker it owns and serves again.
+        deadline = time.monotonic() + 120
+        while not (stats := await client.protocol.send_request_async("codefill/stats", {})).worker.up:
+            assert time.monotonic() < deadline, f"worker not restarted: {stats}"
+            await asyncio.sleep(0.5)
+        assert stats.worker.restarts == 1
+        [new_worker] = children_of(client._server.pid)
+        assert new_worker != worker
+        assert isinstance(await inline(client, uri, 0, 7), types.InlineCompletionList)
+        assert len(client.messages) == 1
     finally:
         await client.shutdown_session()
 
@@ -264,7 +309,7 @@ def _state(pid: int) -> str:
 
 
 @pytest.mark.asyncio(loop_scope="module")
-async def test_endpoint_mode_with_utf32_client(tiny_dir, expected_middle):
+async def test_endpoint_mode_with_utf32_client(tiny_dir, expected_items):
     """A worker started elsewhere; the server only tokenizes. The client negotiates UTF-32 positions."""
     process, endpoint = spawn_worker(tiny_dir, max_seq_len=MAX_SEQ_LEN)
     try:
@@ -275,7 +320,8 @@ async def test_endpoint_mode_with_utf32_client(tiny_dir, expected_middle):
             uri = "file:///work/emoji32.py"
             open_doc(client, uri, text)
             result = await inline(client, uri, line, char32)
-            assert [item.insert_text for item in result.items] == [expected_middle(prefix, text[len(prefix) :])]
+            assert [item.insert_text for item in result.items] == expected_items(prefix, text[len(prefix) :],
+                                                                                 "/work/emoji32.py")
         finally:
             await client.shutdown_session()
         assert process.poll() is None, "a worker the server did not start must outlive it"
@@ -292,10 +338,13 @@ async def test_worker_that_cannot_start_gives_error_responses_and_one_message(ti
     try:
         uri = "file:///work/x.py"
         open_doc(client, uri, "def f():\n    return 1\n")
-        for _ in range(2):
-            with pytest.raises(Exception) as info:
-                await inline(client, uri, 1, 4)
-            assert "could not start its worker" in str(info.value) and "config.json" in str(info.value)
+        # The request that waited for the start gets the reason; later ones an empty answer at once.
+        with pytest.raises(Exception) as info:
+            await inline(client, uri, 1, 4)
+        assert "could not start its worker" in str(info.value) and "config.json" in str(info.value)
+        t0 = time.monotonic()
+        assert len((await inline(client, uri, 1, 5)).items) == 0
+        assert time.monotonic() - t0 < 1.0
         assert client._server.returncode is None  # still serving
         shown = [m for m in client.messages if m.type == types.MessageType.Error]
         assert len(shown) == 1 and "config.json" in shown[0].message

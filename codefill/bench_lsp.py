@@ -1,0 +1,167 @@
+"""Benchmark of the language server as an editor drives it: keystroke replay through the real server.
+
+`run(out_dir, model_dir=None, preset="small", ...)` starts `codefill serve` (which starts its worker) with a
+real LSP client (pygls), opens a Python standard-library file with a region cut out, and types that region
+back character by character: one didChange and one textDocument/inlineCompletion request per keystroke,
+cancelling ($/cancelRequest) a request still unanswered when the next key is pressed, as an editor does.
+Two passes:
+
+- `paced`: a key every `interval_ms` (a fast typist); superseded requests are cancelled;
+- `serial`: the next key only after the previous suggestion arrived (latency without overlap).
+
+Per pass: p50/p95 keystroke-to-suggestion (a request's send to its answer, over answered requests),
+requests cancelled, model calls per keystroke (the server's own count, prefetches listed apart) and the
+suggestion-cache hit rate, from `codefill/stats`. Random weights (`preset`, unless `model_dir` is given)
+never suggest what the file goes on with, so typed-ahead hits are rare here; with a real model they are not.
+Writes `lsp.json` and `lsp.md` to out_dir and returns the JSON's dict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+from codefill.bench_workers import SOURCE_FILE, _model_dir, _percentile
+
+
+async def _pass(model_dir: Path, text: str, cursor: int, n_keys: int, interval_ms: float | None,
+                options: dict, max_seq_len: int) -> dict:
+    from lsprotocol import types
+    from pygls.lsp.client import LanguageClient
+
+    client = LanguageClient("codefill-bench", "1")
+    await client.start_io(sys.executable, "-m", "codefill.cli", "serve", "--stdio", "--model", str(model_dir),
+                          "--worker-max-seq-len", str(max_seq_len))
+    try:
+        await client.initialize_async(types.InitializeParams(capabilities=types.ClientCapabilities(),
+                                                             initialization_options=options))
+        client.initialized(types.InitializedParams())
+        uri = "file:///bench/" + SOURCE_FILE
+        typed = text[cursor:cursor + n_keys]
+        doc = text[:cursor] + text[cursor + n_keys:]  # the region to type is not there yet
+        client.text_document_did_open(types.DidOpenTextDocumentParams(
+            types.TextDocumentItem(uri=uri, language_id="python", version=1, text=doc)))
+        line = text[:cursor].count("\n")
+        col = cursor - (text.rfind("\n", 0, cursor) + 1)
+
+        def request(msg_id: str):
+            params = types.InlineCompletionParams(
+                context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Automatic),
+                text_document=types.TextDocumentIdentifier(uri), position=types.Position(line, col))
+            return asyncio.wrap_future(client.protocol.send_request(types.TEXT_DOCUMENT_INLINE_COMPLETION, params,
+                                                                    msg_id=msg_id))
+
+        # Opening: the worker starts and compiles; not counted.
+        await asyncio.wait_for(request("warm-up"), 900)
+        before = await client.protocol.send_request_async("codefill/stats", {})
+
+        latencies: list[float] = []
+        cancelled = 0
+        pending: tuple[str, asyncio.Future, float] | None = None
+        version = 1
+        for i, ch in enumerate(typed):
+            if pending is not None and not pending[1].done():
+                client.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id=pending[0]))
+            if pending is not None:
+                try:
+                    await pending[1]
+                except Exception:
+                    cancelled += 1
+            version += 1
+            client.text_document_did_change(types.DidChangeTextDocumentParams(
+                text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=version),
+                content_changes=[types.TextDocumentContentChangePartial(
+                    range=types.Range(types.Position(line, col), types.Position(line, col)), text=ch)]))
+            line, col = (line + 1, 0) if ch == "\n" else (line, col + 1)
+            msg_id, sent = f"key-{i}", time.perf_counter()
+            fut = request(msg_id)
+            fut.add_done_callback(lambda f, sent=sent: f.cancelled() or f.exception() is not None
+                                  or latencies.append((time.perf_counter() - sent) * 1000))
+            pending = (msg_id, fut, sent)
+            if interval_ms is None:
+                try:
+                    await fut
+                except Exception:
+                    cancelled += 1
+                pending = None
+            else:
+                await asyncio.sleep(interval_ms / 1000)
+        if pending is not None:
+            try:
+                await pending[1]
+            except Exception:
+                cancelled += 1
+        after = await client.protocol.send_request_async("codefill/stats", {})
+        model_calls = after.model_calls - before.model_calls
+        prefetches = after.prefetches - before.prefetches
+        hits = after.cache_hits - before.cache_hits
+        lookups = hits + after.cache_misses - before.cache_misses
+        return {
+            "keystrokes": n_keys, "interval_ms": interval_ms, "answered": len(latencies), "cancelled": cancelled,
+            "suggestion_ms_p50": round(_percentile(latencies, 50), 1) if latencies else None,
+            "suggestion_ms_p95": round(_percentile(latencies, 95), 1) if latencies else None,
+            "model_calls_per_keystroke": round(model_calls / n_keys, 3),
+            "prefetches_per_keystroke": round(prefetches / n_keys, 3),
+            "cache_hit_rate": round(hits / lookups, 3) if lookups else 0.0,
+        }
+    finally:
+        try:
+            await asyncio.wait_for(client.shutdown_async(None), 30)
+            client.exit(None)
+        finally:
+            await client.stop()
+
+
+def run(out_dir: str | Path, model_dir: str | Path | None = None, preset: str = "small", *, seed: int = 0,
+        keystrokes: int = 40, interval_ms: float = 60.0, max_new_tokens: int = 16, max_prompt_tokens: int = 1024,
+        max_seq_len: int = 2048) -> dict:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = _model_dir(out_dir, model_dir, preset, seed)
+    source = Path(sysconfig.get_paths()["stdlib"]) / SOURCE_FILE
+    text = source.read_text()
+    cursor = text.index("\n", 12_000) + 1  # the start of a line well inside the file
+    options = {"max_new_tokens": max_new_tokens, "max_prompt_tokens": max_prompt_tokens,
+               "log_dir": str(out_dir / "lsp-telemetry")}
+    report: dict = {
+        "model_dir": str(model_dir), "preset": preset, "source": str(source), "max_new_tokens": max_new_tokens,
+        "max_prompt_tokens": max_prompt_tokens, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "passes": {},
+    }
+    for name, interval in (("paced", interval_ms), ("serial", None)):
+        report["passes"][name] = asyncio.run(_pass(model_dir, text, cursor, keystrokes, interval, options,
+                                                   max_seq_len))
+    (out_dir / "lsp.json").write_text(json.dumps(report, indent=2))
+    (out_dir / "lsp.md").write_text(_markdown(report))
+    return report
+
+
+def _markdown(r: dict) -> str:
+    lines = [
+        "# Language server benchmark (`codefill bench lsp`)", "",
+        f"Model {r['model_dir']} (preset {r['preset']}, random weights unless given); prompts of at most "
+        f"{r['max_prompt_tokens']} tokens, suggestions of at most {r['max_new_tokens']} tokens; typing "
+        f"{r['source']} through `codefill serve` with one inlineCompletion per keystroke. Machine: {r['machine']}.",
+        "",
+        "| pass | keystrokes | key interval ms | answered | cancelled | suggestion p50 ms | suggestion p95 ms | "
+        "model calls / key | prefetches / key | cache hit rate |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, p in r["passes"].items():
+        lines.append(f"| {name} | {p['keystrokes']} | {p['interval_ms'] or 'after answer'} | {p['answered']} | "
+                     f"{p['cancelled']} | {p['suggestion_ms_p50']} | {p['suggestion_ms_p95']} | "
+                     f"{p['model_calls_per_keystroke']} | {p['prefetches_per_keystroke']} | {p['cache_hit_rate']:.1%} |")
+    lines += ["", "`paced`: a key every interval, unanswered requests cancelled when the next key comes; "
+              "`serial`: the next key after the answer. Suggestion latency: request sent to answer received.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(sys.argv[1] if len(sys.argv) > 1 else "bench_results",
+                         preset=sys.argv[2] if len(sys.argv) > 2 else "small"), indent=2))

@@ -75,7 +75,7 @@ class StopRules:
 
 def _request(request_id: str, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Any,
              stop_ids: Sequence[int], rules: StopRules | None = None,
-             deadline_s: float | None = None) -> GenerateRequest:
+             deadline_s: float | None = None, required_prefix: str = "") -> GenerateRequest:
     """`sampling` is a model.sampling.SamplingConfig or anything with its four fields; None is greedy."""
     rules = rules or StopRules()
     try:
@@ -84,7 +84,7 @@ def _request(request_id: str, prompt_ids: Sequence[int], max_new_tokens: int, sa
                                0.0 if greedy else sampling.temperature, 0 if greedy else sampling.top_k,
                                1.0 if greedy else sampling.top_p, 0 if greedy else sampling.seed, list(stop_ids),
                                list(rules.stop_strings), rules.stop_at_eol, rules.dedent_column,
-                               0.0 if deadline_s is None else deadline_s * 1000.0)
+                               0.0 if deadline_s is None else deadline_s * 1000.0, required_prefix)
     except WireError as e:
         raise WorkerError(f"invalid request: {e}") from e
 
@@ -186,11 +186,12 @@ class WorkerClient:
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Any = None,
                  stop_ids: Sequence[int] = (), request_id: str | None = None, *, rules: StopRules | None = None,
-                 deadline_s: float | None = None) -> Iterator[Token | Finished]:
+                 deadline_s: float | None = None, required_prefix: str = "") -> Iterator[Token | Finished]:
         """Yield each Token as the worker sends it, then the Finished. Closing the iterator early cancels.
         Raises WorkerError for Finished(ERROR), WorkerOverloaded for Finished(OVERLOADED)."""
         replies = _Replies(self.endpoint, request_id or _new_request_id())
-        self.send(_request(replies.request_id, prompt_ids, max_new_tokens, sampling, stop_ids, rules, deadline_s))
+        self.send(_request(replies.request_id, prompt_ids, max_new_tokens, sampling, stop_ids, rules, deadline_s,
+                           required_prefix))
         try:
             while not replies.done:
                 msg = self._recv(f"generating {replies.request_id}")
@@ -205,9 +206,10 @@ class WorkerClient:
 
     def complete(self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Any = None,
                  stop_ids: Sequence[int] = (), *, rules: StopRules | None = None,
-                 deadline_s: float | None = None) -> tuple[list[Token], Finished]:
+                 deadline_s: float | None = None, required_prefix: str = "") -> tuple[list[Token], Finished]:
         tokens: list[Token] = []
-        for msg in self.generate(prompt_ids, max_new_tokens, sampling, stop_ids, rules=rules, deadline_s=deadline_s):
+        for msg in self.generate(prompt_ids, max_new_tokens, sampling, stop_ids, rules=rules, deadline_s=deadline_s,
+                                 required_prefix=required_prefix):
             if isinstance(msg, Token):
                 tokens.append(msg)
             else:
@@ -280,7 +282,7 @@ class AsyncWorkerClient:
     async def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Any = None,
                        stop_ids: Sequence[int] = (), request_id: str | None = None, *,
                        rules: StopRules | None = None,
-                       deadline_s: float | None = None) -> AsyncIterator[Token | Finished]:
+                       deadline_s: float | None = None, required_prefix: str = "") -> AsyncIterator[Token | Finished]:
         """Yield each Token, then the Finished. If the consumer is cancelled or stops early, send Cancel."""
         replies = _Replies(self.endpoint, request_id or _new_request_id())
         q: asyncio.Queue = asyncio.Queue()
@@ -288,7 +290,7 @@ class AsyncWorkerClient:
         self._ensure_reader()
         try:
             await self._send(_request(replies.request_id, prompt_ids, max_new_tokens, sampling, stop_ids, rules,
-                                      deadline_s))
+                                      deadline_s, required_prefix))
             while not replies.done:
                 out = replies.accept(await self._get(q, f"generating {replies.request_id}"))
                 if out is not None:
@@ -303,10 +305,10 @@ class AsyncWorkerClient:
 
     async def complete(self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Any = None,
                        stop_ids: Sequence[int] = (), *, rules: StopRules | None = None,
-                       deadline_s: float | None = None) -> tuple[list[Token], Finished]:
+                       deadline_s: float | None = None, required_prefix: str = "") -> tuple[list[Token], Finished]:
         tokens: list[Token] = []
         async for msg in self.generate(prompt_ids, max_new_tokens, sampling, stop_ids, rules=rules,
-                                       deadline_s=deadline_s):
+                                       deadline_s=deadline_s, required_prefix=required_prefix):
             if isinstance(msg, Token):
                 tokens.append(msg)
             else:

@@ -85,10 +85,18 @@ class Request:
     n_replayed: int = 0
     cancelled: bool = False
     deadline: float | None = None
+    heal: bytes = b""  # token healing: bytes the generated text must still start with
 
     @property
     def key(self) -> tuple[bytes, str]:
         return self.identity, self.req.request_id
+
+    @property
+    def greedy(self) -> bool:
+        """Greedy and unconstrained: its continuation is the prompt's greedy continuation, which the prefix
+        cache records and may replay to, or let be taken over by, a later request. A healing request samples
+        from constrained logits, so it only reuses the KV cache."""
+        return self.req.greedy and not self.req.required_prefix
 
     @property
     def prompt(self) -> list[int]:
@@ -113,6 +121,7 @@ class Engine:
         self._call_started: float | None = None
         self._call_what = ""
         self._thread: threading.Thread | None = None
+        self._heal_masks: dict[bytes, np.ndarray] = {}  # token healing: required bytes -> allowed tokens
 
     # --- the socket side: each call takes the lock briefly and never runs the model ----------------------
 
@@ -138,7 +147,8 @@ class Engine:
             sampling = SamplingConfig(req.temperature, req.top_k, req.top_p, req.seed)
             r = Request(identity, req, now, StopState.of(req, self.table), sampling,
                         None if sampling.greedy else sampling.rng(),
-                        deadline=now + req.deadline_ms / 1000.0 if req.deadline_ms > 0 else None)
+                        deadline=now + req.deadline_ms / 1000.0 if req.deadline_ms > 0 else None,
+                        heal=req.required_prefix.encode("utf-8"))
             self.queue.append(r)
             self.lock.notify_all()
 
@@ -278,17 +288,17 @@ class Engine:
                     slot = old.slot
                     self._finish(old, FinishReason.SUPERSEDED)
                     self.queue.remove(r)
-                    self._place(r, self.cache.match(slot, r.prompt, r.req.greedy))
+                    self._place(r, self.cache.match(slot, r.prompt, r.greedy))
         while self.queue and self.cache.free_slots():
             r = self.queue.popleft()
-            self._place(r, self.cache.best(r.prompt, r.req.greedy))
+            self._place(r, self.cache.best(r.prompt, r.greedy))
 
     def _extended(self, new: Request) -> Request | None:
         """The active request from the same client whose prompt `new`'s strictly extends (both greedy)."""
-        if not new.req.greedy:
+        if not new.greedy:
             return None
         for old in self.active.values():
-            if old.identity == new.identity and old.req.greedy and len(new.prompt) > len(old.prompt) \
+            if old.identity == new.identity and old.greedy and len(new.prompt) > len(old.prompt) \
                     and common_prefix(new.prompt, old.prompt) == len(old.prompt):
                 return old
         return None
@@ -332,7 +342,7 @@ class Engine:
             return
         token, logprob = self._sample(r, logits)
         slot.pending = token
-        slot.greedy_from, slot.logprobs = (len(r.prompt), [logprob]) if r.req.greedy else (None, [])
+        slot.greedy_from, slot.logprobs = (len(r.prompt), [logprob]) if r.greedy else (None, [])
         r.state, r.feed = State.DECODE, token
         if r.cancelled:
             self._finish(r, FinishReason.CANCELLED)
@@ -344,7 +354,7 @@ class Engine:
         slot.tokens.append(r.feed)  # the step wrote its keys/values
         token, logprob = self._sample(r, logits)
         slot.pending = token
-        if not r.req.greedy:
+        if not r.greedy:
             slot.greedy_from, slot.logprobs = None, []
         elif slot.greedy_from is not None:
             slot.logprobs.append(logprob)
@@ -357,8 +367,27 @@ class Engine:
             self._emit_token(r, token, logprob)
 
     def _sample(self, r: Request, logits: np.ndarray) -> tuple[int, float]:
-        token = sample(logits, r.sampling, r.rng)
+        """The next token and its log-prob under the unmodified softmax. While a healing prefix is pending,
+        only tokens consistent with it may be chosen: their bytes extend it or lie inside it."""
+        constrained = logits
+        if r.heal:
+            constrained = np.where(self._consistent(r.heal), logits, -np.inf)
+        token = sample(constrained, r.sampling, r.rng)
+        if r.heal:
+            piece = self.table[token]
+            r.heal = r.heal[len(piece):] if r.heal.startswith(piece) else b""
         return token, min(float(log_softmax(logits)[token]), 0.0)
+
+    def _consistent(self, heal: bytes) -> np.ndarray:
+        """[vocab] bool: tokens whose bytes are a non-empty prefix of `heal` or start with it (cached)."""
+        mask = self._heal_masks.get(heal)
+        if mask is None:
+            mask = np.fromiter(((p.startswith(heal) or heal.startswith(p)) and len(p) > 0 for p in self.table),
+                               dtype=bool, count=len(self.table))
+            if len(self._heal_masks) > 256:
+                self._heal_masks.clear()
+            self._heal_masks[heal] = mask
+        return mask
 
     def _emit_token(self, r: Request, token: int, logprob: float) -> bool:
         """Send one token and apply the stop rules; True if that finished the request."""
@@ -403,6 +432,11 @@ class Engine:
             StopState.of(req, self.table)
         except StopRuleError as e:
             return str(e)
+        if req.required_prefix:
+            if self.table is None:
+                return "required_prefix (token healing) needs the worker's token table, which this worker lacks"
+            if not self._consistent(req.required_prefix.encode("utf-8")).any():
+                return f"no token can start the required prefix {req.required_prefix!r}"
         return None
 
     def _fail(self, reason: str) -> None:

@@ -187,6 +187,9 @@ class GenerateRequest:
     # Milliseconds after the worker receives the request: unstarted by then -> dropped, running -> stopped,
     # both with Finished(DEADLINE). 0 = no deadline.
     deadline_ms: float = 0.0
+    # Token healing: the generated text must start with this (the partial identifier the language server
+    # backed off from the prompt). Tokens are constrained until it is covered; "" = off.
+    required_prefix: str = ""
 
     def __post_init__(self) -> None:
         _request_id(self)
@@ -202,6 +205,7 @@ class GenerateRequest:
         _bool(self, "stop_at_eol")
         _int(self, "dedent_column", 0, MAX_TOKENS)
         _float(self, "deadline_ms", 0.0, 1e9)
+        _str(self, "required_prefix", MAX_STOP_STRING_LEN, min_len=0)
 
     @property
     def greedy(self) -> bool:

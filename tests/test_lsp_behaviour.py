@@ -481,3 +481,31 @@ def test_suggestion_cache_serves_typed_ahead_text_only():
     assert cache.lookup("u", "x = foo(1)", ")\n") is None  # typed it all: nothing left to suggest
     assert cache.lookup("u", "x = fo", "\n") is None  # the text after the cursor changed
     assert cache.lookup("v", "x = fo", ")\n") is None
+
+
+async def test_token_healing_backs_off_the_partial_identifier(tiny_dir, fake, tmp_path):
+    """ "    ret|": the prompt ends before "ret", the worker is asked for text starting with "ret", and the
+    editor is shown only what follows the typed characters."""
+    tok = fake.tok
+    fake.reply = "return a + b"
+    client = await connect(tiny_dir, fake, tmp_path, options={"cache_size": 0, "context_chunks": 0,
+                                                            "token_healing": True})
+    try:
+        uri = "file:///work/heal.py"
+        open_doc(client, uri, "def f(a, b):\n    ret\n")
+        [item] = (await ask(client, uri, 1, 7)).items
+        sent = fake.requests[-1]
+        assert sent.required_prefix == "ret"
+        assert item.insert_text == "urn a + b"
+        # SPM: what follows <MID> is the prefix, which now ends where the partial identifier began.
+        after_mid = sent.prompt_ids[sent.prompt_ids.index(tok.middle_id) + 1:]
+        assert tok.decode(after_mid).endswith("def f(a, b):\n    ")
+
+        fake.reply = "print(a)"  # a worker that ignored the constraint: refused, not garbled
+        assert len((await ask(client, uri, 1, 7)).items) == 0
+
+        open_doc(client, "file:///work/mid.py", "x = rety\n")  # inside a word: no healing
+        await ask(client, "file:///work/mid.py", 0, 7)
+        assert fake.requests[-1].required_prefix == ""
+    finally:
+        await client.shutdown_session()

@@ -99,7 +99,7 @@ def _frame(cls, *fields) -> bytes:
     return bytes([cls.TYPE]) + msgpack.packb(list(fields), use_bin_type=True)
 
 
-GOOD_REQ = ["r", [1, 2, 3], 16, 0.0, 0, 1.0, 0, [9], [], False, 0, 0.0]
+GOOD_REQ = ["r", [1, 2, 3], 16, 0.0, 0, 1.0, 0, [9], [], False, 0, 0.0, ""]
 
 
 def _req(**changes) -> bytes:

@@ -158,10 +158,10 @@ def _raw_dealer(endpoint):
         ([bytes([250]) + msgpack.packb([])], "unknown message type tag 250"),
         ([encode(Token("r", 1, -1.0))], "expected GenerateRequest, Cancel, Ping, got Token"),
         ([bytes([MessageType.GENERATE_REQUEST]) + msgpack.packb(["r", [1, "x"], 4, 0.0, 0, 1.0, 0, [], [], False,
-                                                                 0, 0.0])],
+                                                                 0, 0.0, ""])],
          r"prompt_ids\[1\] = 'x' is not a token id"),
         ([bytes([MessageType.GENERATE_REQUEST]) + msgpack.packb(["r", [1], 4, 0.0, 0, 1.0, 0, []])],
-         r"GenerateRequest body must be a list of 12 fields, got 8-item list"),
+         r"GenerateRequest body must be a list of 13 fields, got 8-item list"),
         ([bytes([MessageType.CANCEL]) + b"\x00" * MAX_FRAME_BYTES], f"over the {MAX_FRAME_BYTES}-byte cap"),
         ([encode(Ping(1)), encode(Ping(2))], "expected 1 frame after the routing id, got 2"),
         ([b"\x80\x04\x95pickle"], "unknown message type tag 128"),
@@ -250,10 +250,11 @@ def test_non_local_endpoint_is_refused(tiny_dir, tmp_path):
         spawn_worker(tiny_dir, "tcp://0.0.0.0:5555")
     # the worker itself refuses too, before loading anything, and says so in its ready file
     ready = tmp_path / "ready.json"
-    with pytest.raises(WireError, match=r"'tcp://192.168.1.5:5555' is refused"):
+    with pytest.raises(WireError, match=r"'tcp://192.168.1.5:5555' can be reached from other machines; "
+                                        r"binding it needs --allow-remote and CURVE keys"):
         worker_module.main(tiny_dir, "tcp://192.168.1.5:5555", ready)
     status = json.loads(ready.read_text())
-    assert status["status"] == "error" and "is refused" in status["error"]
+    assert status["status"] == "error" and "--allow-remote" in status["error"]
 
 
 def test_tcp_loopback_with_ephemeral_port(tiny_dir):

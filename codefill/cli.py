@@ -34,6 +34,7 @@ def _boundary_errors() -> tuple[type[BaseException], ...]:
         ("codefill.inference_workers.protocol", "WireError"),
         ("codefill.inference_workers.client", "WorkerError"),
         ("codefill.training.data_error", "DataError"),
+        ("codefill.training.train_error", "TrainError"),
         ("codefill.inference_workers.tp", "TensorParallelError"),
         ("codefill.lsp.settings", "SettingsError"),
         ("codefill.lsp.transport", "TransportError"),
@@ -274,6 +275,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
         if not args.skip_tp:
             report["tp"] = bench_workers_tp.run(out, preset=args.preset)
         report["keystrokes"] = bench_workers.run(out, model_dir=model, preset=args.preset)
+    elif args.what == "train":
+        from codefill.bench_train import run
+
+        report = run(out, preset=args.preset)
     elif args.what == "lsp":
         from codefill.bench_lsp import run
 
@@ -282,6 +287,58 @@ def cmd_bench(args: argparse.Namespace) -> None:
         raise CliError(f"unknown benchmark {args.what!r}")
     print(json.dumps(report, indent=2))
     print(f"report written to {out}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from codefill.training.train_config import LoraConfig, preset
+
+    cfg = preset(args.preset or ("refresh" if args.repo else "lora"))
+    overrides = {k: getattr(args, k) for k in ("max_steps", "lr", "end_lr", "warmup_ratio", "micro_batch",
+                                               "grad_accum", "clip_norm", "weight_decay", "save_every",
+                                               "keep_last", "eval_every", "seed") if getattr(args, k) is not None}
+    cfg = replace(cfg, dp=args.dp, tp=args.tp, **overrides)
+    if args.full:
+        cfg = replace(cfg, lora=None)
+    elif any(v is not None for v in (args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)):
+        base = cfg.lora or LoraConfig()
+        cfg = replace(cfg, lora=LoraConfig(
+            rank=args.lora_rank or base.rank, alpha=args.lora_alpha or base.alpha,
+            dropout=base.dropout if args.lora_dropout is None else args.lora_dropout,
+            targets=tuple(args.lora_targets.split(",")) if args.lora_targets else base.targets))
+    out = Path(args.output)
+    data = Path(args.data) if args.data else None
+    if args.repo:  # refresh: FIM rows from the repository (held-out files listed beside them)
+        from codefill.training.tokenize_data import tokenize_fim
+
+        data = out.with_name(out.name + ".data") / "train.mindrecord"
+        if not data.exists():
+            print(tokenize_fim(Path(args.model), Path(args.repo), data, args.seq_length or cfg.seq_length).report())
+    if data is None:
+        raise CliError("give --data DATA.mindrecord or --repo PATH")
+    held = Path(args.held_out_data) if args.held_out_data else None
+    if cfg.dp > 1 or cfg.tp > 1:
+        from codefill.training.launch_train import train_on_ranks
+
+        losses = train_on_ranks(Path(args.model), data, out, cfg, held_out_data=held, resume=args.resume)
+        print(f"trained {len(losses)} steps on {cfg.dp} ranks; final loss {losses[-1]:.4f}; model in {out / 'model'}")
+    else:
+        from codefill.training.trainer import train
+
+        r = train(Path(args.model), data, out, cfg, held_out_data=held, resume=args.resume)
+        last = f"; final loss {r.losses[-1]:.4f}" if r.losses else ""
+        print(f"trained to step {r.steps}{last}, {r.tokens_per_s:,.0f} tokens/s; model in {r.model_dir}")
+    if args.repo:
+        print("note: before/after evaluation on held-out files and publishing to running workers are not "
+              "implemented yet; serve the new model directory to use it")
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from codefill.training.merge_shards import merge_split_dir
+
+    out = merge_split_dir(Path(args.input), Path(args.output), overwrite=args.overwrite)
+    print(f"merged tensor-parallel shards of {args.input} into {out}")
 
 
 # --- parser ---------------------------------------------------------------------------------------------
@@ -421,8 +478,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extensions", help="fim: only these, e.g. .py,.js")
     p.set_defaults(func=cmd_data_tokenize)
 
+    p = sub.add_parser("train", help="finetune a model (full or LoRA) on tokenized rows or on a repository (FIM)")
+    p.add_argument("--model", required=True, metavar="MODEL_DIR")
+    p.add_argument("--data", metavar="DATA.mindrecord", help="rows from `codefill data tokenize`")
+    p.add_argument("--repo", metavar="PATH", help="refresh: FIM rows from this repository, LoRA by default")
+    p.add_argument("--output", required=True, metavar="OUT")
+    p.add_argument("--preset", help="training preset: lora (default), full, refresh (--repo), tiny-test")
+    p.add_argument("--held-out-data", metavar="HELD.mindrecord", help="else a few rows of DATA are held out")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in OUT")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel ranks (msrun)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (not implemented for training yet)")
+    p.add_argument("--seq-length", type=int, help="--repo: positions per row")
+    for name, typ in (("max-steps", int), ("lr", float), ("end-lr", float), ("warmup-ratio", float),
+                      ("micro-batch", int), ("grad-accum", int), ("clip-norm", float), ("weight-decay", float),
+                      ("save-every", int), ("keep-last", int), ("eval-every", int), ("seed", int)):
+        p.add_argument(f"--{name}", type=typ)
+    p.add_argument("--full", action="store_true", help="full finetune instead of LoRA")
+    p.add_argument("--lora-rank", type=int)
+    p.add_argument("--lora-alpha", type=float)
+    p.add_argument("--lora-dropout", type=float)
+    p.add_argument("--lora-targets", help="comma-separated of wq,wk,wv,wo,w1,w2,w3")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("merge", help="merge tensor-parallel shards (a split directory) back into one MODEL_DIR")
+    p.add_argument("--input", required=True, metavar="SPLIT_DIR")
+    p.add_argument("--output", required=True, metavar="MODEL_DIR")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_merge)
+
     p = sub.add_parser("bench", help="run a benchmark and write its report")
-    p.add_argument("what", choices=["model", "workers", "lsp"])
+    p.add_argument("what", choices=["model", "workers", "lsp", "train"])
     p.add_argument("--preset", default="small", help="architecture of the random-weight model benchmarked")
     p.add_argument("--model", metavar="MODEL_DIR", help="workers/lsp: benchmark this model instead of a preset")
     p.add_argument("--skip-tp", action="store_true", help="workers: skip part (a), TP=1 vs TP=2")

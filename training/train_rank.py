@@ -1,0 +1,66 @@
+"""The msrun rank script of `codefill train --dp N`: join the job, then run `trainer.train` as this rank.
+
+    msrun --worker_num=N ... training/train_rank.py --model DIR --data DATA --output OUT --config JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--config", required=True, help="TrainConfig as JSON")
+    p.add_argument("--held-out-data")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--stop-after", type=int)
+    p.add_argument("--run-dir", help="where each rank leaves rank-R.json with its pid (for the launcher)")
+    args = p.parse_args()
+
+    from mindspore.communication import get_group_size, get_rank, init
+
+    from codefill.model.generate import configure_mindspore
+
+    from codefill.training.train_config import TrainConfig
+    from codefill.training.trainer import train
+
+    configure_mindspore()
+    init()
+    rank, world = get_rank(), get_group_size()
+    if args.run_dir:
+        path = Path(args.run_dir) / f"rank-{rank}.json"
+        path.with_suffix(".tmp").write_text(json.dumps({"rank": rank, "pid": os.getpid()}))
+        os.replace(path.with_suffix(".tmp"), path)
+    cfg = TrainConfig.from_dict(json.loads(args.config))
+    result = train(args.model, args.data, args.output, cfg, held_out_data=args.held_out_data, resume=args.resume,
+                   rank=rank, world=world, progress=rank == 0, stop_after=args.stop_after)
+    if rank == 0:
+        (Path(args.output) / "rank0_losses.json").write_text(json.dumps(result.losses))
+    _barrier()  # no rank exits before rank 0 has written everything
+    if args.run_dir:  # tells the launcher this rank's exit is a clean one
+        (Path(args.run_dir) / f"done-{rank}").write_text("ok\n")
+
+
+def _barrier() -> None:
+    import numpy as np
+    from mindspore import Tensor, nn, ops
+
+    class Barrier(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.all_reduce = ops.AllReduce()
+
+        def construct(self, x):
+            return self.all_reduce(x)
+
+    Barrier()(Tensor(np.ones(1, np.float32))).asnumpy()
+
+
+if __name__ == "__main__":
+    main()

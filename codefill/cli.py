@@ -309,12 +309,11 @@ def cmd_train(args: argparse.Namespace) -> None:
             targets=tuple(args.lora_targets.split(",")) if args.lora_targets else base.targets))
     out = Path(args.output)
     data = Path(args.data) if args.data else None
-    if args.repo:  # refresh: FIM rows from the repository (held-out files listed beside them)
-        from codefill.training.tokenize_data import tokenize_fim
-
-        data = out.with_name(out.name + ".data") / "train.mindrecord"
-        if not data.exists():
-            print(tokenize_fim(Path(args.model), Path(args.repo), data, args.seq_length or cfg.seq_length).report())
+    if args.repo:  # refresh: tokenize, evaluate, finetune, evaluate, decide, publish (training/refresh.py)
+        _refresh(args, cfg, out)
+        return
+    if args.publish:
+        raise CliError("--publish needs --repo: only a refresh measures the new weights before publishing them")
     if data is None:
         raise CliError("give --data DATA.mindrecord or --repo PATH")
     held = Path(args.held_out_data) if args.held_out_data else None
@@ -329,9 +328,37 @@ def cmd_train(args: argparse.Namespace) -> None:
         r = train(Path(args.model), data, out, cfg, held_out_data=held, resume=args.resume)
         last = f"; final loss {r.losses[-1]:.4f}" if r.losses else ""
         print(f"trained to step {r.steps}{last}, {r.tokens_per_s:,.0f} tokens/s; model in {r.model_dir}")
-    if args.repo:
-        print("note: before/after evaluation on held-out files and publishing to running workers are not "
-              "implemented yet; serve the new model directory to use it")
+
+
+def _refresh(args: argparse.Namespace, cfg, out: Path) -> None:
+    from dataclasses import replace
+
+    from codefill.inference_workers.client import WorkerError
+    from codefill.training.fim_eval import FimEvalConfig
+    from codefill.training.refresh import refresh
+
+    if args.data or args.held_out_data:
+        raise CliError("--repo makes its own rows and held-out files; drop --data / --held-out-data")
+    if args.publish:
+        from codefill.inference_workers.protocol import WireError, check_endpoint
+
+        try:
+            check_endpoint(args.publish)
+        except WireError as e:
+            raise CliError(f"--publish: {e}") from e
+    eval_cfg = FimEvalConfig()
+    if args.eval_tasks is not None:
+        eval_cfg = replace(eval_cfg, max_tasks=args.eval_tasks)
+    if args.eval_max_new_tokens is not None:
+        eval_cfg = replace(eval_cfg, max_new_tokens=args.eval_max_new_tokens)
+    kwargs = {} if args.held_out_fraction is None else {"held_out_fraction": args.held_out_fraction}
+    result = refresh(Path(args.model), Path(args.repo), out, cfg, seq_length=args.seq_length, eval_config=eval_cfg,
+                     publish=args.publish, resume=args.resume, **kwargs)
+    print(result.report())
+    if args.publish and not result.better:
+        print(f"not published to {args.publish}")
+    if result.publish_error is not None:
+        raise WorkerError(f"publishing {result.model_dir} to {args.publish} failed: {result.publish_error}")
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -489,6 +516,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dp", type=int, default=1, help="data-parallel ranks (msrun)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (not implemented for training yet)")
     p.add_argument("--seq-length", type=int, help="--repo: positions per row")
+    p.add_argument("--publish", metavar="ENDPOINT",
+                   help="--repo: if the new weights score better on the held-out files, make the workers at "
+                        "ENDPOINT serve them (no request dropped; a bad checkpoint is refused)")
+    p.add_argument("--held-out-fraction", type=float, help="--repo: share of files held out for evaluation (0.05)")
+    p.add_argument("--eval-tasks", type=int, help="--repo: FIM tasks evaluated before and after (64)")
+    p.add_argument("--eval-max-new-tokens", type=int, help="--repo: longest answer per FIM task (64)")
     for name, typ in (("max-steps", int), ("lr", float), ("end-lr", float), ("warmup-ratio", float),
                       ("micro-batch", int), ("grad-accum", int), ("clip-norm", float), ("weight-decay", float),
                       ("save-every", int), ("keep-last", int), ("eval-every", int), ("seed", int)):

@@ -45,6 +45,8 @@ from codefill.inference_workers.protocol import (
     GenerateRequest,
     Ping,
     Pong,
+    Reloaded,
+    ReloadWeights,
     Token,
     WireError,
     check_endpoint,
@@ -53,7 +55,7 @@ from codefill.inference_workers.protocol import (
 )
 from codefill.inference_workers.security import ClientKeys, secure_client
 
-REPLY_TYPES = (Token, Finished, ErrorReply, Pong)
+REPLY_TYPES = (Token, Finished, ErrorReply, Pong, Reloaded)
 
 
 class WorkerError(RuntimeError):
@@ -218,6 +220,32 @@ class WorkerClient:
 
     def cancel(self, request_id: str) -> None:
         self.send(Cancel(request_id))
+
+    def reload(self, model_dir: str | Path, timeout_s: float | None = None) -> Reloaded:
+        """Make the worker serve the weights of `model_dir` (a path it can read; made absolute here). Returns
+        once the worker switched: running requests finish on the old weights first, so this waits for them.
+        Raises WorkerError with the worker's reason when it refuses (then the old weights still serve), or
+        when no answer comes within `timeout_s` (default: this client's timeout)."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        request_id = _new_request_id()
+        try:
+            msg = ReloadWeights(request_id, str(Path(model_dir).absolute()))
+        except WireError as e:
+            raise WorkerError(f"invalid reload request: {e}") from e
+        self.send(msg)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._sock.poll(int(left * 1000) + 1, zmq.POLLIN):
+                raise WorkerError(f"no answer from worker at {self.endpoint} within {timeout_s} s to the reload of "
+                                  f"{msg.model_dir}")
+            reply = _decode_reply(self.endpoint, self._sock.recv())
+            if isinstance(reply, ErrorReply) and reply.request_id == "":
+                raise WorkerError(f"worker at {self.endpoint} rejected a frame: {reply.message}")
+            if isinstance(reply, Reloaded) and reply.request_id == request_id:
+                if not reply.ok:
+                    raise WorkerError(f"worker at {self.endpoint} did not reload {msg.model_dir}: {reply.message}")
+                return reply
 
     def ping(self) -> Pong:
         """The worker's health (Pong.ready, queue, active requests); answered even while it generates."""

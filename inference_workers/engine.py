@@ -23,6 +23,15 @@ queued and active request gets ErrorReply + Finished(ERROR), health turns not re
 refused the same way. The model thread may stay stuck in that call; it is a daemon thread and the engine
 never touches its results. A runner call that raises ValueError (a request the model refuses) fails the
 requests in that call only; any other exception means the model is broken and fails the engine.
+
+Reloading weights (`reload`, a ReloadWeights message): no request may see two sets of weights, so the switch
+happens when none is active. From the moment a reload is pending, nothing is admitted (no slot is given out,
+no in-flight extension); requests already holding a slot run to their end on the old weights, new ones wait
+in the queue. When the last one finishes, the model thread checks the tokenizer (the stop-rule table must
+stay valid), calls `runner.reload` (which loads and checks everything, on every rank, before switching
+anything), forgets every cached slot (their keys/values came from the old weights) and answers `Reloaded`;
+then admission resumes. A refused reload (ValueError) changes nothing; any other exception fails the engine,
+since the weights may be half-switched. The call runs under the watchdog with `reload_timeout_s`.
 """
 
 from __future__ import annotations
@@ -42,7 +51,8 @@ import numpy as np
 from codefill.model.sampling import SamplingConfig, log_softmax, sample
 
 from .prefix_cache import Match, PrefixCache, Slot, common_prefix
-from .protocol import ErrorReply, Finished, FinishReason, GenerateRequest, Message, Pong, Token
+from .protocol import ErrorReply, Finished, FinishReason, GenerateRequest, Message, Pong, Reloaded, ReloadWeights, \
+    Token
 from .stops import StopRuleError, StopState
 
 Emit = Callable[[bytes, Message], None]
@@ -56,9 +66,11 @@ class EngineConfig:
     drain_timeout_s: float = 10.0  # on SIGTERM, how long in-flight requests may still run
     prefix_reuse: bool = True  # prefill only what a cached slot does not already hold
     inflight_extension: bool = True  # continue (or take over) a greedy decode the new prompt extends
+    reload_timeout_s: float = 600.0  # loading new weights (every rank) longer than this fails the engine
 
     def __post_init__(self) -> None:
-        if self.max_queue < 0 or self.prefill_chunk < 1 or self.step_timeout_s <= 0 or self.drain_timeout_s < 0:
+        if self.max_queue < 0 or self.prefill_chunk < 1 or self.step_timeout_s <= 0 or self.drain_timeout_s < 0 \
+                or self.reload_timeout_s <= 0:
             raise ValueError(f"bad EngineConfig: {self}")
 
 
@@ -120,6 +132,9 @@ class Engine:
         self.closed = False
         self._call_started: float | None = None
         self._call_what = ""
+        self._call_limit = config.step_timeout_s
+        self._reload: tuple[bytes, ReloadWeights] | None = None  # pending: admission is stopped until it ran
+        self.weights_version = 0  # reloads completed
         self._thread: threading.Thread | None = None
         self._heal_masks: dict[bytes, np.ndarray] = {}  # token healing: required bytes -> allowed tokens
 
@@ -165,6 +180,20 @@ class Engine:
                 r.cancelled = True
                 self.lock.notify_all()
 
+    def reload(self, identity: bytes, msg: ReloadWeights) -> None:
+        """Switch weights once no request is active (see the module docstring); answered with Reloaded."""
+        with self.lock:
+            problem = (f"model not ready: {self.failed}" if self.failed is not None
+                       else "draining: the worker is shutting down" if self.draining
+                       else f"a reload of {self._reload[1].model_dir} is already pending" if self._reload is not None
+                       else None)
+            if problem is not None:
+                self.emit(identity, Reloaded(msg.request_id, False, f"reload refused: {problem}"[:4096],
+                                             self.weights_version))
+                return
+            self._reload = (identity, msg)
+            self.lock.notify_all()
+
     def health(self, nonce: int) -> Pong:
         with self.lock:
             reason = self.failed or ("draining" if self.draining else "")
@@ -176,9 +205,10 @@ class Engine:
             started = self._call_started
             if self.failed is None and started is not None:
                 running = self.clock() - started
-                if running > self.config.step_timeout_s:
+                if running > self._call_limit:
+                    limit = "step_timeout_s" if self._call_limit == self.config.step_timeout_s else "reload_timeout_s"
                     self._fail(f"model step hung: {self._call_what} has run for {running:.1f} s "
-                               f"(step_timeout_s {self.config.step_timeout_s})")
+                               f"({limit} {self._call_limit})")
 
     def drain(self) -> None:
         """Stop admitting; what is queued or running goes on (see `idle`, `abort_all`)."""
@@ -187,12 +217,13 @@ class Engine:
 
     def idle(self) -> bool:
         with self.lock:
-            return not self.queue and not self.active
+            return not self.queue and not self.active and self._reload is None
 
     def abort_all(self, message: str) -> None:
         with self.lock:
             for r in list(self.queue) + list(self.active.values()):
                 self._finish(r, FinishReason.ERROR, message)
+            self._answer_reload(False, message)
 
     # --- the model thread ------------------------------------------------------------------------------
 
@@ -211,7 +242,7 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self.lock:
-                while not (self.closed or self.failed) and not (self.queue or self.active):
+                while not (self.closed or self.failed) and not (self.queue or self.active or self._reload):
                     self.lock.wait()
                 if self.closed or self.failed:
                     return
@@ -236,6 +267,8 @@ class Engine:
             if self.closed or self.failed:
                 return False
             self._schedule()
+            if self._reload is not None and not self.active:
+                return self._reload_now(self._reload)
             prefills = self._plan_prefills()
             if not prefills and not any(r.state is State.DECODE for r in self.active.values()):
                 return bool(self.queue or self.active)
@@ -281,6 +314,8 @@ class Engine:
         for r in list(self.queue):
             if r.deadline is not None and now > r.deadline:
                 self._finish(r, FinishReason.DEADLINE)  # dropped before it ran
+        if self._reload is not None:
+            return  # admit nothing: what runs now finishes on the old weights, the queue waits for the new
         if self.config.inflight_extension:
             for r in list(self.queue):
                 old = self._extended(r)
@@ -446,9 +481,63 @@ class Engine:
         self.failed = reason
         for r in list(self.queue) + list(self.active.values()):
             self._finish(r, FinishReason.ERROR, f"model failed: {reason}")
+        self._answer_reload(False, f"model failed: {reason}")
         self.lock.notify_all()
 
+    def _answer_reload(self, ok: bool, message: str) -> None:
+        if self._reload is not None:
+            identity, msg = self._reload
+            self._reload = None
+            self.emit(identity, Reloaded(msg.request_id, ok, message[:4096], self.weights_version))
+            self.lock.notify_all()
+
     # --- model calls (outside the lock) ----------------------------------------------------------------
+
+    def _reload_now(self, pending: tuple[bytes, ReloadWeights]) -> bool:
+        """Called under the lock with no request active; runs the reload outside it. Returns True (work done)."""
+        model_dir = pending[1].model_dir
+        self._call_started, self._call_what = self.clock(), f"reload of weights from {model_dir}"
+        self._call_limit = self.config.reload_timeout_s
+        self.lock.release()
+        ok, broken = False, None
+        try:
+            self._check_table(model_dir)
+            message, ok = self.runner.reload(model_dir), True
+        except ValueError as e:  # refused before anything changed: the old weights serve on
+            message = f"reload of {model_dir} refused, the old weights keep serving: {type(e).__name__}: {e}"
+        except Exception as e:
+            traceback.print_exc(file=sys.stderr)
+            message = broken = f"reload of {model_dir} raised {type(e).__name__}: {e}"
+        finally:
+            self.lock.acquire()
+            self._call_started, self._call_limit = None, self.config.step_timeout_s
+        if self.failed or self.closed or self._reload is not pending:
+            return False  # the watchdog gave up on it meanwhile (and answered it)
+        if broken is not None:
+            self._fail(broken)
+            return False
+        if ok:
+            self.weights_version += 1
+            for slot in self.cache.slots:  # their keys/values belong to the old weights
+                slot.forget_from(0)
+        print(f"codefill engine: {message}", file=sys.stderr, flush=True)
+        self._answer_reload(ok, message)
+        return True
+
+    def _check_table(self, model_dir: str) -> None:
+        """The stop-rule table (token -> bytes) must not change under queued requests: same tokenizer."""
+        if self.table is None:
+            return
+        from .stops import StopRuleError, token_bytes_of_model_dir
+
+        try:
+            table = token_bytes_of_model_dir(model_dir)
+        except StopRuleError as e:
+            raise StopRuleError(f"cannot read the tokenizer of {model_dir}: {e}") from e
+        if list(table) != list(self.table):
+            differ = sum(a != b for a, b in zip(table, self.table)) + abs(len(table) - len(self.table))
+            raise StopRuleError(f"the tokenizer of {model_dir} differs from the serving one ({len(table)} vs "
+                                f"{len(self.table)} pieces, {differ} differ)")
 
     def _call(self, what: str, fn: Callable[[], np.ndarray], requests: list[Request]) -> np.ndarray | None:
         with self.lock:

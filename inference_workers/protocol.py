@@ -24,6 +24,15 @@ Conversation for one request (DEALER client <-> ROUTER worker):
     client: Cancel(id)                at any time; the worker stops between two tokens
     client: Ping(nonce) -> worker: Pong(nonce, ready, ...)   health, answered even while generating
 
+Publishing new weights (`codefill train --repo ... --publish`, training/refresh.py):
+
+    client: ReloadWeights(id, model_dir)
+    worker: Reloaded(id, ok, message, weights_version)   once, after the switch or the refusal
+
+The engine stops admitting requests, lets the running ones finish on the old weights, loads and checks the
+new directory (every rank, for tensor parallelism) and switches only if all of it loaded; `ok` False means
+nothing changed and the old weights keep serving (`message` says why).
+
 Request ids are scoped to the client's connection: two clients may both use "1".
 
 A frame the worker cannot decode gets `ErrorReply(request_id="", message)`.
@@ -53,6 +62,7 @@ MAX_REQUEST_ID_LEN = 128
 MAX_MESSAGE_LEN = 64 * 1024  # ErrorReply text
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
+MAX_PATH_LEN = 4096  # ReloadWeights.model_dir (Linux PATH_MAX)
 
 
 class WireError(ValueError):
@@ -69,6 +79,8 @@ class MessageType(enum.IntEnum):
     ERROR_REPLY = 5
     PING = 6
     PONG = 7
+    RELOAD_WEIGHTS = 8
+    RELOADED = 9
 
 
 class FinishReason(enum.IntEnum):
@@ -310,10 +322,43 @@ class Pong:
         return self.n_queued + self.n_active > 0
 
 
-Message = GenerateRequest | Token | Finished | Cancel | ErrorReply | Ping | Pong
+@dataclass(frozen=True)
+class ReloadWeights:
+    """Serve the weights of `model_dir` (a MODEL_DIR, or a split directory for tensor-parallel workers; a
+    path on the worker's machine, absolute) instead of the current ones. Same architecture and tokenizer only."""
+
+    TYPE: ClassVar[MessageType] = MessageType.RELOAD_WEIGHTS
+    request_id: str
+    model_dir: str
+
+    def __post_init__(self) -> None:
+        _request_id(self)
+        _str(self, "model_dir", MAX_PATH_LEN, min_len=1)
+
+
+@dataclass(frozen=True)
+class Reloaded:
+    """The answer to ReloadWeights. ok False: refused (corrupt, mismatched, a rank failed to load, a reload
+    already pending...) and the old weights still serve."""
+
+    TYPE: ClassVar[MessageType] = MessageType.RELOADED
+    request_id: str
+    ok: bool
+    message: str  # what was loaded, or why not
+    weights_version: int  # how many reloads the worker has completed; 0: the weights it started with
+
+    def __post_init__(self) -> None:
+        _request_id(self)
+        _bool(self, "ok")
+        _str(self, "message", MAX_MESSAGE_LEN)
+        _int(self, "weights_version", 0, (1 << 31) - 1)
+
+
+Message = GenerateRequest | Token | Finished | Cancel | ErrorReply | Ping | Pong | ReloadWeights | Reloaded
 
 MESSAGES: dict[MessageType, type] = {
-    cls.TYPE: cls for cls in (GenerateRequest, Token, Finished, Cancel, ErrorReply, Ping, Pong)
+    cls.TYPE: cls for cls in (GenerateRequest, Token, Finished, Cancel, ErrorReply, Ping, Pong, ReloadWeights,
+                              Reloaded)
 }
 
 

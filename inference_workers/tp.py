@@ -31,8 +31,22 @@ works across nodes over MindSpore's own collectives; no extra sockets)
     [op, n, slot, start_pos, payload...]   op PREFILL: payload = n token ids (n <= PREFILL_CHUNK)
                                            op DECODE:  payload = max_batch tokens then max_batch positions
                                            op STOP:    the followers return
+                                           op STAGE:   payload = a model directory's path, n UTF-8 bytes
+                                                       packed 4 to an int32 (little-endian; up to 2 KB)
+                                           op COMMIT / DISCARD: switch to the staged weights / drop them
 
 padded to HEADER + max(PREFILL_CHUNK, 2 * max_batch) values (2 KB), so the broadcast graph compiles once.
+
+Reloading weights (`TensorParallelRunner.reload`, between steps, with no request active): rank 0 broadcasts
+STAGE with the path (every rank reads the same shared path: ranks on one host, or a filesystem all hosts
+mount; the int32 plan carries it, so no file or socket is added). Each rank loads its shard into a staging
+dict beside the live weights (`load_rank_weights`: strict names, shapes, TP size; and the same architecture)
+and reports ok or its error; an AllGather of those reports is the barrier after which every rank knows
+whether all of them loaded. Rank 0 then broadcasts COMMIT (every rank copies its staged shard into the
+model's Parameters; the graphs are kept) or DISCARD (a rank failed: nothing changes anywhere, and rank 0
+raises TensorParallelError naming the ranks and their errors). A follower's load error is reported, never
+raised, so a bad checkpoint cannot kill a rank; the next step runs on one set of weights on every rank
+because each rank handles COMMIT before the next step's message.
 Then rank 0 runs its own shard; the collectives inside the graph keep the ranks in step. Followers loop in
 `follow` until STOP (`close()`). Requests are checked on rank 0 before anything is broadcast, so a bad one
 raises `GenerationError` there (as LocalRunner does) and the followers never see it. A follower that fails
@@ -51,6 +65,7 @@ from __future__ import annotations
 import functools
 import json
 import shutil
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -77,6 +92,8 @@ SPLIT_FORMAT, SPLIT_VERSION, SPLIT_NAME = "codefill-tp-split", 1, "split.json"
 # The int32 message rank 0 broadcasts before every step.
 HEADER = 4  # op, n, slot, start_pos
 OP_PREFILL, OP_DECODE, OP_STOP = 1, 2, 3
+OP_STAGE, OP_COMMIT, OP_DISCARD = 4, 5, 6
+STATUS_LEN = 256  # one rank's reload report in the AllGather: [ok, then up to 255 bytes of its error]
 
 # Which tensors are cut, and along which axis of the [out, in] weight.
 _COLUMN_PARALLEL = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
@@ -223,6 +240,24 @@ def split_model_dir(model_dir: str | Path, tp: int, out_dir: str | Path, *, over
     return Path(out_dir)
 
 
+def read_rank_shard(split_dir: Path, rank: int, world: int, shapes: Mapping[str, tuple[int, ...]]) -> dict:
+    """One rank's tensors from a split directory (memory-mapped, stored dtype), strictly: a missing, extra or
+    mis-shaped tensor is a CheckpointError naming it. `shapes` is shard_shapes(cfg, world)."""
+    path = split_dir / shard_file_name(rank, world)
+    try:
+        views = read_safetensors(path)
+    except (SafetensorsError, OSError) as e:
+        raise CheckpointError(f"rank {rank} of {world}: {e}") from e
+    missing, extra = sorted(set(shapes) - set(views)), sorted(set(views) - set(shapes))
+    if missing or extra:
+        raise CheckpointError(f"{path}: missing tensors {missing[:8]}, unexpected tensors {extra[:8]}")
+    for name, shape in shapes.items():
+        if tuple(views[name].shape) != shape:
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(views[name].shape)}, "
+                                  f"rank {rank} of {world} expects {shape}")
+    return views
+
+
 def load_rank_weights(model_dir: str | Path, rank: int, world: int) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
     """(full architecture, this rank's float32 shard) from a full MODEL_DIR (cut at load time) or a split
     directory; strict about names and shapes either way."""
@@ -232,18 +267,7 @@ def load_rank_weights(model_dir: str | Path, rank: int, world: int) -> tuple[Lla
         raise TensorParallelError(f"rank {rank} out of range [0, {world})")
     shapes = shard_shapes(cfg, world)
     if (model_dir / SPLIT_NAME).is_file():
-        path = model_dir / shard_file_name(rank, world)
-        try:
-            views = read_safetensors(path)
-        except (SafetensorsError, OSError) as e:
-            raise CheckpointError(f"rank {rank} of {world}: {e}") from e
-        missing, extra = sorted(set(shapes) - set(views)), sorted(set(views) - set(shapes))
-        if missing or extra:
-            raise CheckpointError(f"{path}: missing tensors {missing[:8]}, unexpected tensors {extra[:8]}")
-        for name, shape in shapes.items():
-            if tuple(views[name].shape) != shape:
-                raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(views[name].shape)}, "
-                                      f"rank {rank} of {world} expects {shape}")
+        views = read_rank_shard(model_dir, rank, world, shapes)
     else:
         try:
             full = read_safetensors(model_dir / WEIGHTS_NAME)
@@ -375,38 +399,34 @@ class RankModel:
         load_shard(self.model, weights, world)
         self._prefill, self._decode = self._graphs()
         self._cache_index = llama.cache_index
+        self._staged: dict[str, np.ndarray] | None = None  # a reload's shard, between STAGE and COMMIT
 
     def _graphs(self):
-        import mindspore as ms
-        from mindspore import Tensor, nn
+        from codefill.model.generate import graph_cells
 
-        class Prefill(nn.Cell):
-            def __init__(self, m):
-                super().__init__(auto_prefix=False)
-                self.model = m
-
-            def construct(self, tokens, positions, cache_idx, slots, key_positions):
-                return self.model(tokens, positions, cache_idx, slots, key_positions)
-
-        class Decode(nn.Cell):
-            def __init__(self, m):
-                super().__init__(auto_prefix=False)
-                self.model = m
-
-            def construct(self, tokens, positions, cache_idx):
-                return self.model(tokens, positions, cache_idx, None, None)
-
-        kv, mb = self.kv_local, self.max_batch
-        prefill, decode = Prefill(self.model), Decode(self.model)
-        prefill.set_inputs(Tensor(shape=[1, None], dtype=ms.int32), Tensor(shape=[1, None], dtype=ms.int32),
-                           Tensor(shape=[1, None, kv, 3], dtype=ms.int32), Tensor(shape=[1], dtype=ms.int32),
-                           Tensor(shape=[None], dtype=ms.int32))
-        decode.set_inputs(Tensor(shape=[mb, 1], dtype=ms.int32), Tensor(shape=[mb, 1], dtype=ms.int32),
-                          Tensor(shape=[mb, 1, kv, 3], dtype=ms.int32))
-        return prefill, decode
+        return graph_cells(self.model, self.kv_local)  # the same two graphs as one process, on this rank's heads
 
     def compiled_graphs(self) -> dict[str, int]:
         return {"prefill": len(self._prefill.compile_cache), "decode": len(self._decode.compile_cache)}
+
+    def stage(self, model_dir: str) -> None:
+        """Load this rank's shard of `model_dir` beside the live weights, checked; raises and keeps nothing
+        staged if it does not load or does not fit the serving architecture."""
+        from codefill.inference_workers.runner import check_same_architecture
+
+        self._staged = None
+        cfg, weights = load_rank_weights(model_dir, self.rank, self.world)
+        check_same_architecture(self.config, cfg, f"{model_dir} (rank {self.rank} of {self.world})")
+        self._staged = weights
+
+    def commit(self) -> None:
+        staged, self._staged = self._staged, None
+        if staged is None:
+            raise TensorParallelError(f"rank {self.rank}: COMMIT without staged weights")
+        load_shard(self.model, staged, self.world)
+
+    def discard(self) -> None:
+        self._staged = None
 
     def prefill_chunk(self, ids: np.ndarray, slot: int, first: int) -> np.ndarray:
         """ids int32 [T] at positions first.. of `slot` -> logits [V] of the last one."""
@@ -462,6 +482,66 @@ class Channel:
     def receive(self) -> np.ndarray:
         return self._cell(self._ms.Tensor(np.zeros(self.size, np.int32))).asnumpy()
 
+    def gather(self, status: np.ndarray) -> np.ndarray:
+        """Every rank's float32 [STATUS_LEN] report -> [world, STATUS_LEN] on every rank (a barrier).
+        The graph is built on first use: every rank calls this at the same point (after STAGE)."""
+        if getattr(self, "_gather", None) is None:
+            from mindspore import nn, ops
+
+            class _AllGather(nn.Cell):
+                def __init__(self):
+                    super().__init__()
+                    self.all_gather = ops.AllGather()
+
+                def construct(self, x):
+                    return self.all_gather(x)
+
+            self._gather = _AllGather()
+        return self._gather(self._ms.Tensor(status.reshape(1, -1).astype(np.float32))).asnumpy()
+
+
+def encode_path(path: str, capacity: int) -> tuple[int, np.ndarray]:
+    """(byte length, int32 payload) of a path for a STAGE message with `capacity` payload values."""
+    raw = path.encode("utf-8")
+    if not raw or len(raw) > 4 * capacity:
+        raise TensorParallelError(f"model directory path of {len(raw)} bytes does not fit a step message "
+                                  f"(1 to {4 * capacity} bytes): {path[:80]!r}")
+    return len(raw), np.frombuffer(raw + b"\0" * (-len(raw) % 4), dtype="<i4").astype(np.int32)
+
+
+def decode_path(payload: np.ndarray, n: int) -> str:
+    return payload.astype("<i4").tobytes()[:n].decode("utf-8")
+
+
+def reload_status(error: str | None) -> np.ndarray:
+    """One rank's report: [1, 0...] loaded, or [0, the error's first UTF-8 bytes...]."""
+    out = np.zeros(STATUS_LEN, np.float32)
+    if error is None:
+        out[0] = 1.0
+    else:
+        raw = error.encode("utf-8")[:STATUS_LEN - 1]
+        out[1:1 + len(raw)] = np.frombuffer(raw, np.uint8)
+    return out
+
+
+def reload_failures(statuses: np.ndarray) -> list[str]:
+    """'rank R: error' for every rank whose report in the gathered [world, STATUS_LEN] is not ok."""
+    failed = []
+    for rank, row in enumerate(statuses):
+        if row[0] != 1.0:
+            text = bytes(row[1:].astype(np.uint8)).rstrip(b"\0").decode("utf-8", "replace")
+            failed.append(f"rank {rank} of {len(statuses)}: {text}")
+    return failed
+
+
+def _stage(model: RankModel, model_dir: str) -> str | None:
+    """Stage on this rank; the error as text instead of an exception (a follower must stay alive)."""
+    try:
+        model.stage(model_dir)
+        return None
+    except Exception as e:  # noqa: BLE001 - any load failure is a refusal; the live weights are untouched
+        return f"{type(e).__name__}: {e}"
+
 
 def follow(model: RankModel, channel: Channel) -> int:
     """A follower rank's loop: run each step rank 0 broadcasts, until STOP. Returns the number of steps."""
@@ -476,6 +556,15 @@ def follow(model: RankModel, channel: Channel) -> int:
         elif op == OP_DECODE:
             b = model.max_batch
             model.decode_step(msg[HEADER:HEADER + b], msg[HEADER + b:HEADER + 2 * b])
+        elif op == OP_STAGE:
+            error = _stage(model, decode_path(msg[HEADER:], n))
+            if error is not None:
+                print(f"codefill rank {model.rank}: cannot stage new weights: {error}", file=sys.stderr, flush=True)
+            channel.gather(reload_status(error))
+        elif op == OP_COMMIT:
+            model.commit()
+        elif op == OP_DISCARD:
+            model.discard()
         else:
             raise TensorParallelError(f"rank {model.rank}: unknown op {op} in step message {msg[:HEADER].tolist()}")
         steps += 1
@@ -529,6 +618,28 @@ class TensorParallelRunner:
         logits = self.model.decode_step(tokens, pos)
         self.busy = False
         return logits
+
+    def reload(self, model_dir: str) -> str:
+        """Switch every rank to the weights of `model_dir`, or raise TensorParallelError / CheckpointError
+        and change none (see the module docstring: STAGE, AllGather of the reports, COMMIT or DISCARD)."""
+        path = str(model_dir)
+        capacity = self.channel.size - HEADER if self.channel is not None else 1 << 20
+        n, payload = encode_path(path, capacity)
+        self.busy = True
+        self._send(OP_STAGE, n, 0, 0, payload)
+        error = _stage(self.model, path)
+        status = reload_status(error)
+        statuses = self.channel.gather(status) if self.channel is not None else status.reshape(1, -1)
+        failures = reload_failures(statuses)
+        if failures:
+            self._send(OP_DISCARD, 0, 0, 0, np.zeros(0, np.int32))
+            self.model.discard()
+            self.busy = False
+            raise TensorParallelError(f"not switched to {path}: {'; '.join(failures)}")
+        self._send(OP_COMMIT, 0, 0, 0, np.zeros(0, np.int32))
+        self.model.commit()
+        self.busy = False
+        return f"serving {path} on {self.world} rank(s)"
 
     def warm_up(self) -> None:
         """Compile both graphs on every rank, writing only the scratch column of slot 0."""

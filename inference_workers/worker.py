@@ -15,6 +15,8 @@ at once, health is answered while the model runs, and a model step that hangs is
 loop's watchdog (`EngineConfig.step_timeout_s`): every waiting request gets ErrorReply + Finished(ERROR) and
 health turns not ready. The worker knows nothing about text beyond the stop-rule table (stops.py).
 
+ReloadWeights swaps the served weights between steps with no request dropped or mixed (engine.py).
+
 SIGTERM (or `stop_event`): stop admitting (new requests get ErrorReply "draining" + Finished(OVERLOADED)),
 let queued and running requests finish for up to `drain_timeout_s`, fail the rest, return.
 
@@ -46,6 +48,7 @@ from codefill.inference_workers.protocol import (
     GenerateRequest,
     Message,
     Ping,
+    ReloadWeights,
     WireError,
     decode,
     encode,
@@ -167,7 +170,8 @@ class _SocketLoop:
                  parent_pid: int | None, term: threading.Event, stop_event: threading.Event | None):
         self.sock, self.engine, self.outbox, self.config = sock, engine, outbox, config
         self.parent_pid, self.term, self.stop_event = parent_pid, term, stop_event
-        self.handlers = {GenerateRequest: self._on_generate, Cancel: self._on_cancel, Ping: self._on_ping}
+        self.handlers = {GenerateRequest: self._on_generate, Cancel: self._on_cancel, Ping: self._on_ping,
+                         ReloadWeights: self._on_reload}
 
     def run(self) -> None:
         poller = zmq.Poller()
@@ -230,6 +234,9 @@ class _SocketLoop:
 
     def _on_ping(self, identity: bytes, msg: Ping) -> None:
         self._send(identity, self.engine.health(msg.nonce))
+
+    def _on_reload(self, identity: bytes, msg: ReloadWeights) -> None:
+        self.engine.reload(identity, msg)  # answered with Reloaded by the model thread, between steps
 
 
 def main(model_dir: str | Path, endpoint: str, ready_file: str | Path | None = None, *,

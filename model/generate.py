@@ -57,9 +57,10 @@ def configure_mindspore(device_target: str = "CPU") -> None:
     ms.set_device(device_target)
 
 
-def _graph_cells(model):
+def graph_cells(model, n_kv_heads: int | None = None):
     """Two thin Cells around one Transformer: the prefill and decode graphs. `auto_prefix=False` keeps the
-    Transformer's parameter names (`layers.0.attention.wq.weight`), shared by both graphs."""
+    Transformer's parameter names (`layers.0.attention.wq.weight`), shared by both graphs. `n_kv_heads`: the
+    KV heads this model's cache holds (a tensor-parallel rank holds n_kv_heads / TP; default: all)."""
     import mindspore as ms
     from mindspore import Tensor, nn
 
@@ -79,7 +80,7 @@ def _graph_cells(model):
         def construct(self, tokens, positions, cache_idx):
             return self.model(tokens, positions, cache_idx, None, None)  # row i is slot i, whole cache: no copy
 
-    kv, mb = model.config.n_kv_heads, model.max_batch
+    kv, mb = n_kv_heads or model.config.n_kv_heads, model.max_batch
     prefill, decode = Prefill(model), Decode(model)
     prefill.set_inputs(Tensor(shape=[1, None], dtype=ms.int32), Tensor(shape=[1, None], dtype=ms.int32),
                        Tensor(shape=[1, None, kv, 3], dtype=ms.int32), Tensor(shape=[1], dtype=ms.int32),
@@ -106,7 +107,7 @@ class Generator:
         self.prefill_chunk = PREFILL_CHUNK
         self.model = llama.Transformer(config, max_batch=max_batch, max_seq_len=max_seq_len)
         llama.load_weights(self.model, weights)
-        self._prefill, self._decode = _graph_cells(self.model)
+        self._prefill, self._decode = graph_cells(self.model)
         self._cache_index = llama.cache_index
 
     @classmethod

@@ -156,7 +156,7 @@ def _raw_dealer(endpoint):
         ([b"\x01garbage"], "GenerateRequest body is not valid msgpack"),
         ([b""], "empty frame"),
         ([bytes([250]) + msgpack.packb([])], "unknown message type tag 250"),
-        ([encode(Token("r", 1, -1.0))], "expected GenerateRequest, Cancel, Ping, got Token"),
+        ([encode(Token("r", 1, -1.0))], "expected GenerateRequest, Cancel, Ping, ReloadWeights, got Token"),
         ([bytes([MessageType.GENERATE_REQUEST]) + msgpack.packb(["r", [1, "x"], 4, 0.0, 0, 1.0, 0, [], [], False,
                                                                  0, 0.0, ""])],
          r"prompt_ids\[1\] = 'x' is not a token id"),

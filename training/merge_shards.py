@@ -12,8 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from codefill.model.checkpoint import TOKENIZER_NAME, save_model_dir
-from codefill.model.safetensors_io import SafetensorsError, read_safetensors
+from codefill.model.checkpoint import TOKENIZER_NAME, CheckpointError, save_model_dir
 from codefill.model.weights import expected_shapes
 
 from .train_error import TrainError
@@ -29,18 +28,10 @@ def merge_split_dir(split_dir: str | Path, out_dir: str | Path, *, overwrite: bo
     shapes = tp.shard_shapes(cfg, world)
     shards = []
     for rank in range(world):
-        path = split_dir / tp.shard_file_name(rank, world)
         try:
-            shard = read_safetensors(path)
-        except (SafetensorsError, OSError) as e:
-            raise TrainError(f"rank {rank} of {world}: {e}") from e
-        missing, extra = sorted(set(shapes) - set(shard)), sorted(set(shard) - set(shapes))
-        if missing or extra:
-            raise TrainError(f"{path}: missing tensors {missing[:8]}, unexpected tensors {extra[:8]}")
-        for name, shape in shapes.items():
-            if tuple(shard[name].shape) != shape:
-                raise TrainError(f"{path}: tensor {name!r} has shape {tuple(shard[name].shape)}, expected {shape}")
-        shards.append(shard)
+            shards.append(tp.read_rank_shard(split_dir, rank, world, shapes))
+        except CheckpointError as e:
+            raise TrainError(str(e)) from e
     full = {}
     for name in expected_shapes(cfg):
         axis = tp.split_axis(name)

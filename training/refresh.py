@@ -1,0 +1,111 @@
+"""`codefill train --repo PATH --model MODEL_DIR --output OUT [--publish ENDPOINT]`: refresh the serving model
+on the user's repository, and switch the running workers to it only if it got better.
+
+    1. tokenize   the repository's train files into FIM rows, OUT.data/train.mindrecord (tokenize_fim; a
+                  deterministic share of files is held out and listed in OUT.data/train.heldout.json).
+                  An existing OUT.data is reused (resume); delete it to re-read the repository.
+    2. before     greedy FIM score of MODEL_DIR on tasks cut from the held-out files (fim_eval.py)
+    3. finetune   the `refresh` preset (LoRA) by default: trainer.train, or msrun ranks for --dp > 1;
+                  the merged weights land in OUT/model
+    4. after      the same tasks on OUT/model
+    5. decide     better = more exact matches, ties broken by mean edit similarity (FimScore.better_than)
+    6. publish    only if better and an endpoint is given: ReloadWeights(OUT/model) to the running workers
+                  (WorkerClient.reload). They switch between steps with no request dropped or mixed, and
+                  refuse a directory that does not load on every rank or does not match what they serve.
+
+No held-out file means nothing to measure on: that is refused before training (raise --held-out-fraction).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .fim_eval import FimEvalConfig, FimScore, evaluate_model_dir, make_tasks
+from .source_files import SourceConfig
+from .train_config import TrainConfig
+from .train_error import TrainError
+
+
+@dataclass
+class RefreshResult:
+    model_dir: Path  # OUT/model, the finetuned weights
+    before: FimScore
+    after: FimScore
+    better: bool
+    published: bool = False
+    weights_version: int | None = None  # the workers' count of reloads after publishing
+    publish_error: str | None = None  # why publishing failed (the workers kept the old weights)
+
+    def report(self) -> str:
+        files = len({r.task.path for r in self.before.results})
+        lines = [f"held-out FIM evaluation: {self.before.n} tasks from {files} files, greedy",
+                 "  " + self.before.report("before"), "  " + self.after.report("after ")]
+        if self.better:
+            lines.append("decision: the new weights are better")
+        else:
+            lines.append("decision: the new weights are not better; keep serving the old ones")
+        if self.published:
+            lines.append(f"published {self.model_dir} to the workers (weights version {self.weights_version})")
+        elif self.publish_error is not None:
+            lines.append(f"publishing failed, the workers keep the old weights: {self.publish_error}")
+        return "\n".join(lines)
+
+
+def data_path(out: str | Path) -> Path:
+    """Where the repository's rows go: OUT.data/train.mindrecord, beside OUT."""
+    out = Path(out)
+    return out.with_name(out.name + ".data") / "train.mindrecord"
+
+
+def refresh(model_dir: str | Path, repo: str | Path, out: str | Path, cfg: TrainConfig, *,
+            seq_length: int | None = None, held_out_fraction: float = SourceConfig().held_out_fraction,
+            eval_config: FimEvalConfig = FimEvalConfig(), publish: str | None = None,
+            publish_timeout_s: float = 600.0, resume: bool = False, progress: bool = True,
+            log: Callable[[str], None] = print) -> RefreshResult:
+    """Steps 1-6 of the module docstring. A failed publish is reported in the result, not raised."""
+    from .tokenize_data import held_out_list_path, read_held_out_list, tokenize_fim
+
+    model_dir, out = Path(model_dir), Path(out)
+    data = data_path(out)
+    if not data.exists():
+        log(tokenize_fim(model_dir, Path(repo), data, seq_length or cfg.seq_length,
+                         sources=SourceConfig(held_out_fraction=held_out_fraction)).report())
+    root, held_out = read_held_out_list(held_out_list_path(data))
+    tasks = make_tasks(root, held_out, eval_config)
+    if not tasks:
+        raise TrainError(f"no held-out files in {root} (held_out_fraction {held_out_fraction}, listed in "
+                         f"{held_out_list_path(data)}): nothing to measure the new weights on; pass a larger "
+                         f"--held-out-fraction (and delete {data.parent} to re-tokenize)")
+    log(f"evaluating {model_dir} on {len(tasks)} FIM tasks from {len(held_out)} held-out files")
+    before = evaluate_model_dir(model_dir, tasks, eval_config)
+    log("  " + before.report("before"))
+
+    if cfg.dp > 1:
+        from .launch_train import train_on_ranks
+
+        losses = train_on_ranks(model_dir, data, out, cfg, resume=resume)
+        log(f"trained {len(losses)} steps on {cfg.dp} ranks; final loss {losses[-1]:.4f}")
+        new_dir = out / "model"
+    else:
+        from .trainer import train
+
+        r = train(model_dir, data, out, cfg, resume=resume, progress=progress)
+        if r.model_dir is None:
+            raise TrainError(f"training in {out} stopped at step {r.steps} of {cfg.max_steps}: no model to evaluate")
+        log(f"trained to step {r.steps}" + (f"; final loss {r.losses[-1]:.4f}" if r.losses else ""))
+        new_dir = r.model_dir
+
+    after = evaluate_model_dir(new_dir, tasks, eval_config)
+    result = RefreshResult(Path(new_dir), before, after, after.better_than(before))
+    if publish is not None and result.better:
+        from codefill.inference_workers.client import WorkerClient, WorkerError
+
+        try:
+            with WorkerClient(publish, timeout_s=publish_timeout_s) as client:
+                result.weights_version = client.reload(result.model_dir).weights_version
+            result.published = True
+        except WorkerError as e:
+            result.publish_error = str(e)
+    return result

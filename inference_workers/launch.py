@@ -93,6 +93,7 @@ class Job:
     owns_run_dir: bool = True
     endpoint: str | None = None
     _pids: dict[int, int] = field(default_factory=dict)  # rank -> pid, as ranks report in
+    dead: list[int] = field(default_factory=list)  # ranks found exited by the last failure() check
 
     def rank_pids(self) -> dict[int, int]:
         for path in self.run_dir.glob("rank-*.json"):
@@ -104,17 +105,25 @@ class Job:
         return dict(self._pids)
 
     def failure(self) -> str | None:
-        """None while every rank that has reported in is alive and msrun runs; else what went wrong."""
-        for rank, pid in sorted(self.rank_pids().items()):
-            if not _alive(pid):
-                return f"rank {rank} (pid {pid}) exited"
+        """None while every rank that has reported in is alive and msrun runs; else what went wrong.
+
+        Every rank found exited is named (and kept in `dead`): when one dies, the others often fail in
+        their next collective within the same poll interval, and which went first cannot be told apart."""
+        self.dead = [rank for rank, pid in sorted(self.rank_pids().items()) if not _alive(pid)]
+        if self.dead:
+            pids = self.rank_pids()
+            names = ", ".join(f"rank {rank} (pid {pids[rank]})" for rank in self.dead)
+            return f"{names} exited"
         code = self.process.poll()
         if code is not None:
             return f"msrun exited with status {code}"
         return None
 
-    def rank_traceback(self, rank: int | None = None) -> str:
-        """The last traceback in a rank's log (every rank's when `rank` is None), or the logs' tails."""
+    def rank_traceback(self, rank: int | list[int] | None = None) -> str:
+        """The last traceback in a rank's log (several ranks' for a list, every rank's for None), or the
+        logs' tails."""
+        if isinstance(rank, list):
+            return "\n".join(rank_tracebacks(self.log_dir, r) for r in rank) if rank else rank_tracebacks(self.log_dir)
         return rank_tracebacks(self.log_dir, rank)
 
     def kill(self) -> None:
@@ -157,7 +166,7 @@ class Job:
                     return
                 time.sleep(POLL_S)  # let the dying rank's log reach the file
                 self.kill()
-                raise LaunchError(f"tensor-parallel job failed: {why}\n{self.rank_traceback(_failed_rank(why))}")
+                raise LaunchError(f"tensor-parallel job failed: {why}\n{self.rank_traceback(self.dead)}")
             time.sleep(POLL_S)
 
 
@@ -223,7 +232,7 @@ def start_workers(model_dir: str | Path, tp: int, endpoint: str | None = None, *
             if why is not None:
                 time.sleep(POLL_S)
                 raise LaunchError(f"tensor-parallel workers for {model_dir} failed to start: {why}\n"
-                                  f"{job.rank_traceback(_failed_rank(why))}")
+                                  f"{job.rank_traceback(job.dead)}")
             if time.monotonic() > deadline:
                 raise LaunchError(f"tensor-parallel workers for {model_dir} were not ready within "
                                   f"{ready_timeout_s} s\n{job.rank_traceback()}")
@@ -315,10 +324,6 @@ def _killpg(pid: int) -> None:
             os.kill(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-
-
-def _failed_rank(why: str) -> int | None:
-    return int(why.split()[1]) if why.startswith("rank ") else None
 
 
 def rank_tracebacks(log_dir: Path, rank: int | None = None, tail_lines: int = 30) -> str:

@@ -83,7 +83,7 @@ from codefill.model.checkpoint import (
     write_json_synced,
 )
 from codefill.model.config import ConfigError, LlamaConfig
-from codefill.model.generate import PREFILL_CHUNK, GenerationError
+from codefill.model.generate import PREFILL_CHUNK, GenerationError, check_decode, check_prefill
 from codefill.model.safetensors_io import SafetensorsError, read_safetensors, to_float32, write_safetensors
 from codefill.model.weights import expected_shapes
 
@@ -590,12 +590,8 @@ class TensorParallelRunner:
         self.busy = False  # inside a step: set while the ranks may be inside a collective
 
     def prefill(self, ids: Sequence[int], slot: int, start_pos: int) -> np.ndarray:
-        ids = self._check_ids(ids)
-        if not 0 <= slot < self.max_batch:
-            raise GenerationError(f"slot {slot} out of range [0, {self.max_batch})")
-        if start_pos < 0 or start_pos + len(ids) > self.max_seq_len:
-            raise GenerationError(f"prefill of {len(ids)} tokens at start_pos {start_pos} does not fit the cache "
-                                  f"(max_seq_len {self.max_seq_len})")
+        ids = check_prefill(ids, slot, start_pos, vocab_size=self.vocab_size, max_batch=self.max_batch,
+                            max_seq_len=self.max_seq_len)
         self.busy = True
         for begin in range(0, len(ids), self.prefill_chunk):  # chunks, as Generator.prefill does
             chunk = ids[begin:begin + self.prefill_chunk]
@@ -605,14 +601,8 @@ class TensorParallelRunner:
         return logits
 
     def decode_step(self, tokens: Sequence[int], positions: Sequence[int]) -> np.ndarray:
-        tokens = self._check_ids(tokens)
-        pos = np.asarray(positions, dtype=np.int64)
-        if tokens.shape != (self.max_batch,) or pos.shape != (self.max_batch,):
-            raise GenerationError(f"decode_step takes one token and position per slot ({self.max_batch}), got "
-                                  f"{tokens.shape[0]} tokens and positions of shape {pos.shape}")
-        if pos.min() < 0 or pos.max() > self.max_seq_len:
-            raise GenerationError(f"decode positions {pos.tolist()} out of range [0, {self.max_seq_len}]")
-        pos = pos.astype(np.int32)
+        tokens, pos = check_decode(tokens, positions, vocab_size=self.vocab_size, max_batch=self.max_batch,
+                                   max_seq_len=self.max_seq_len)
         self.busy = True
         self._send(OP_DECODE, self.max_batch, 0, 0, np.concatenate([tokens, pos]))
         logits = self.model.decode_step(tokens, pos)
@@ -664,14 +654,3 @@ class TensorParallelRunner:
             raise TensorParallelError("the tensor-parallel runner is closed; the other ranks have stopped")
         if self.channel is not None:
             self.channel.send(op, n, slot, start_pos, payload)
-
-    def _check_ids(self, ids: Sequence[int]) -> np.ndarray:
-        arr = np.asarray(ids)
-        if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
-            raise GenerationError(f"token ids must be a non-empty 1-D sequence of integers, got shape {arr.shape} "
-                                  f"dtype {arr.dtype}")
-        lo, hi = int(arr.min()), int(arr.max())
-        if lo < 0 or hi >= self.vocab_size:
-            bad = int(arr[(arr < 0) | (arr >= self.vocab_size)][0])
-            raise GenerationError(f"token id {bad} out of range [0, {self.vocab_size})")
-        return arr.astype(np.int32)

@@ -57,6 +57,44 @@ def configure_mindspore(device_target: str = "CPU") -> None:
     ms.set_device(device_target)
 
 
+def check_ids(ids: Sequence[int], vocab_size: int) -> np.ndarray:
+    """ids as int32 [T], or GenerationError naming the first bad one."""
+    arr = np.asarray(ids)
+    if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
+        raise GenerationError(f"token ids must be a non-empty 1-D sequence of integers, got shape {arr.shape} "
+                              f"dtype {arr.dtype}")
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = int(arr[(arr < 0) | (arr >= vocab_size)][0])
+        raise GenerationError(f"token id {bad} out of range [0, {vocab_size})")
+    return arr.astype(np.int32)
+
+
+def check_prefill(ids: Sequence[int], slot: int, start_pos: int, *, vocab_size: int, max_batch: int,
+                  max_seq_len: int) -> np.ndarray:
+    """The checks of a prefill call (shared by Generator and the tensor-parallel runner): ids as int32 [T]."""
+    ids = check_ids(ids, vocab_size)
+    if not 0 <= slot < max_batch:
+        raise GenerationError(f"slot {slot} out of range [0, {max_batch})")
+    if start_pos < 0 or start_pos + len(ids) > max_seq_len:
+        raise GenerationError(f"prefill of {len(ids)} tokens at start_pos {start_pos} does not fit the cache "
+                              f"(max_seq_len {max_seq_len})")
+    return ids
+
+
+def check_decode(tokens: Sequence[int], positions: Sequence[int], *, vocab_size: int, max_batch: int,
+                 max_seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """The checks of a decode step: (tokens, positions) as int32 [max_batch]."""
+    tokens = check_ids(tokens, vocab_size)
+    pos = np.asarray(positions, dtype=np.int64)
+    if tokens.shape != (max_batch,) or pos.shape != (max_batch,):
+        raise GenerationError(f"decode_step takes one token and position per slot ({max_batch}), got "
+                              f"{tokens.shape[0]} tokens and positions of shape {pos.shape}")
+    if pos.min() < 0 or pos.max() > max_seq_len:
+        raise GenerationError(f"decode positions {pos.tolist()} out of range [0, {max_seq_len}]")
+    return tokens, pos.astype(np.int32)
+
+
 def graph_cells(model, n_kv_heads: int | None = None):
     """Two thin Cells around one Transformer: the prefill and decode graphs. `auto_prefix=False` keeps the
     Transformer's parameter names (`layers.0.attention.wq.weight`), shared by both graphs. `n_kv_heads`: the
@@ -136,12 +174,8 @@ class Generator:
         """
         from mindspore import Tensor
 
-        ids = self._check_ids(ids)
-        if not 0 <= slot < self.max_batch:
-            raise GenerationError(f"slot {slot} out of range [0, {self.max_batch})")
-        if start_pos < 0 or start_pos + len(ids) > self.max_seq_len:
-            raise GenerationError(f"prefill of {len(ids)} tokens at start_pos {start_pos} does not fit the cache "
-                                  f"(max_seq_len {self.max_seq_len})")
+        ids = check_prefill(ids, slot, start_pos, vocab_size=self.config.vocab_size, max_batch=self.max_batch,
+                            max_seq_len=self.max_seq_len)
         # Long prompts go in chunks onto the cache (the prefix-reuse path): this bounds the [KV, T*R, K] scores
         # tensor, which in one piece made a 2048-token prefill ~2x slower per token than 1024 (see the module
         # docstring), and costs nothing measurable at shorter lengths.
@@ -162,14 +196,9 @@ class Generator:
         """
         from mindspore import Tensor
 
-        tokens = self._check_ids(tokens)
-        pos = np.asarray(positions, dtype=np.int64)
-        if tokens.shape != (self.max_batch,) or pos.shape != (self.max_batch,):
-            raise GenerationError(f"decode_step takes one token and position per slot ({self.max_batch}), got "
-                                  f"{tokens.shape[0]} tokens and positions of shape {pos.shape}")
-        if pos.min() < 0 or pos.max() > self.max_seq_len:
-            raise GenerationError(f"decode positions {pos.tolist()} out of range [0, {self.max_seq_len}]")
-        pos = pos.astype(np.int32)[:, None]  # [B, 1]
+        tokens, pos = check_decode(tokens, positions, vocab_size=self.config.vocab_size, max_batch=self.max_batch,
+                                   max_seq_len=self.max_seq_len)
+        pos = pos[:, None]  # [B, 1]
         idx = self._cache_index(np.arange(self.max_batch), pos, self.config.n_kv_heads)
         return self._decode(Tensor(tokens[:, None]), Tensor(pos), Tensor(idx)).asnumpy()
 
@@ -183,7 +212,7 @@ class Generator:
         generated token but the last (which is never fed back): len(prompt) + max_new_tokens - 1 <= max_seq_len.
         The request is checked here, before the returned iterator runs anything.
         """
-        prompt = self._check_ids(prompt_ids)
+        prompt = check_ids(prompt_ids, self.config.vocab_size)
         if max_new_tokens < 0:
             raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if len(prompt) + max(max_new_tokens - 1, 0) > self.max_seq_len:
@@ -208,14 +237,3 @@ class Generator:
             tokens[0] = token
             logits = self.decode_step(tokens, positions)[0]
             positions[0] += 1
-
-    def _check_ids(self, ids: Sequence[int]) -> np.ndarray:
-        arr = np.asarray(ids)
-        if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
-            raise GenerationError(f"token ids must be a non-empty 1-D sequence of integers, got shape {arr.shape} "
-                                  f"dtype {arr.dtype}")
-        lo, hi = int(arr.min()), int(arr.max())
-        if lo < 0 or hi >= self.config.vocab_size:
-            bad = int(arr[(arr < 0) | (arr >= self.config.vocab_size)][0])
-            raise GenerationError(f"token id {bad} out of range [0, {self.config.vocab_size})")
-        return arr.astype(np.int32)

@@ -47,6 +47,7 @@ from codefill.model.tokenizer import Tokenizer, TokenizerError
 from . import transport
 from .backend import Backend, WorkerDown
 from .completion import Completer, Entry, Suggestion, SuggestionCache
+from .context import ContextError, cursor_context
 from .context_ring import ContextRing
 from .lifecycle import Debounce, Requests, Superseded
 from .prompt import PromptError
@@ -158,18 +159,11 @@ class CodefillServer(LanguageServer):
         return self.workspace.get_text_document(uri)
 
     def cursor(self, doc: TextDocument, position: types.Position) -> Cursor:
-        lines = doc.lines
-        # A cursor on the line after a final newline is valid (line == len(lines)); beyond that is not.
-        if not 0 <= position.line <= len(lines):
-            raise JsonRpcInvalidParams(f"line out of bounds: {position.line} > {len(lines)} lines in {doc.uri}")
-        line = lines[position.line].rstrip("\r\n") if position.line < len(lines) else ""
-        # The spec: "If the character value is greater than the line length it defaults back to the line length."
-        character = min(position.character, doc.position_codec.client_num_units(line))
-        clamped = types.Position(position.line, character)
-        offset = doc.offset_at_position(types.Position(position.line, character))  # a copy: the codec may rewrite it
-        source = doc.source
-        after = source[offset:].split("\n", 1)[0].rstrip("\r")
-        return Cursor(source[:offset], source[offset:], clamped, after)
+        try:
+            prefix, suffix, clamped = cursor_context(doc, position)
+        except ContextError as e:
+            raise JsonRpcInvalidParams(str(e)) from None
+        return Cursor(prefix, suffix, clamped, suffix.split("\n", 1)[0].rstrip("\r"))
 
     def path_of(self, uri: str) -> str:
         path = to_fs_path(uri) or uri

@@ -369,40 +369,13 @@ async def test_silent_worker_times_out_with_error_response(tiny_dir, tmp_path):
 # --- the pure parts, without processes ---
 
 
-@pytest.fixture(scope="module")
-def tok(tiny_dir):
-    from codefill.model.checkpoint import TOKENIZER_NAME
-    from codefill.model.tokenizer import Tokenizer
-
-    return Tokenizer(tiny_dir / TOKENIZER_NAME)
-
-
-def test_fit_prompt_keeps_text_nearest_the_cursor(tok):
-    from codefill.lsp.context import fit_prompt
-    from codefill.model.fim import infilling_prompt_tokens
-
-    text, prefix, _, _, _ = split(DOC)
-    suffix = text[len(prefix) :]
-    full = infilling_prompt_tokens(tok, prefix, suffix)
-    assert fit_prompt(tok, prefix, suffix, len(full)) == (full, prefix, suffix)  # fits: untouched
-    long_prefix, long_suffix = prefix * 10, suffix * 10
-    for budget in (200, 60, 12):
-        ids, p, s = fit_prompt(tok, long_prefix, long_suffix, budget)
-        assert len(ids) <= budget
-        assert ids == infilling_prompt_tokens(tok, p, s)
-        assert long_prefix.endswith(p) and long_suffix.startswith(s)
-        assert len(p) > len(s) or not s  # the prefix gets most of the room
-    with pytest.raises(Exception, match="a prompt needs more than"):
-        fit_prompt(tok, long_prefix, long_suffix, 3)
-
-
 def test_cursor_context_bounds():
     from pygls.workspace import TextDocument
 
     from codefill.lsp.context import ContextError, cursor_context
 
     doc = TextDocument("file:///a.py", "ab😋c\nxyz")
-    assert cursor_context(doc, types.Position(0, 4)) == ("ab😋", "c\nxyz")  # UTF-16: the emoji is 2 units
-    assert cursor_context(doc, types.Position(1, 99)) == ("ab😋c\nxyz", "")  # clamped to the line end
-    with pytest.raises(ContextError, match="position out of bounds"):
+    assert cursor_context(doc, types.Position(0, 4)) == ("ab😋", "c\nxyz", types.Position(0, 4))  # UTF-16: 😋 is 2
+    assert cursor_context(doc, types.Position(1, 99)) == ("ab😋c\nxyz", "", types.Position(1, 3))  # clamped
+    with pytest.raises(ContextError, match="line out of bounds: 5 > 2 lines"):
         cursor_context(doc, types.Position(5, 0))

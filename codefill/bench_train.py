@@ -47,7 +47,8 @@ def matmul_peak_flops(n: int = 1024, reps: int = 5) -> float:
 
 
 def run(out_dir: str | Path, preset: str = "small", seq_length: int = 256, micro_batch: int = 2,
-        grad_accum: int = 2, steps: int = 5, lora: bool = False) -> dict:
+        grad_accum: int = 2, steps: int = 5, lora: bool = False, arch=None) -> dict:
+    """`arch`: a LlamaConfig to time instead of the preset (`preset` is then only its label)."""
     import mindspore as ms
     from mindspore import Tensor
 
@@ -62,7 +63,7 @@ def run(out_dir: str | Path, preset: str = "small", seq_length: int = 256, micro
     from codefill.training.train_network import language_model_loss
 
     configure_mindspore()
-    arch = get_preset(preset)
+    arch = arch if arch is not None else get_preset(preset)
     cfg = replace(PRESETS["lora" if lora else "full"], seq_length=seq_length, micro_batch=micro_batch,
                   grad_accum=grad_accum, max_steps=steps + 1, lora=LoraConfig(dropout=0.0) if lora else None)
     model = Transformer(arch, max_batch=1, max_seq_len=seq_length)
@@ -104,7 +105,7 @@ def run(out_dir: str | Path, preset: str = "small", seq_length: int = 256, micro
     per_token = (4 if lora else 6) * n_matmul + 12 * arch.n_layers * arch.dim * seq_length
     peak = matmul_peak_flops()
     report = {
-        "preset": preset, "mode": "lora" if lora else "full", "seq_length": seq_length,
+        "preset": preset, "architecture": arch.to_dict(), "parameters": arch.n_params(), "mode": "lora" if lora else "full", "seq_length": seq_length,
         "micro_batch": micro_batch, "grad_accum": grad_accum, "steps_timed": steps,
         "step_s_median": step_s, "first_step_s_incl_compile": compile_s, "tokens_per_s": tokens_per_s,
         "model_flops_per_token": per_token, "achieved_flops": per_token * tokens_per_s,

@@ -28,6 +28,7 @@ def _boundary_errors() -> tuple[type[BaseException], ...]:
     errors.append(ConfigError)
     for module, name in [
         ("codefill.model.checkpoint", "CheckpointError"),
+        ("codefill.evaluation.eval_error", "EvalError"),
         ("codefill.model.tokenizer", "TokenizerError"),
         ("codefill.model.generate", "GenerationError"),
         ("codefill.model.sampling", "SamplingError"),
@@ -223,6 +224,42 @@ def cmd_init_tiny(args: argparse.Namespace) -> None:
     print(f"wrote an UNTRAINED tiny model (random weights, preset {args.preset}) to {out}")
 
 
+def cmd_recipe(args: argparse.Namespace) -> None:
+    from codefill.training.recipe import run_recipe
+
+    model_dir = run_recipe(Path(args.recipe), Path(args.output), progress=not args.no_progress)
+    print(f"wrote the trained model to {model_dir}")
+
+
+def cmd_eval_humaneval(args: argparse.Namespace) -> None:
+    from codefill.evaluation import humaneval
+
+    config = humaneval.HumanEvalConfig(samples=args.samples, temperature=args.temperature, top_p=args.top_p,
+                                       ks=tuple(int(k) for k in args.k.split(",")), max_new_tokens=args.max_new_tokens,
+                                       limit=args.limit, seed=args.seed, workers=args.workers)
+    summary = humaneval.run(Path(args.model), config, Path(args.out))
+    print(humaneval.report(summary))
+
+
+def cmd_eval_infill(args: argparse.Namespace) -> None:
+    from codefill.evaluation import infilling
+    from codefill.training.fim_eval import FimEvalConfig
+
+    modes = tuple(m for m in args.modes.split(",") if m)
+    config = infilling.InfillConfig(modes=modes or infilling.MODES, spm=not args.psm, limit=args.limit,
+                                    workers=args.workers)
+    held = None
+    if args.source is not None:
+        held = infilling.HeldOutConfig(
+            args.source, held_out_fraction=args.held_out_fraction,
+            extensions=tuple(e for e in args.extensions.split(",") if e) or None,
+            exclude=tuple(e for e in (args.exclude or "").split(",") if e),
+            fim=FimEvalConfig(max_tasks=args.fim_tasks, max_new_tokens=args.fim_max_new_tokens))
+    summary = infilling.run(Path(args.model), Path(args.out), config, held_out=held, baseline=args.baseline,
+                            humaneval=not args.no_humaneval)
+    print(infilling.report(summary))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from codefill.demo import run_demo
 
@@ -278,7 +315,16 @@ def cmd_bench(args: argparse.Namespace) -> None:
     elif args.what == "train":
         from codefill.bench_train import run
 
-        report = run(out, preset=args.preset)
+        if args.recipe:  # the recipe's architecture and row shape, e.g. to choose a model size by throughput
+            from codefill.model.config import LlamaConfig
+            from codefill.training.recipe import load_recipe
+
+            recipe = load_recipe(args.recipe)
+            arch = LlamaConfig(**recipe.arch, vocab_size=recipe.vocab_size)
+            report = run(out, preset=recipe.name, seq_length=recipe.train.seq_length,
+                         micro_batch=recipe.train.micro_batch, grad_accum=1, steps=3, arch=arch)
+        else:
+            report = run(out, preset=args.preset)
     elif args.what == "lsp":
         from codefill.bench_lsp import run
 
@@ -321,7 +367,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         from codefill.training.launch_train import train_on_ranks
 
         losses = train_on_ranks(Path(args.model), data, out, cfg, held_out_data=held, resume=args.resume)
-        print(f"trained {len(losses)} steps on {cfg.dp} ranks; final loss {losses[-1]:.4f}; model in {out / 'model'}")
+        ranks = f"{cfg.dp} data-parallel" if cfg.tp == 1 else f"{cfg.tp} tensor-parallel"
+        print(f"trained {len(losses)} steps on {ranks} ranks; final loss {losses[-1]:.4f}; model in {out / 'model'}")
     else:
         from codefill.training.trainer import train
 
@@ -457,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nnodes", type=int, default=1, help="nodes in the job; each runs tp/nnodes ranks")
     p.add_argument("--node-rank", type=int, default=0, help="this node's index; rank 0 (the server) is on node 0")
     p.add_argument("--log-dir", help="msrun's log directory (default: in the private run directory)")
-    p.add_argument("--max-seq-len", type=int, default=2048, help="positions per cache slot")
+    p.add_argument("--max-seq-len", type=int, help="positions per cache slot (default: 2048, or the model's own if fewer)")
     p.add_argument("--max-batch", type=int, default=4, help="cache slots (concurrent sequences)")
     p.add_argument("--threads", type=int, help="kernel threads per rank (default: cores / local ranks)")
     _remote_args(p)
@@ -475,6 +522,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny-test")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_init_tiny)
+
+    p = sub.add_parser("recipe", help="train a small model from scratch as a recipe file says (tokenizer, "
+                                      "FIM data, training); run again to continue an interrupted run")
+    p.add_argument("recipe", metavar="RECIPE.toml", help="e.g. recipes/codefill-stdlib.toml")
+    p.add_argument("--output", required=True, metavar="OUT")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs)")
+    p.set_defaults(func=cmd_recipe)
 
     p = sub.add_parser("demo", help="start the language server on a model and show a live completion")
     p.add_argument("--model", default="models/default", metavar="MODEL_DIR")
@@ -514,7 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--held-out-data", metavar="HELD.mindrecord", help="else a few rows of DATA are held out")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in OUT")
     p.add_argument("--dp", type=int, default=1, help="data-parallel ranks (msrun)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (not implemented for training yet)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel ranks (msrun), sharded as serving shards; full finetune only, not with --dp")
     p.add_argument("--seq-length", type=int, help="--repo: positions per row")
     p.add_argument("--publish", metavar="ENDPOINT",
                    help="--repo: if the new weights score better on the held-out files, make the workers at "
@@ -533,6 +588,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-targets", help="comma-separated of wq,wk,wv,wo,w1,w2,w3")
     p.set_defaults(func=cmd_train)
 
+    evals = sub.add_parser("eval", help="measure a model: HumanEval pass@k, infilling, held-out FIM"
+                           ).add_subparsers(dest="eval_command", required=True)
+    p = evals.add_parser("humaneval", help="HumanEval pass@k (unbiased estimator), every sample run in a sandbox")
+    p.add_argument("--model", required=True, metavar="MODEL_DIR")
+    p.add_argument("--samples", type=int, default=1, help="samples per problem (n)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (then --samples must be 1)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus cut when sampling")
+    p.add_argument("--k", default="1", help="comma-separated k values of pass@k, each <= --samples")
+    p.add_argument("--max-new-tokens", type=int, default=384)
+    p.add_argument("--limit", type=int, help="only the first N problems")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2, help="sandboxed test processes at a time")
+    p.add_argument("--out", default="eval_results", metavar="DIR")
+    p.set_defaults(func=cmd_eval_humaneval)
+    p = evals.add_parser("infill", help="HumanEval single/multi-line infilling (tests run) and held-out FIM "
+                                        "(exact match, edit similarity), for a model or the n-gram baseline")
+    p.add_argument("--model", required=True, metavar="MODEL_DIR", help="with --baseline: only its tokenizer is used")
+    p.add_argument("--baseline", choices=["ngram"], help="score the n-gram/copy baseline instead of the model")
+    p.add_argument("--modes", default="single,multi", help="HumanEval infilling modes: single, multi")
+    p.add_argument("--no-humaneval", action="store_true", help="held-out FIM only")
+    p.add_argument("--psm", action="store_true", help="PSM prompts (default SPM, as the language server sends)")
+    p.add_argument("--limit", type=int, help="at most N HumanEval infilling tasks per mode (evenly spread)")
+    p.add_argument("--source", metavar="DIR", help="held-out FIM on this directory or repository ('stdlib': the "
+                                                  "Python standard library); the baseline's train files")
+    p.add_argument("--held-out-fraction", type=float, default=0.05, help="share of files held out, by path hash")
+    p.add_argument("--extensions", default=".py", help="comma-separated; empty: every text file")
+    p.add_argument("--exclude", help="comma-separated fnmatch patterns of paths to skip")
+    p.add_argument("--fim-tasks", type=int, default=256, help="held-out FIM tasks")
+    p.add_argument("--fim-max-new-tokens", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="sandboxed test processes at a time")
+    p.add_argument("--out", default="eval_results", metavar="DIR")
+    p.set_defaults(func=cmd_eval_infill)
+
     p = sub.add_parser("merge", help="merge tensor-parallel shards (a split directory) back into one MODEL_DIR")
     p.add_argument("--input", required=True, metavar="SPLIT_DIR")
     p.add_argument("--output", required=True, metavar="MODEL_DIR")
@@ -544,6 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="small", help="architecture of the random-weight model benchmarked")
     p.add_argument("--model", metavar="MODEL_DIR", help="workers/lsp: benchmark this model instead of a preset")
     p.add_argument("--skip-tp", action="store_true", help="workers: skip part (a), TP=1 vs TP=2")
+    p.add_argument("--recipe", metavar="RECIPE.toml", help="train: time the recipe's model and rows instead")
     p.add_argument("--out", default="bench_results")
     p.set_defaults(func=cmd_bench)
     return parser

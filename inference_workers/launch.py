@@ -189,7 +189,7 @@ def start_job(script: str | Path, script_args: list[str], tp: int, *, run_dir: P
 
 def start_workers(model_dir: str | Path, tp: int, endpoint: str | None = None, *, master_addr: str = "127.0.0.1",
                   master_port: int | None = None, nnodes: int = 1, node_rank: int = 0,
-                  log_dir: str | Path | None = None, ready_timeout_s: float = 600.0, max_seq_len: int = 2048,
+                  log_dir: str | Path | None = None, ready_timeout_s: float = 600.0, max_seq_len: int | None = None,
                   max_batch: int = 1, threads: int | None = None, allow_remote: bool = False,
                   keys: ServerKeys | None = None) -> Job:
     """Validate, start msrun on ranks.py, and return once rank 0 serves (`job.endpoint`) or, on a node other
@@ -207,8 +207,10 @@ def start_workers(model_dir: str | Path, tp: int, endpoint: str | None = None, *
     endpoint = endpoint or f"ipc://{run_dir / 'worker.sock'}"
     ready_file = run_dir / "ready.json"
     args = ["--model", str(Path(model_dir).absolute()), "--tp", str(tp), "--endpoint", endpoint,
-            "--ready-file", str(ready_file), "--run-dir", str(run_dir), "--max-seq-len", str(max_seq_len),
+            "--ready-file", str(ready_file), "--run-dir", str(run_dir),
             "--max-batch", str(max_batch), "--threads", str(threads or default_threads(tp // nnodes))]
+    if max_seq_len is not None:
+        args += ["--max-seq-len", str(max_seq_len)]
     if allow_remote:
         args.append("--allow-remote")
     if keys is not None:
@@ -247,7 +249,7 @@ def start_workers(model_dir: str | Path, tp: int, endpoint: str | None = None, *
 def run_workers(model_dir: str | Path, tp: int, endpoint: str | None = None, *, master_addr: str = "127.0.0.1",
                 master_port: int | None = None, nnodes: int = 1, node_rank: int = 0,
                 log_dir: str | Path | None = None, ready_timeout_s: float = 600.0, stop_timeout_s: float = 30.0,
-                max_seq_len: int = 2048, max_batch: int = 1, threads: int | None = None,
+                max_seq_len: int | None = None, max_batch: int = 1, threads: int | None = None,
                 allow_remote: bool = False, keys: ServerKeys | None = None) -> int:
     """`codefill workers`: start, print the endpoint, supervise until SIGTERM/SIGINT (then drain and stop: 0)
     or a rank failure (LaunchError with its traceback; the CLI exits non-zero)."""

@@ -38,7 +38,7 @@ def set_threads(threads: int) -> None:
     ms.set_context(runtime_num_threads=threads)
 
 
-def open_rank(model_dir: str | Path, tp: int, *, max_seq_len: int, max_batch: int, threads: int,
+def open_rank(model_dir: str | Path, tp: int, *, max_seq_len: int | None, max_batch: int, threads: int,
               run_dir: str | Path | None = None, pin: bool = True) -> TensorParallelRunner | None:
     """Join the msrun job and load this rank's shard. Rank 0 gets the warmed-up runner; any other rank follows
     rank 0's steps until it closes the runner and then gets None. pin: give each of this host's ranks its own
@@ -62,6 +62,8 @@ def open_rank(model_dir: str | Path, tp: int, *, max_seq_len: int, max_batch: in
     if world != tp:
         raise TensorParallelError(f"rank {rank}: msrun started {world} ranks but --tp is {tp}")
     config, weights = load_rank_weights(model_dir, rank, world)
+    if max_seq_len is None:  # 2048 positions, or fewer when the model was trained for fewer
+        max_seq_len = min(2048, config.max_seq_len)
     model = RankModel(config, weights, rank, world, max_seq_len=max_seq_len, max_batch=max_batch)
     del weights  # the graphs hold their own copy
     channel = Channel(rank, max_batch) if world > 1 else None
@@ -163,7 +165,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--endpoint", required=True, help="where rank 0 binds its ZeroMQ ROUTER socket")
     p.add_argument("--ready-file", help="rank 0 writes its ready/error status JSON here")
     p.add_argument("--run-dir", help="each rank writes rank-R.json ({rank, pid}) here")
-    p.add_argument("--max-seq-len", type=int, default=2048, help="positions per cache slot")
+    p.add_argument("--max-seq-len", type=int, help="positions per cache slot (default: 2048, or the model's own if fewer)")
     p.add_argument("--max-batch", type=int, default=1, help="cache slots (rows of a decode step)")
     p.add_argument("--threads", type=int, default=1, help="MindSpore kernel threads of this rank")
     p.add_argument("--allow-remote", action="store_true", help="rank 0 may bind a non-local endpoint")

@@ -149,10 +149,13 @@ class Generator:
         self._cache_index = llama.cache_index
 
     @classmethod
-    def from_model_dir(cls, path: str | Path, max_seq_len: int = 2048, max_batch: int = 1) -> "Generator":
+    def from_model_dir(cls, path: str | Path, max_seq_len: int | None = None, max_batch: int = 1) -> "Generator":
+        """max_seq_len None: 2048 positions, or fewer when the model was trained for fewer."""
         from .checkpoint import load_model_dir
 
         files = load_model_dir(path)
+        if max_seq_len is None:
+            max_seq_len = min(2048, files.config.max_seq_len)
         return cls(files.config, files.weights, max_seq_len=max_seq_len, max_batch=max_batch)
 
     @property

@@ -193,3 +193,21 @@ def test_load_weights_is_strict():
 
     load_weights(model, good)
     np.testing.assert_array_equal(model.output.weight.asnumpy(), good["output.weight"])
+
+
+def test_from_model_dir_defaults_to_the_models_own_context_when_it_is_short(tmp_path):
+    """A model trained for fewer than 2048 positions (the bundled one has 1024) opens with its own context;
+    asking for more is refused with both numbers."""
+    import dataclasses
+
+    from codefill.model.checkpoint import load_model_dir, save_model_dir
+    from helpers import make_tiny_model_dir
+
+    tiny = make_tiny_model_dir(tmp_path)
+    files = load_model_dir(tiny)
+    short = save_model_dir(tmp_path / "short", dataclasses.replace(files.config, max_seq_len=256), files.weights,
+                           files.tokenizer_path)
+    assert Generator.from_model_dir(short).max_seq_len == 256
+    assert Generator.from_model_dir(tiny).max_seq_len == 2048
+    with pytest.raises(GenerationError, match=r"max_seq_len 512 must be in \[1, 256\]"):
+        Generator.from_model_dir(short, max_seq_len=512)

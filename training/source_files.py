@@ -10,6 +10,8 @@ The user's global excludes file is switched off, so the same tree gives the same
 
 Each listed path (sorted, so results never depend on the file system's order) is skipped, with its reason
 counted, when it is:
+  excluded          matches one of SourceConfig.exclude (fnmatch patterns on the relative path; "*" also
+                    matches "/", so "site-packages/*" drops a whole directory)
   not_regular_file  a symlink, a nested repository or submodule, or a tracked file deleted from disk
   extension         not one of SourceConfig.extensions (when that is set)
   too_large         over max_file_bytes (checked before reading)
@@ -28,6 +30,7 @@ first, so held-out content is not also in train under another name.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import subprocess
 import tempfile
@@ -57,6 +60,7 @@ class SourceConfig:
     max_mean_line_chars: float = 100.0
     extensions: tuple[str, ...] | None = None  # e.g. (".py",): only these; None: every text file
     held_out_fraction: float = 0.05
+    exclude: tuple[str, ...] = ()  # fnmatch patterns on the relative path, e.g. ("site-packages/*",)
 
     def __post_init__(self):
         if self.max_file_bytes <= 0 or self.max_line_chars <= 0 or self.max_mean_line_chars <= 0:
@@ -69,6 +73,7 @@ class SourceConfig:
             if bad:
                 raise DataError(f"extensions must start with '.', got {bad}")
             self.extensions = tuple(self.extensions)
+        self.exclude = tuple(self.exclude)
 
 
 @dataclass
@@ -104,12 +109,18 @@ def _git(args: list[str], cwd: Path) -> str:
 
 
 def _inside_work_tree(root: Path) -> bool:
+    """True when `root` is part of a git work tree and not ignored by it. (A directory its enclosing repository
+    ignores, such as a Python install inside a pyenv clone, is listed as a plain directory: that repository's
+    ls-files would show nothing there.)"""
     try:
-        return _git(["rev-parse", "--is-inside-work-tree"], root).strip() == "true"
+        if _git(["rev-parse", "--is-inside-work-tree"], root).strip() != "true":
+            return False
     except DataError as e:
         if isinstance(e.__cause__, FileNotFoundError):
             raise
         return False   # "not a git repository"
+    ignored = subprocess.run(["git", "check-ignore", "-q", "."], cwd=root, capture_output=True, check=False)
+    return ignored.returncode != 0   # 0: ignored, 1: not ignored
 
 
 def list_files(root: str | Path) -> list[str]:
@@ -166,6 +177,9 @@ def iter_source_files(root: str | Path, config: SourceConfig, summary: SourceSum
     for path in list_files(root):
         summary.listed += 1
         full = root / path
+        if any(fnmatch.fnmatchcase(path, pattern) for pattern in config.exclude):
+            summary.skipped["excluded"] += 1
+            continue
         if path.endswith("/") or full.is_symlink() or not full.is_file():
             summary.skipped["not_regular_file"] += 1
             continue

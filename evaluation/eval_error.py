@@ -1,0 +1,2 @@
+class EvalError(Exception):
+    """Bad evaluation input or a broken evaluation environment; the message names the offending values."""

@@ -1,0 +1,142 @@
+"""`codefill recipe`: a small model trained from scratch as a recipe file says, resumable, refusing bad input."""
+
+import json
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from codefill.model.checkpoint import load_model_dir
+from codefill.model.tokenizer import Tokenizer
+from codefill.training.recipe import load_recipe
+from codefill.training.train_error import TrainError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TINY_RECIPE = """
+name = "tiny-recipe"
+[data]
+source = "{source}"
+extensions = [".py"]
+exclude = ["skipme/*"]
+held_out_fraction = 0.3
+heldout_rows = 4
+[tokenizer]
+vocab_size = 600
+max_chars = 200_000
+[model]
+dim = 32
+n_layers = 1
+n_heads = 2
+n_kv_heads = 1
+ffn_dim = 64
+max_seq_len = 128
+[fim]
+fim_rate = 0.9
+[train]
+seq_length = 64
+micro_batch = 2
+grad_accum = 1
+max_steps = 6
+lr = 3e-3
+end_lr = 3e-4
+eval_every = 3
+save_every = 3
+save_dtype = "bfloat16"
+"""
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipe-src")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ["bisect.py", "heapq.py", "fnmatch.py", "shlex.py", "textwrap.py", "string.py", "colorsys.py",
+                 "keyword.py", "glob.py", "stat.py", "copy.py", "abc.py"]:
+        shutil.copy(stdlib / name, root / name)
+    (root / "skipme").mkdir()
+    (root / "skipme" / "big.py").write_text("x = 1\n" * 10)
+    return root
+
+
+def _codefill(*args, check=True):
+    done = subprocess.run([sys.executable, "-m", "codefill.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+    if check and done.returncode != 0:
+        raise AssertionError(f"codefill {' '.join(map(str, args))} failed:\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+def test_recipe_trains_a_model_and_continues_after_an_interruption(source, tmp_path):
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(TINY_RECIPE.format(source=source))
+    out = tmp_path / "run"
+    done = _codefill("recipe", recipe, "--output", out, "--no-progress")
+    assert "wrote the trained model" in done.stdout
+
+    files = load_model_dir(out / "model", dtype=None)
+    assert files.config.dim == 32 and files.config.max_seq_len == 128
+    assert json.loads((out / "model" / "config.json").read_text())["dtype"] == "bfloat16"
+    tok = Tokenizer(files.tokenizer_path)
+    assert tok.has_infilling and tok.vocab_size == files.config.vocab_size == 600
+    metrics = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert [m["step"] for m in metrics if "held_out_loss" in m] == [3, 6]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["train_files"] + summary["held_out_files"] >= 10
+    held = json.loads((out / "data" / "train.heldout.json").read_text())["files"]
+    assert sorted(held) == sorted(summary["held_out_paths"]) and held
+    assert not any(p.startswith("skipme/") for p in held)
+
+    # Run again: every step is complete, the same model comes out (training resumes at its end).
+    before = (out / "model" / "model.safetensors").read_bytes()
+    _codefill("recipe", recipe, "--output", out, "--no-progress")
+    assert (out / "model" / "model.safetensors").read_bytes() == before
+
+    # Another recipe into the same output is refused, and nothing is overwritten.
+    other = tmp_path / "other.toml"
+    other.write_text(TINY_RECIPE.format(source=source).replace("max_steps = 6", "max_steps = 7"))
+    done = _codefill("recipe", other, "--output", out, check=False)
+    assert done.returncode == 2 and "different recipe" in done.stderr
+    assert (out / "model" / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("change, message", [
+    (("vocab_size = 600", "vocab_size = 600\ncolour = 1"), "unknown [tokenizer] keys ['colour']"),
+    (("n_heads = 2", "n_heads = 3"), "dim 32 is not divisible by n_heads 3"),
+    (("save_dtype = \"bfloat16\"", "save_dtype = \"int8\""), "save_dtype must be one of"),
+    (("max_steps = 6", "max_steps = 6\nlora = true"), "lora must be absent or false"),
+    (("max_steps = 6", "max_steps = 6\ndp = 2"), "one process (dp 1, tp 1)"),
+    (("[fim]", "[fims]"), "unknown keys ['fims']"),
+    (("fim_rate = 0.9", "fim_rate = 1.5"), "fim_rate must be in [0, 1]"),
+    (("lr = 3e-3", "lr = -1"), "need lr > 0"),
+])
+def test_bad_recipes_are_refused_with_the_offending_value(tmp_path, change, message):
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text(TINY_RECIPE.format(source=tmp_path).replace(*change))
+    with pytest.raises(TrainError) as e:
+        load_recipe(recipe)
+    assert message in str(e.value) and str(recipe) in str(e.value)
+
+
+def test_a_missing_source_is_refused_before_anything_is_written(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(TINY_RECIPE.format(source=tmp_path / "nowhere"))
+    done = _codefill("recipe", recipe, "--output", tmp_path / "out", check=False)
+    assert done.returncode == 2 and "is not a directory" in done.stderr
+    assert not (tmp_path / "out" / "tokenizer.model").exists()
+
+
+def test_the_bundled_recipe_parses_and_matches_the_bundled_model():
+    recipe = load_recipe(ROOT / "recipes" / "codefill-stdlib.toml")
+    assert recipe.source == "stdlib" and recipe.fim.fim_rate == 0.9 and recipe.train.lora is None
+    bundled = ROOT / "models" / "codefill-stdlib"
+    if not (bundled / "config.json").exists():
+        pytest.skip("the bundled model is not in this checkout")
+    files = load_model_dir(bundled, dtype=None)
+    arch = files.config.to_dict()
+    assert {k: arch[k] for k in recipe.arch} == recipe.arch
+    assert arch["vocab_size"] == recipe.vocab_size == Tokenizer(files.tokenizer_path).vocab_size

@@ -1,0 +1,241 @@
+"""`codefill recipe RECIPE.toml --output OUT`: train a small Code Llama-architecture model from scratch.
+
+A recipe file (see recipes/codefill-stdlib.toml, the bundled model's) names everything the run depends on:
+
+    [data]       which source tree (a directory, or "stdlib": the running interpreter's standard library minus
+                 its site-packages), which extensions, excluded patterns, the held-out share (by file)
+    [tokenizer]  SentencePiece vocabulary size and how many characters of train files it learns from
+    [model]      the LlamaConfig fields other than vocab_size (the tokenizer's), and the init seed and std
+    [fim]        FimConfig: FIM rate, SPM share, seed
+    [train]      TrainConfig fields (full training: no LoRA)
+
+The run is a chain of steps, each writing one thing in OUT and skipped when that thing is already complete,
+so running the same command again after an interruption continues where it stopped (training resumes from
+its last checkpoint):
+
+    OUT/recipe.toml            a copy of the recipe; a different recipe in the same OUT is refused
+    OUT/tokenizer.model        trained on train files only (model/tokenizer_training.py)
+    OUT/init/                  MODEL_DIR with the tokenizer and seeded random weights
+    OUT/data/train.mindrecord  FIM rows of the train files, and train.heldout.json, the held-out file list
+    OUT/data/heldout.mindrecord FIM rows of the held-out files, for the held-out loss during training
+    OUT/run/                   the trainer's output: metrics.jsonl, loss.png, checkpoints/, model/
+    OUT/model/                 the final MODEL_DIR, stored in [train] save_dtype, with the recipe's note
+    OUT/summary.json           files, tokens, time and final losses, for the model's documentation
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import platform
+import sysconfig
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from codefill.model.config import ConfigError, LlamaConfig
+
+from .data_error import DataError
+from .fim_examples import FimConfig, FimCounts, fim_rows
+from .source_files import SourceConfig, SourceSummary, iter_source_files
+from .train_config import TrainConfig
+from .train_error import TrainError
+
+STDLIB = "stdlib"
+SAVE_DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    source: str                      # a directory, or "stdlib"
+    sources: SourceConfig
+    vocab_size: int
+    tokenizer_max_chars: int
+    arch: dict                       # LlamaConfig fields except vocab_size
+    init_seed: int
+    init_std: float
+    fim: FimConfig
+    train: TrainConfig
+    heldout_rows: int                # held-out FIM rows written for the loss during training
+    save_dtype: str
+    text: str                        # the recipe file as written
+
+    def source_root(self) -> Path:
+        if self.source == STDLIB:
+            return Path(sysconfig.get_paths()["stdlib"])
+        return Path(self.source).expanduser()
+
+
+def _section(doc: dict, name: str, path: Path) -> dict:
+    value = doc.get(name, {})
+    if not isinstance(value, dict):
+        raise TrainError(f"recipe {path}: [{name}] must be a table, got {value!r}")
+    return dict(value)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        doc = tomllib.loads(text)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise TrainError(f"cannot read recipe {path}: {e}") from e
+    unknown = set(doc) - {"name", "data", "tokenizer", "model", "fim", "train"}
+    if unknown:
+        raise TrainError(f"recipe {path}: unknown keys {sorted(unknown)}")
+    data, tok, model = _section(doc, "data", path), _section(doc, "tokenizer", path), _section(doc, "model", path)
+    fim, train = _section(doc, "fim", path), _section(doc, "train", path)
+    try:
+        source = str(data.pop("source", STDLIB))
+        heldout_rows = int(data.pop("heldout_rows", 64))
+        if "extensions" in data:
+            data["extensions"] = tuple(data["extensions"])
+        sources = SourceConfig(**data)
+        vocab_size = int(tok.pop("vocab_size"))
+        max_chars = int(tok.pop("max_chars", 20_000_000))
+        if tok:
+            raise TrainError(f"unknown [tokenizer] keys {sorted(tok)}")
+        init_seed, init_std = int(model.pop("init_seed", 0)), float(model.pop("init_std", 0.02))
+        if "vocab_size" in model:
+            raise TrainError("[model] vocab_size comes from the tokenizer; set [tokenizer] vocab_size")
+        LlamaConfig(**model, vocab_size=vocab_size)  # validates the fields now, not after the tokenizer
+        save_dtype = str(train.pop("save_dtype", "float32"))
+        if save_dtype not in SAVE_DTYPES:
+            raise TrainError(f"[train] save_dtype must be one of {SAVE_DTYPES}, got {save_dtype!r}")
+        if train.get("lora") not in (None, False):
+            raise TrainError("a recipe trains from scratch: [train] lora must be absent or false")
+        train.pop("lora", None)
+        train_cfg = TrainConfig.from_dict({**train, "lora": None})
+        fim_cfg = FimConfig(**fim)
+    except (TypeError, ValueError, KeyError, DataError) as e:
+        raise TrainError(f"recipe {path}: {e}") from e
+    except ConfigError as e:
+        raise TrainError(f"recipe {path}: [model] {e}") from e
+    except TrainError as e:
+        raise TrainError(f"recipe {path}: {e}") from e
+    if train_cfg.dp != 1 or train_cfg.tp != 1:
+        raise TrainError(f"recipe {path}: the recipe runs in one process (dp 1, tp 1), got dp {train_cfg.dp} "
+                         f"tp {train_cfg.tp}")
+    return Recipe(str(doc.get("name", path.stem)), source, sources, vocab_size, max_chars, model, init_seed,
+                  init_std, fim_cfg, train_cfg, heldout_rows, save_dtype, text)
+
+
+def _log(msg: str) -> None:
+    print(f"[recipe {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _tokenizer_texts(files, max_chars: int) -> list[str]:
+    """Train files in an order fixed by their path hashes (not alphabetical, so no one package dominates a
+    budget), whole files until max_chars is reached."""
+    texts, total = [], 0
+    for f in sorted(files, key=lambda f: hashlib.sha256(f.path.encode()).digest()):
+        texts.append(f.text)
+        total += len(f.text)
+        if total >= max_chars:
+            break
+    return texts
+
+
+def run_recipe(recipe_path: str | Path, out: str | Path, *, progress: bool = True) -> Path:
+    """Run (or continue) the recipe into OUT; returns OUT/model."""
+    from codefill.model.checkpoint import load_model_dir, save_model_dir
+    from codefill.model.tiny import random_weights
+    from codefill.model.tokenizer import Tokenizer
+    from codefill.model.tokenizer_training import train_sentencepiece
+
+    from .mindrecord_io import pad_row, write_rows
+    from .tokenize_data import tokenize_fim
+    from .trainer import train
+
+    recipe = load_recipe(recipe_path)
+    root = recipe.source_root()
+    if not root.is_dir():
+        raise TrainError(f"recipe source {recipe.source!r} ({root}) is not a directory")
+    out = Path(out)
+    copy = out / "recipe.toml"
+    if copy.exists() and copy.read_text(encoding="utf-8") != recipe.text:
+        raise TrainError(f"{out} holds a run of a different recipe ({copy}); use another --output")
+    out.mkdir(parents=True, exist_ok=True)
+    copy.write_text(recipe.text, encoding="utf-8")
+    started = time.time()
+
+    summary_sources = SourceSummary()
+    files = list(iter_source_files(root, recipe.sources, summary_sources))
+    train_files = [f for f in files if not f.held_out]
+    held_files = [f for f in files if f.held_out]
+    if not train_files or not held_files:
+        raise TrainError(f"recipe source {root}: {len(train_files)} train and {len(held_files)} held-out files; "
+                         f"both must be non-empty\n{summary_sources.report()}")
+    _log(f"sources: {len(train_files)} train files ({sum(len(f.text) for f in train_files):,} chars), "
+         f"{len(held_files)} held out ({sum(len(f.text) for f in held_files):,} chars) under {root}")
+
+    tok_path = out / "tokenizer.model"
+    if not tok_path.exists():
+        _log(f"tokenizer: {recipe.vocab_size} pieces from up to {recipe.tokenizer_max_chars:,} characters")
+        train_sentencepiece(_tokenizer_texts(train_files, recipe.tokenizer_max_chars), tok_path, recipe.vocab_size)
+    tok = Tokenizer(tok_path)
+    arch = LlamaConfig(**recipe.arch, vocab_size=tok.vocab_size)
+
+    init_dir = out / "init"
+    if not (init_dir / "config.json").exists():
+        _log(f"init: {arch.n_params() / 1e6:.2f} M parameters, seed {recipe.init_seed}, std {recipe.init_std}")
+        save_model_dir(init_dir, arch, random_weights(arch, recipe.init_seed, recipe.init_std), tok_path,
+                       note=f"random initialisation of recipe {recipe.name}", overwrite=True)
+
+    data_dir = out / "data"
+    train_data, held_data = data_dir / "train.mindrecord", data_dir / "heldout.mindrecord"
+    row_length = recipe.train.seq_length + 1
+    if not train_data.exists():
+        _log(f"data: FIM rows of {row_length} tokens")
+        summary = tokenize_fim(init_dir, root, train_data, recipe.train.seq_length, fim=recipe.fim,
+                               sources=recipe.sources, overwrite=True)
+        _log("\n" + summary.report())
+    if not held_data.exists():
+        counts = FimCounts()
+        rows = fim_rows(tok, [(f.path, f.text) for f in held_files], row_length, recipe.fim, counts)
+        picked = [pad_row(ids, labels, row_length, tok.eos_id) for ids, labels in rows]
+        # An even spread over the held-out files, not their first rows only.
+        index = np.linspace(0, len(picked) - 1, min(recipe.heldout_rows, len(picked))).round().astype(int)
+        write_rows(held_data, [picked[i] for i in sorted(set(index.tolist()))], overwrite=True,
+                   description=f"codefill held-out FIM rows of {row_length} tokens")
+
+    run_dir = out / "run"
+    cfg = dataclasses.replace(recipe.train, eval_rows=recipe.heldout_rows)
+    result = train(init_dir, train_data, run_dir, cfg, held_out_data=held_data,
+                   resume=run_dir.exists(), progress=progress)
+    if result.model_dir is None:
+        raise TrainError(f"training stopped at step {result.steps} of {cfg.max_steps}; run the command again "
+                         f"to continue")
+
+    files_final = load_model_dir(result.model_dir, dtype=None)
+    weights = dict(files_final.weights)
+    if recipe.save_dtype == "bfloat16":
+        from codefill.model.safetensors_io import BFLOAT16, from_float32
+
+        weights = {k: from_float32(v, BFLOAT16) for k, v in weights.items()}
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [m for m in metrics if "loss" in m]
+    held = [m for m in metrics if "held_out_loss" in m]
+    note = (f"{recipe.name}: trained from scratch by `codefill recipe` on {recipe.source} "
+            f"({len(train_files)} files), {cfg.max_steps} steps; see TRAINING.md")
+    model_dir = save_model_dir(out / "model", arch, weights, tok_path, note=note, overwrite=True)
+    summary = {
+        "name": recipe.name, "source": recipe.source, "root": str(root), "python": platform.python_version(),
+        "train_files": len(train_files), "held_out_files": len(held_files),
+        "held_out_paths": [f.path for f in held_files],
+        "train_chars": sum(len(f.text) for f in train_files), "parameters": arch.n_params(),
+        "architecture": arch.to_dict(), "steps": cfg.max_steps,
+        "tokens_trained": sum(m["tokens"] for m in losses), "final_train_loss": losses[-1]["loss"] if losses else None,
+        "final_held_out_loss": held[-1]["held_out_loss"] if held else None,
+        "train_seconds_this_call": round(time.time() - started, 1),
+        "train_elapsed_s_last_segment": losses[-1]["elapsed_s"] if losses else None,
+        "save_dtype": recipe.save_dtype, "sources": summary_sources.report(),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _log(f"done: {model_dir}")
+    return model_dir

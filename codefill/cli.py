@@ -133,8 +133,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from codefill.lsp.server import Settings, main as serve_main
 
     if args.model is None:
-        raise CliError("give --model MODEL_DIR: the server tokenizes (workers see token ids only) and starts a "
-                       "worker on it unless --endpoint names a running one")
+        from codefill.bundled import bundled_model_dir
+
+        if not (bundled_model_dir() / "config.json").exists():
+            raise CliError(f"give --model MODEL_DIR (the bundled model {bundled_model_dir()} is not in this "
+                           f"install): the server tokenizes (workers see token ids only) and starts a worker on it "
+                           f"unless --endpoint names a running one")
+        args.model = str(bundled_model_dir())
     given = {  # Settings field: (flag, value); unset flags keep the Settings default
         "max_new_tokens": ("--max-new-tokens", args.max_new_tokens),
         "request_timeout_s": ("--request-timeout", args.request_timeout),
@@ -263,7 +268,9 @@ def cmd_eval_infill(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from codefill.demo import run_demo
 
-    run_demo(Path(args.model))
+    from codefill.bundled import bundled_model_dir
+
+    run_demo(Path(args.model) if args.model else bundled_model_dir())
 
 
 def cmd_data_alpaca(args: argparse.Namespace) -> None:
@@ -368,7 +375,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
         losses = train_on_ranks(Path(args.model), data, out, cfg, held_out_data=held, resume=args.resume)
         ranks = f"{cfg.dp} data-parallel" if cfg.tp == 1 else f"{cfg.tp} tensor-parallel"
-        print(f"trained {len(losses)} steps on {ranks} ranks; final loss {losses[-1]:.4f}; model in {out / 'model'}")
+        last = f"; final loss {losses[-1]:.4f}" if losses else ""
+        print(f"trained {len(losses)} steps on {ranks} ranks{last}; model in {out / 'model'}")
     else:
         from codefill.training.trainer import train
 
@@ -467,7 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stdio", action="store_true", help="speak LSP over stdin/stdout (the default)")
     p.add_argument("--tcp", metavar="[HOST:]PORT", help="serve one LSP client on a loopback TCP port instead of stdio")
     p.add_argument("--tp", type=int, help="start N tensor-parallel worker ranks (msrun) instead of one worker")
-    p.add_argument("--model", metavar="MODEL_DIR", help="its tokenizer; and a worker on it unless --endpoint")
+    p.add_argument("--model", metavar="MODEL_DIR", help="its tokenizer; and a worker on it unless --endpoint "
+                                                      "(default: the bundled model, models/codefill-stdlib)")
     p.add_argument("--endpoint", help="a running worker's ZeroMQ endpoint (ipc://PATH or tcp://127.0.0.1:PORT)")
     p.add_argument("--max-new-tokens", type=int, help="longest middle, in tokens (default: lsp.server.Settings)")
     p.add_argument("--worker-max-seq-len", type=int, help="context length of the worker this server starts")
@@ -531,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_recipe)
 
     p = sub.add_parser("demo", help="start the language server on a model and show a live completion")
-    p.add_argument("--model", default="models/default", metavar="MODEL_DIR")
+    p.add_argument("--model", metavar="MODEL_DIR", help="default: the bundled model, models/codefill-stdlib")
     p.set_defaults(func=cmd_demo)
 
     data = sub.add_parser("data", help="prepare training data").add_subparsers(dest="data_command", required=True)

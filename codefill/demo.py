@@ -74,7 +74,8 @@ def run_demo(model_dir: Path) -> None:
     if not (model_dir / "config.json").exists():
         from codefill.cli import CliError
 
-        raise CliError(f"no model directory at {model_dir} (run `codefill init-tiny --output {model_dir}`)")
+        raise CliError(f"no model directory at {model_dir} (the bundled one is models/codefill-stdlib; "
+                       f"`codefill recipe recipes/codefill-stdlib.toml` rebuilds it)")
     code = asyncio.run(_demo(model_dir))
     if code:
         print("the server answered with no inline completion item", file=sys.stderr)

@@ -1,7 +1,9 @@
 """Tensor parallelism: shard a plain `llama.Transformer` per rank, and drive all ranks from rank 0.
 
 The model file knows nothing of this. A rank builds the plain Transformer from the full config, then
-`shard_transformer` replaces its projection Cells with this rank's slices (gpt-fast's tp.py, in MindSpore):
+`shard_transformer` replaces its projection Cells with this rank's slices (gpt-fast's tp.py, in MindSpore;
+tensor-parallel training, training/tp_train.py, cuts the model with the same functions and then swaps wo, w2
+and the head for Cells whose backward is the one training needs):
 
 - column-parallel wq, wk, wv, w1, w3: rank r of N keeps output rows [r*out/N, (r+1)*out/N). For attention
   that is query heads [r*H/N, (r+1)*H/N) and KV heads [r*KV/N, (r+1)*KV/N). Query head h reads KV head h // R

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# README command (a): set up, build the default model if it is missing, start the completion service
-# (`codefill serve --stdio`) and show a live completion coming back through the language server.
+# README command (a): set up, start the completion service (`codefill serve --stdio`) on the bundled model
+# (models/codefill-stdlib, trained by `codefill recipe recipes/codefill-stdlib.toml`) and show live completions
+# coming back through the language server. CODEFILL_MODEL=DIR serves another MODEL_DIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-model=${CODEFILL_MODEL:-models/default}
+model=${CODEFILL_MODEL:-models/codefill-stdlib}
 if [ ! -f "$model/config.json" ]; then
-  # Until the bundled trained model lands (issue 6), the default is an untrained tiny model built here.
-  .venv/bin/codefill init-tiny --output "$model"
+  echo "no model at $model: the bundled model ships in the repository (git LFS is not used); rebuild it with" >&2
+  echo "  .venv/bin/codefill recipe recipes/codefill-stdlib.toml --output runs/codefill-stdlib" >&2
+  exit 1
 fi
 exec .venv/bin/codefill demo --model "$model"

@@ -1,4 +1,6 @@
-"""Start `codefill train --dp N` as N msrun ranks of train_rank.py and supervise them (inference_workers/launch)."""
+"""Start `codefill train --dp N` or `--tp N` as N msrun ranks of train_rank.py and supervise them
+(inference_workers/launch). The TP size and what it is combined with are checked (tp_train.check_train_tp)
+before msrun starts, so a size that does not divide the heads, FFN or vocabulary never starts a rank."""
 
 from __future__ import annotations
 
@@ -16,11 +18,21 @@ RANK_SCRIPT = Path(__file__).with_name("train_rank.py")
 def train_on_ranks(model_dir: str | Path, data: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
                    held_out_data: str | Path | None = None, resume: bool = False,
                    stop_after: int | None = None, timeout_s: float | None = None) -> list[float]:
-    """Run the job to the end; return rank 0's per-step losses. A failing rank raises TrainError with its
-    traceback."""
+    """Run the job on dp * tp ranks to the end; return rank 0's per-step losses. A failing rank raises
+    TrainError with its traceback."""
     import time
 
     from codefill.inference_workers.launch import _alive, start_job
+    from codefill.model.checkpoint import CheckpointError, read_model_config
+
+    from .tp_train import check_train_tp
+
+    try:
+        arch, _, _ = read_model_config(Path(model_dir))
+    except CheckpointError as e:
+        raise TrainError(str(e)) from e
+    check_train_tp(cfg, arch)
+    world = cfg.dp * cfg.tp
 
     args = ["--model", str(Path(model_dir).absolute()), "--data", str(Path(data).absolute()),
             "--output", str(Path(out_dir).absolute()), "--config", json.dumps(cfg.to_dict())]
@@ -32,7 +44,7 @@ def train_on_ranks(model_dir: str | Path, data: str | Path, out_dir: str | Path,
         args += ["--stop-after", str(stop_after)]
     run_dir = Path(tempfile.mkdtemp(prefix="codefill-train-"))
     args += ["--run-dir", str(run_dir)]
-    job = start_job(RANK_SCRIPT, args, cfg.dp, run_dir=run_dir)
+    job = start_job(RANK_SCRIPT, args, world, run_dir=run_dir)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
         while True:
@@ -46,10 +58,10 @@ def train_on_ranks(model_dir: str | Path, data: str | Path, out_dir: str | Path,
             if failed:
                 time.sleep(0.5)  # let the log reach the file
                 raise TrainError(f"training rank {failed[0]} failed:\n{job.rank_traceback(failed[0])}")
-            if len(pids) == cfg.dp and all((run_dir / f"done-{r}").exists() for r in range(cfg.dp)):
+            if len(pids) == world and all((run_dir / f"done-{r}").exists() for r in range(world)):
                 break  # every rank finished cleanly; msrun may take a while to notice
             if deadline is not None and time.monotonic() > deadline:
-                raise TrainError(f"training on {cfg.dp} ranks did not finish in {timeout_s} s:\n{job.rank_traceback()}")
+                raise TrainError(f"training on {world} ranks did not finish in {timeout_s} s:\n{job.rank_traceback()}")
             time.sleep(0.2)
     finally:
         job.stop(5)

@@ -5,6 +5,11 @@
         grads = buffers (all-reduced over data-parallel ranks) / n_tokens   n_tokens: the global batch's count
         clip to clip_norm by the global L2 norm, AdamW (decoupled weight decay, bias-corrected), zero buffers
 
+Under tensor parallelism (tp_train.py) the parameters named in `sharded` are this rank's slices and their
+gradients are those of the slices; the others are replicated with whole, identical gradients on every rank.
+Nothing is all-reduced but the squared norm: sharded squares summed over the ranks, replicated ones once, so
+every rank clips by the same true global norm. Each rank's AdamW state is that of its own slices.
+
 All optimiser state is float32 Parameters named `adam_m.<param>`, `adam_v.<param>` plus `adam_step`, so a
 checkpoint holds it by name and a resumed run continues bit for bit. Weight decay skips 1-D tensors (RMSNorm
 gains) and LoRA's B, as is usual.
@@ -38,28 +43,36 @@ def _cells():
             return loss
 
     class Apply(nn.Cell):
-        def __init__(self, params, buffers, m, v, step, decay_mask, cfg, world: int):
+        def __init__(self, params, buffers, m, v, step, decay_mask, sharded_mask, cfg, world: int):
             super().__init__(auto_prefix=False)
             self.params, self.buffers = ms.ParameterTuple(params), ms.ParameterTuple(buffers)
             self.m, self.v = ms.ParameterTuple(m), ms.ParameterTuple(v)
             self.step = step
             self.decay = tuple(float(cfg.weight_decay) if d else 0.0 for d in decay_mask)
+            self.sharded = tuple(bool(s) for s in sharded_mask)
+            self.tensor_parallel = any(self.sharded)
             self.beta1, self.beta2, self.eps, self.clip = cfg.beta1, cfg.beta2, cfg.eps, float(cfg.clip_norm)
-            self.world = world
-            self.all_reduce = ops.AllReduce() if world > 1 else None
+            self.world = world  # data-parallel ranks
+            self.all_reduce = ops.AllReduce() if world > 1 or self.tensor_parallel else None
 
         def construct(self, n_tokens, lr, loss_sum):
             if self.world > 1:
                 loss_sum = self.all_reduce(loss_sum)
             grads = []
             sq = ops.zeros((), ms.float32)
-            for buf in self.buffers:
+            sq_sharded = ops.zeros((), ms.float32)
+            for buf, sharded in zip(self.buffers, self.sharded):
                 g = buf
                 if self.world > 1:
                     g = self.all_reduce(g)
                 g = g / n_tokens
                 grads.append(g)
-                sq = sq + (g * g).sum()
+                if sharded:
+                    sq_sharded = sq_sharded + (g * g).sum()
+                else:
+                    sq = sq + (g * g).sum()
+            if self.tensor_parallel:
+                sq = sq + self.all_reduce(sq_sharded)
             norm = ops.sqrt(sq)
             factor = ops.ones((), ms.float32)
             if self.clip > 0:
@@ -83,9 +96,10 @@ def _cells():
 
 
 class Optimizer:
-    """AdamW over `params` (MindSpore Parameters, trained in float32) with gradient accumulation buffers."""
+    """AdamW over `params` (MindSpore Parameters, trained in float32) with gradient accumulation buffers.
+    `world`: data-parallel ranks; `sharded`: names of tensor-parallel slices (see the module docstring)."""
 
-    def __init__(self, loss_net, params: dict, cfg, world: int = 1):
+    def __init__(self, loss_net, params: dict, cfg, world: int = 1, sharded: frozenset[str] = frozenset()):
         import mindspore as ms
         from mindspore import Parameter, Tensor
 
@@ -100,7 +114,8 @@ class Optimizer:
         self.step = Parameter(Tensor(np.zeros((), np.float32)), name="adam_step", requires_grad=False)
         decay = [len(p.shape) > 1 and not n.endswith(".lora_b") for n, p in zip(self.names, plist)]
         self.accumulate = Accumulate(loss_net, plist, self.buffers)
-        self.apply = Apply(plist, self.buffers, self.m, self.v, self.step, decay, cfg, world)
+        self.apply = Apply(plist, self.buffers, self.m, self.v, self.step, decay, [n in sharded for n in self.names],
+                           cfg, world)
         self.params = params
         self._f32 = ms.float32
 
@@ -111,6 +126,10 @@ class Optimizer:
             out[f"adam_m.{n}"] = m.asnumpy()
             out[f"adam_v.{n}"] = v.asnumpy()
         return out
+
+    def moments(self) -> dict:
+        """The AdamW moment Parameters by state name (adam_m.<name>, adam_v.<name>)."""
+        return {p.name: p for p in self.m + self.v}
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         from mindspore import Tensor

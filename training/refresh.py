@@ -5,8 +5,8 @@ on the user's repository, and switch the running workers to it only if it got be
                   deterministic share of files is held out and listed in OUT.data/train.heldout.json).
                   An existing OUT.data is reused (resume); delete it to re-read the repository.
     2. before     greedy FIM score of MODEL_DIR on tasks cut from the held-out files (fim_eval.py)
-    3. finetune   the `refresh` preset (LoRA) by default: trainer.train, or msrun ranks for --dp > 1;
-                  the merged weights land in OUT/model
+    3. finetune   the `refresh` preset (LoRA) by default: trainer.train, or msrun ranks for --dp > 1 or
+                  --tp > 1 (full finetune only: tp_train.py); the merged weights land in OUT/model
     4. after      the same tasks on OUT/model
     5. decide     better = more exact matches, ties broken by mean edit similarity (FimScore.better_than)
     6. publish    only if better and an endpoint is given: ReloadWeights(OUT/model) to the running workers
@@ -68,6 +68,12 @@ def refresh(model_dir: str | Path, repo: str | Path, out: str | Path, cfg: Train
     from .tokenize_data import held_out_list_path, read_held_out_list, tokenize_fim
 
     model_dir, out = Path(model_dir), Path(out)
+    if cfg.tp > 1:  # refuse what tensor-parallel training does not support before tokenizing and evaluating
+        from codefill.model.checkpoint import read_model_config
+
+        from .tp_train import check_train_tp
+
+        check_train_tp(cfg, read_model_config(model_dir)[0])
     data = data_path(out)
     if not data.exists():
         log(tokenize_fim(model_dir, Path(repo), data, seq_length or cfg.seq_length,
@@ -82,11 +88,11 @@ def refresh(model_dir: str | Path, repo: str | Path, out: str | Path, cfg: Train
     before = evaluate_model_dir(model_dir, tasks, eval_config)
     log("  " + before.report("before"))
 
-    if cfg.dp > 1:
+    if cfg.dp > 1 or cfg.tp > 1:
         from .launch_train import train_on_ranks
 
         losses = train_on_ranks(model_dir, data, out, cfg, resume=resume)
-        log(f"trained {len(losses)} steps on {cfg.dp} ranks; final loss {losses[-1]:.4f}")
+        log(f"trained {len(losses)} steps on {cfg.dp * cfg.tp} ranks; final loss {losses[-1]:.4f}")
         new_dir = out / "model"
     else:
         from .trainer import train

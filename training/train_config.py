@@ -63,7 +63,7 @@ class TrainConfig:
     save_every: int = 100  # checkpoint every N steps (and at the end)
     keep_last: int = 2  # checkpoints kept; older ones are deleted after a newer one is complete
     dp: int = 1  # data-parallel ranks (msrun)
-    tp: int = 1  # tensor-parallel ranks (msrun); not implemented for training yet
+    tp: int = 1  # tensor-parallel ranks (msrun; tp_train.py): full finetune only, with dp 1
     lora: LoraConfig | None = field(default_factory=LoraConfig)
 
     def __post_init__(self):

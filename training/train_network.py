@@ -9,6 +9,10 @@ updated here is the weight the model serves with. Parity with the serving path i
 Every wrapper Cell here is built with auto_prefix=False so MindSpore keeps the model's parameter names
 (`layers.0.attention.wq.weight`), which the optimiser state and the checkpoints are keyed by.
 
+The same Cell trains a tensor-parallel shard (tp_train.py): head counts come from the attention Cell (the
+shard's own, H/N and KV/N), and `replicated_input`, the identity by default, is tensor parallelism's f: every
+normed hidden state passes it once before the column-parallel matmuls that read it (wq/wk/wv, w1/w3, head).
+
 Shapes: B rows, T positions, H query heads, KV key/value heads, R = H // KV, D head_dim, V vocab.
 """
 
@@ -41,18 +45,25 @@ def _cells():
         def construct(self, x, seed):
             return self.base(x)
 
+    class Identity(nn.Cell):
+        def construct(self, x):
+            return x
+
     class Block(nn.Cell):
-        def __init__(self, layer, projections: dict, cfg):
+        def __init__(self, layer, projections: dict, cfg, replicated_input):
             super().__init__(auto_prefix=False)
             self.attention_norm, self.ffn_norm = layer.attention_norm, layer.ffn_norm
             self.wq, self.wk, self.wv, self.wo = (projections[k] for k in ("wq", "wk", "wv", "wo"))
             self.w1, self.w2, self.w3 = (projections[k] for k in ("w1", "w2", "w3"))
-            self.n_heads, self.n_kv_heads, self.head_dim, self.n_rep = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_rep
+            attn = layer.attention  # a tensor-parallel shard has H/N and KV/N heads here; R and D are unchanged
+            self.n_heads, self.n_kv_heads = attn.n_heads, attn.n_kv_heads
+            self.head_dim, self.n_rep = cfg.head_dim, cfg.n_rep
             self.scale = 1.0 / float(np.sqrt(cfg.head_dim))
+            self.replicated_input = replicated_input
 
         def construct(self, x, cos, sin, mask, seed):
             b, t = x.shape[0], x.shape[1]
-            h = self.attention_norm(x)
+            h = self.replicated_input(self.attention_norm(x))
             q = self.wq(h, seed).reshape(b, t, self.n_heads, self.head_dim)
             k = self.wk(h, seed).reshape(b, t, self.n_kv_heads, self.head_dim)
             v = self.wv(h, seed).reshape(b, t, self.n_kv_heads, self.head_dim)
@@ -65,7 +76,7 @@ def _cells():
             scores = ops.matmul(q, k.transpose(0, 1, 3, 2)) + mask  # [B, H, T, T]
             out = ops.matmul(ops.softmax(scores, -1), v).transpose(0, 2, 1, 3)  # [B, T, H, D]
             x = x + self.wo(out.reshape(b, t, self.n_heads * self.head_dim), seed)
-            h = self.ffn_norm(x)
+            h = self.replicated_input(self.ffn_norm(x))
             return x + self.w2(ops.silu(self.w1(h, seed)) * self.w3(h, seed), seed)
 
     class LanguageModelLoss(nn.Cell):
@@ -73,11 +84,13 @@ def _cells():
 
         A sum, not a mean: the trainer divides by the labelled-token count of the whole global batch."""
 
-        def __init__(self, model: Transformer, lora: LoraConfig | None, adapters: dict[str, np.ndarray] | None):
+        def __init__(self, model: Transformer, lora: LoraConfig | None, adapters: dict[str, np.ndarray] | None,
+                     replicated_input):
             super().__init__(auto_prefix=False)
             from .lora import lora_cell_class
 
             cfg = model.config
+            self.replicated_input = replicated_input if replicated_input is not None else Identity()
             self.model_embed, self.norm, self.output = model.tok_embeddings, model.norm, model.output
             self.rope_cos, self.rope_sin = model.rope_cos, model.rope_sin
             blocks = []
@@ -95,7 +108,7 @@ def _cells():
                                                       salt=i * 7 + "wq wk wv wo w1 w2 w3".split().index(key) + 1)
                     else:
                         projections[key] = Plain(base)
-                blocks.append(Block(layer, projections, cfg))
+                blocks.append(Block(layer, projections, cfg, self.replicated_input))
             self.blocks = nn.CellList(blocks, auto_prefix=False)
             self.vocab_size = cfg.vocab_size
 
@@ -110,7 +123,7 @@ def _cells():
             mask = ops.select(visible, zeros, zeros - 1e30).reshape(1, 1, t, t)
             for block in self.blocks:
                 x = block(x, cos, sin, mask, seed)
-            return self.output(self.norm(x))  # [B, T, V]
+            return self.output(self.replicated_input(self.norm(x)))  # [B, T, V]
 
         def construct(self, tokens, labels, seed):
             logits = self.logits(tokens, seed).reshape(-1, self.vocab_size)  # [B*T, V]
@@ -125,9 +138,10 @@ def _cells():
 
 
 def language_model_loss(model: Transformer, lora: LoraConfig | None = None,
-                        adapters: dict[str, np.ndarray] | None = None):
-    """The loss Cell over `model`'s own parameters (plus LoRA adapters when `lora` is given)."""
-    return _cells()(model, lora, adapters)
+                        adapters: dict[str, np.ndarray] | None = None, replicated_input=None):
+    """The loss Cell over `model`'s own parameters (plus LoRA adapters when `lora` is given).
+    `replicated_input`: tp_train.shard_for_training's f Cell for a tensor-parallel shard, else None."""
+    return _cells()(model, lora, adapters, replicated_input)
 
 
 def shifted(rows_ids: np.ndarray, rows_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

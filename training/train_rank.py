@@ -1,4 +1,5 @@
-"""The msrun rank script of `codefill train --dp N`: join the job, then run `trainer.train` as this rank.
+"""The msrun rank script of `codefill train --dp N` / `--tp N`: join the job, then run `trainer.train` as this
+rank.
 
     msrun --worker_num=N ... training/train_rank.py --model DIR --data DATA --output OUT --config JSON
 """

@@ -1,5 +1,6 @@
-"""`codefill train --model MODEL_DIR --data DATA --output OUT`: finetune in graph mode, on one process or on
-data-parallel msrun ranks (each rank calls `train` with its rank and world size).
+"""`codefill train --model MODEL_DIR --data DATA --output OUT`: finetune in graph mode, on one process, on
+data-parallel msrun ranks (--dp N) or on tensor-parallel ones (--tp N); each rank calls `train` with its rank
+and world size.
 
 One optimiser step:
     rows of the global batch (micro_batch * grad_accum * dp) are picked by a seeded permutation per epoch,
@@ -7,6 +8,11 @@ One optimiser step:
     rank r takes its contiguous share; each micro-batch adds the gradient of its summed token loss
     (`optimizer.Accumulate`); `optimizer.Apply` all-reduces, divides by the global batch's labelled-token
     count, clips and takes an AdamW step at the cosine schedule's learning rate.
+
+Tensor parallel (tp_train.py): every rank holds the serving shard of the model (inference_workers/tp.py) and
+runs the same rows; the forward and backward are collective, so every rank also runs each held-out
+evaluation and each checkpoint's gather, and rank 0 writes. Checkpoints and OUT/model hold full tensors, the
+same files as a one-process run; on resume each rank cuts its slices from them.
 
 Outputs in OUT:
     metrics.jsonl      one JSON object per logged step ({"step", "loss", "lr", "grad_norm", "tokens",
@@ -111,17 +117,18 @@ def train(model_dir: str | Path, data: str | Path, out_dir: str | Path, cfg: Tra
 
     from .optimizer import Optimizer
     from .plot_png import plot_losses
+    from .tp_train import ShardGatherer, check_train_tp, is_sharded, shard_for_training, shard_state
     from .train_network import language_model_loss, shifted
 
-    if cfg.tp != 1:
-        raise TrainError(f"tensor-parallel training (--tp {cfg.tp}) is not implemented yet; use --dp")
-    if world != cfg.dp:
-        raise TrainError(f"the run has {world} ranks but the config asks for dp {cfg.dp}")
+    if world != cfg.dp * cfg.tp:
+        raise TrainError(f"the run has {world} ranks but the config asks for dp {cfg.dp} x tp {cfg.tp}")
     out_dir = Path(out_dir)
     if world == 1:  # ranks configured MindSpore before joining the job (train_rank.py)
         configure_mindspore()
     files = load_model_dir(model_dir)
     arch = files.config
+    check_train_tp(cfg, arch)
+    tp_rank, dp_rank = rank % cfg.tp, rank // cfg.tp  # the tp ranks of one data shard are adjacent
 
     ids, labels = read_dataset(data)
     seq_length = ids.shape[1] - 1
@@ -136,12 +143,19 @@ def train(model_dir: str | Path, data: str | Path, out_dir: str | Path, cfg: Tra
     held_set = (held_set[0][:cfg.eval_rows], held_set[1][:cfg.eval_rows])
 
     model = Transformer(arch, max_batch=1, max_seq_len=seq_length)
-    load_weights(model, files.weights)
+    replicated_input = None
+    if cfg.tp > 1:
+        from codefill.inference_workers.tp import load_shard, shard_weights
+
+        replicated_input = shard_for_training(model, tp_rank, cfg.tp)
+        load_shard(model, shard_weights(arch, files.weights, tp_rank, cfg.tp), cfg.tp)
+    else:
+        load_weights(model, files.weights)
     base_weights = files.weights
     adapters = None
     if cfg.lora is not None:
         adapters = init_adapters(expected_shapes(arch), arch.n_layers, cfg.lora, cfg.seed)
-    loss_net = language_model_loss(model, cfg.lora, adapters)
+    loss_net = language_model_loss(model, cfg.lora, adapters, replicated_input)
     weights = weight_parameters(model)
     if cfg.lora is None:
         trained = weights
@@ -149,7 +163,16 @@ def train(model_dir: str | Path, data: str | Path, out_dir: str | Path, cfg: Tra
         for p in weights.values():
             p.requires_grad = False
         trained = {p.name: p for _, p in loss_net.parameters_and_names() if p.name.endswith((".lora_a", ".lora_b"))}
-    opt = Optimizer(loss_net, trained, cfg, world)
+    sharded = frozenset(n for n in trained if cfg.tp > 1 and is_sharded(n))
+    opt = Optimizer(loss_net, trained, cfg, cfg.dp, sharded)
+    gatherer = ShardGatherer({**trained, **opt.moments()}, cfg.tp) if cfg.tp > 1 else None
+
+    def full_state() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(trained tensors, optimiser state), whole; under TP a collective every rank calls."""
+        if gatherer is None:
+            return {n: p.asnumpy() for n, p in trained.items()}, opt.state()
+        full = gatherer.gather()
+        return {n: full[n] for n in trained}, {n: full.get(n, v) for n, v in opt.state().items()}
 
     start, metrics_lines = 0, 0
     metrics_path = out_dir / "metrics.jsonl"
@@ -157,8 +180,11 @@ def train(model_dir: str | Path, data: str | Path, out_dir: str | Path, cfg: Tra
     if ckpt is not None:
         tensors, opt_state, state = load_checkpoint(ckpt)
         saved_cfg = TrainConfig.from_dict(state["config"])
-        if replace(saved_cfg, max_steps=cfg.max_steps) != replace(cfg, max_steps=cfg.max_steps):
+        # full tensors whatever the TP size, so --tp may change; anything else would change the run
+        if replace(saved_cfg, max_steps=cfg.max_steps, tp=cfg.tp) != replace(cfg, max_steps=cfg.max_steps):
             raise TrainError(f"checkpoint {ckpt} was made with a different config: {saved_cfg} vs {cfg}")
+        if cfg.tp > 1:
+            tensors, opt_state = shard_state(tensors, tp_rank, cfg.tp), shard_state(opt_state, tp_rank, cfg.tp)
         if set(tensors) != set(trained):
             raise TrainError(f"checkpoint {ckpt} trained tensors differ from this run's: "
                              f"{sorted(set(tensors) ^ set(trained))[:4]}")
@@ -183,7 +209,7 @@ def train(model_dir: str | Path, data: str | Path, out_dir: str | Path, cfg: Tra
     t_start, tokens_seen = time.perf_counter(), 0
 
     def evaluate(step: int) -> None:
-        if rank != 0 or not len(held_set[0]):
+        if (rank != 0 and cfg.tp == 1) or not len(held_set[0]):  # under TP the forward is collective
             return
         total, count = 0.0, 0
         for i in range(0, len(held_set[0]), cfg.micro_batch):
@@ -196,19 +222,20 @@ def train(model_dir: str | Path, data: str | Path, out_dir: str | Path, cfg: Tra
             count += int((y != -100).sum())
         value = total / max(1, count)
         result.held_out.append((step, value))
-        _append(metrics_path, records, {"step": step, "held_out_loss": value})
+        if rank == 0:
+            _append(metrics_path, records, {"step": step, "held_out_loss": value})
 
     for step in range(start, end):
         rows = global_batch_rows(n_train, step, cfg.global_batch, cfg.seed)
         x_all, y_all = shifted(train_set[0][rows], train_set[1][rows])
         n_tokens = int((y_all != -100).sum())
-        mine = slice(rank * per_rank, (rank + 1) * per_rank)
+        mine = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
         x, y = x_all[mine], y_all[mine]
         lr = cosine_lr(cfg, step)
         loss_sum = 0.0
         for m in range(cfg.grad_accum):
             part = slice(m * cfg.micro_batch, (m + 1) * cfg.micro_batch)
-            seed = float(1 + ((step * cfg.grad_accum + m) * world + rank) % 1_000_003)
+            seed = float(1 + ((step * cfg.grad_accum + m) * cfg.dp + dp_rank) % 1_000_003)
             loss_sum += float(opt.accumulate(Tensor(x[part]), Tensor(y[part]), Tensor(seed, ms.float32)).asnumpy())
         total, norm = opt.apply(Tensor(float(max(1, n_tokens)), ms.float32), Tensor(lr, ms.float32),
                                 Tensor(loss_sum, ms.float32))
@@ -226,20 +253,26 @@ def train(model_dir: str | Path, data: str | Path, out_dir: str | Path, cfg: Tra
                 _progress(done, cfg.max_steps, loss, tps, elapsed / (done - start) * (cfg.max_steps - done))
         if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_steps:
             evaluate(done)
-        if rank == 0 and ((cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps or done == end):
-            save_checkpoint(out_dir, done, {n: p.asnumpy() for n, p in trained.items()}, opt.state(),
-                            {"config": cfg.to_dict(), "base_model": str(Path(model_dir).absolute()),
-                             "metrics_lines": len(records)}, cfg.keep_last)
+        if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps or done == end:
+            tensors, opt_state = full_state() if gatherer is not None or rank == 0 else ({}, {})
+            if rank == 0:
+                save_checkpoint(out_dir, done, tensors, opt_state,
+                                {"config": cfg.to_dict(), "base_model": str(Path(model_dir).absolute()),
+                                 "metrics_lines": len(records)}, cfg.keep_last)
         result.steps = done
     if progress and rank == 0:
         sys.stderr.write("\n")
     result.tokens_per_s = tokens_seen / max(time.perf_counter() - t_start, 1e-9)
 
+    final = None
+    if result.steps == cfg.max_steps and gatherer is not None:  # collective: before the rank-0-only part
+        final = full_state()[0]
     if rank == 0:
         plot_losses(out_dir / "loss.png", [(r["step"], r["loss"]) for r in records if "loss" in r],
                     [(r["step"], r["held_out_loss"]) for r in records if "held_out_loss" in r])
         if result.steps == cfg.max_steps:
-            final = {n: p.asnumpy() for n, p in weights.items()}
+            if final is None:
+                final = {n: p.asnumpy() for n, p in weights.items()}
             if cfg.lora is not None:
                 ad = {n: p.asnumpy() for n, p in trained.items()}
                 final = merge_adapters(base_weights, ad, arch.n_layers, cfg.lora)

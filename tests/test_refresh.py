@@ -376,3 +376,35 @@ def test_train_repo_measures_decides_and_publishes(old_dir, worker, tmp_path, ca
         assert f"published {out / 'model'}" in text and served == reference
     else:
         assert "not published" in text and served != reference
+
+
+def test_train_repo_publishes_weights_that_got_better(old_dir, worker, tmp_path, capsys):
+    """The "better, so publish" branch, made certain: every file of the repository repeats the same lines, so
+    a few steps of training take the random model's held-out answers from noise to near copies (a higher edit
+    similarity at least), and the workers must end up serving exactly the new weights."""
+    from codefill.cli import main
+    from codefill.training.source_files import is_held_out
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    fraction = 0.3
+    names = [f"mod_{i}.py" for i in range(40)]
+    held = [n for n in names if is_held_out(n, fraction)][:1]
+    train_names = [n for n in names if not is_held_out(n, fraction)][:6]
+    body = "".join(FIXED_CORPUS.splitlines(keepends=True)[:6]) * 4
+    for k, name in enumerate(train_names + held):
+        (repo / name).write_text(f"# module {k}\n" + body)
+    _git(repo, "add", ".")
+    out = tmp_path / "run"
+    code = main(["train", "--repo", str(repo), "--model", str(old_dir), "--output", str(out), "--preset", "tiny-test",
+                 "--seq-length", "64", "--max-steps", "60", "--held-out-fraction", str(fraction),
+                 "--eval-tasks", "4", "--eval-max-new-tokens", "12", "--publish", worker])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "decision: the new weights are better" in text, text
+    assert f"published {out / 'model'}" in text, text
+    reference = greedy_reference(out / "model", PROMPTS[:1], 8)[0]
+    with WorkerClient(worker, timeout_s=60) as client:
+        served = [t.token_id for t in client.complete(PROMPTS[0], 8)[0]]
+    assert served == reference

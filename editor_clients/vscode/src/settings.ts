@@ -40,10 +40,8 @@ export function serverCommand(
   if (!command) {
     return { error: "codefill.command is empty: set it to the codefill executable" };
   }
-  if (!model) {
-    return { error: "codefill.model is empty: set it to a MODEL_DIR (see the README)" };
-  }
-  const args = ["serve", "--stdio", "--model", model];
+  // An empty model: the server's own default, the bundled model (models/codefill-stdlib).
+  const args = model ? ["serve", "--stdio", "--model", model] : ["serve", "--stdio"];
   if (endpoint) {
     args.push("--endpoint", endpoint);
   }

@@ -242,7 +242,7 @@ def cmd_eval_humaneval(args: argparse.Namespace) -> None:
     config = humaneval.HumanEvalConfig(samples=args.samples, temperature=args.temperature, top_p=args.top_p,
                                        ks=tuple(int(k) for k in args.k.split(",")), max_new_tokens=args.max_new_tokens,
                                        limit=args.limit, seed=args.seed, workers=args.workers)
-    summary = humaneval.run(Path(args.model), config, Path(args.out))
+    summary = humaneval.run(Path(args.model), config, Path(args.out), endpoint=args.endpoint)
     print(humaneval.report(summary))
 
 
@@ -261,7 +261,7 @@ def cmd_eval_infill(args: argparse.Namespace) -> None:
             exclude=tuple(e for e in (args.exclude or "").split(",") if e),
             fim=FimEvalConfig(max_tasks=args.fim_tasks, max_new_tokens=args.fim_max_new_tokens))
     summary = infilling.run(Path(args.model), Path(args.out), config, held_out=held, baseline=args.baseline,
-                            humaneval=not args.no_humaneval)
+                            humaneval=not args.no_humaneval, endpoint=args.endpoint)
     print(infilling.report(summary))
 
 
@@ -610,6 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="sandboxed test processes at a time")
     p.add_argument("--out", default="eval_results", metavar="DIR")
+    p.add_argument("--endpoint", help="evaluate the workers serving MODEL_DIR there (e.g. `codefill workers --tp N`); "
+                                      "MODEL_DIR then gives only the tokenizer")
     p.set_defaults(func=cmd_eval_humaneval)
     p = evals.add_parser("infill", help="HumanEval single/multi-line infilling (tests run) and held-out FIM "
                                         "(exact match, edit similarity), for a model or the n-gram baseline")
@@ -628,6 +630,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fim-max-new-tokens", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="sandboxed test processes at a time")
     p.add_argument("--out", default="eval_results", metavar="DIR")
+    p.add_argument("--endpoint", help="evaluate the workers serving MODEL_DIR there (e.g. `codefill workers --tp N`); "
+                                      "MODEL_DIR then gives only the tokenizer")
     p.set_defaults(func=cmd_eval_infill)
 
     p = sub.add_parser("merge", help="merge tensor-parallel shards (a split directory) back into one MODEL_DIR")

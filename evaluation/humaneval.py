@@ -301,10 +301,24 @@ def execute(problems: Sequence[Problem], samples: Sequence[Sample], config: Huma
 # --- the whole run --------------------------------------------------------------------------------------
 
 
-def run(model_dir: str | Path, config: HumanEvalConfig = HumanEvalConfig(), out_dir: str | Path = "eval_results"
-        ) -> dict:
-    """`codefill eval humaneval`: the model in MODEL_DIR, in this process."""
-    return run_with(lambda: model_completer(model_dir, config), config, out_dir, model=str(model_dir))
+def run(model_dir: str | Path, config: HumanEvalConfig = HumanEvalConfig(), out_dir: str | Path = "eval_results",
+        endpoint: str | None = None) -> dict:
+    """`codefill eval humaneval`: the model in MODEL_DIR, in this process; or, with `endpoint`, the workers
+    serving it there (MODEL_DIR then gives only the tokenizer; see worker_completer.py)."""
+    if endpoint is None:
+        return run_with(lambda: model_completer(model_dir, config), config, out_dir, model=str(model_dir))
+
+    def make_complete() -> Complete:
+        from codefill.model.checkpoint import model_dir_tokenizer_path
+        from codefill.model.tokenizer import Tokenizer
+
+        from . import worker_completer
+
+        tok = Tokenizer(model_dir_tokenizer_path(model_dir))
+        client = worker_completer.connect(endpoint)
+        return worker_completer.text_complete(client, tok, config, worker_completer.context(client, tok))
+
+    return run_with(make_complete, config, out_dir, model=f"{model_dir} served at {endpoint}")
 
 
 def run_with(make_complete: Callable[[], Complete], config: HumanEvalConfig, out_dir: str | Path, model: str,

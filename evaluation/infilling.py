@@ -241,7 +241,7 @@ def build_baseline(tok, held: HeldOutConfig):
 
 def run(model_dir: str | Path, out_dir: str | Path, config: InfillConfig = InfillConfig(), *,
         held_out: HeldOutConfig | None = None, baseline: str | None = None, humaneval: bool = True,
-        progress: bool = True) -> dict:
+        endpoint: str | None = None, progress: bool = True) -> dict:
     """Evaluate a MODEL_DIR (or, with baseline="ngram", the n-gram baseline built with its tokenizer on the
     train files of `held_out`'s source) on HumanEval infilling and/or held-out FIM. Writes OUT/NAME.json and
     OUT/NAME_tasks.jsonl, NAME = infill or infill_ngram; returns the summary."""
@@ -255,6 +255,21 @@ def run(model_dir: str | Path, out_dir: str | Path, config: InfillConfig = Infil
         raise EvalError(f"unknown baseline {baseline!r}; known: ngram")
     if baseline is not None and held_out is None:
         raise EvalError("the n-gram baseline is built from the train files of a source: give one (--source)")
+    if baseline is not None and endpoint is not None:
+        raise EvalError("give either --baseline or --endpoint: the baseline runs in this process")
+    if endpoint is not None:  # the workers hold the model; MODEL_DIR gives the tokenizer
+        from codefill.model.checkpoint import model_dir_tokenizer_path
+
+        from . import worker_completer
+
+        tok = Tokenizer(model_dir_tokenizer_path(model_dir))
+        if not tok.has_infilling:
+            raise EvalError(f"the tokenizer of {model_dir} has no infilling pieces; infilling needs a Code Llama "
+                            f"base tokenizer (7B/13B), not a Python or 34B one")
+        client = worker_completer.connect(endpoint)
+        max_seq_len = worker_completer.context(client, tok)
+        return _score(worker_completer.fim_complete(client), tok, max_seq_len, f"{model_dir} served at {endpoint}",
+                      "infill", model_dir, out_dir, config, held_out, humaneval, progress)
     files = load_model_dir(model_dir)
     tok = Tokenizer(files.tokenizer_path)
     if not tok.has_infilling:
@@ -270,6 +285,11 @@ def run(model_dir: str | Path, out_dir: str | Path, config: InfillConfig = Infil
 
         complete = generator_complete(Generator(files.config, files.weights, max_seq_len=max_seq_len, max_batch=1))
         name, what = "infill", str(model_dir)
+    return _score(complete, tok, max_seq_len, what, name, model_dir, out_dir, config, held_out, humaneval, progress)
+
+
+def _score(complete: Complete, tok, max_seq_len: int, what: str, name: str, model_dir, out_dir,
+           config: InfillConfig, held_out: HeldOutConfig | None, humaneval: bool, progress: bool) -> dict:
     summary: dict = {"evaluated": what, "model_dir": str(model_dir), "config": config_summary(config)}
     rows: list[dict] = []
     if humaneval:

@@ -205,3 +205,41 @@ def test_eval_humaneval_command_on_a_tiny_model(tiny, tmp_path):
     assert "pass@1" in done.stdout
     done = _codefill("eval", "humaneval", "--model", tiny, "--samples", "2", "--out", tmp_path, check=False)
     assert done.returncode == 2 and "temperature" in done.stderr
+
+
+# --- through running workers (--endpoint): the same answers as in process -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_worker(tiny):
+    from codefill.inference_workers.client import spawn_worker, stop_worker
+
+    process, endpoint = spawn_worker(tiny, max_batch=2, timeout_s=300)
+    yield endpoint
+    stop_worker(process)
+
+
+def test_eval_through_workers_gives_the_in_process_answers(tiny, tiny_worker, source_dir, tmp_path):
+    common = ["--limit", "3", "--source", source_dir, "--held-out-fraction", "0.3", "--fim-tasks", "4",
+              "--fim-max-new-tokens", "8"]
+    _codefill("eval", "infill", "--model", tiny, *common, "--out", tmp_path / "local")
+    _codefill("eval", "infill", "--model", tiny, *common, "--endpoint", tiny_worker, "--out", tmp_path / "served")
+    local = (tmp_path / "local" / "infill_tasks.jsonl").read_text().splitlines()
+    served = (tmp_path / "served" / "infill_tasks.jsonl").read_text().splitlines()
+    assert len(local) == 3 + 3 + 4 and served == local
+    assert "served at" in json.loads((tmp_path / "served" / "infill.json").read_text())["evaluated"]
+
+    he = ["--limit", "2", "--max-new-tokens", "12"]
+    _codefill("eval", "humaneval", "--model", tiny, *he, "--out", tmp_path / "local")
+    _codefill("eval", "humaneval", "--model", tiny, *he, "--endpoint", tiny_worker, "--out", tmp_path / "served")
+
+    def completions(d):
+        return [json.loads(line)["completion"] for line in (d / "humaneval_samples.jsonl").read_text().splitlines()]
+
+    assert completions(tmp_path / "served") == completions(tmp_path / "local")
+
+
+def test_eval_refuses_a_baseline_through_workers(tiny, tiny_worker, source_dir, tmp_path):
+    done = _codefill("eval", "infill", "--model", tiny, "--baseline", "ngram", "--source", source_dir,
+                     "--endpoint", tiny_worker, "--out", tmp_path, check=False)
+    assert done.returncode == 2 and "either --baseline or --endpoint" in done.stderr

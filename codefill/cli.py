@@ -442,6 +442,11 @@ def _remote_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--curve-authorized-clients", metavar="DIR", help="directory of client NAME.key files allowed in")
 
 
+def _eval_endpoint_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoint", help="evaluate the workers serving MODEL_DIR there (e.g. `codefill workers --tp N`); "
+                                      "MODEL_DIR then gives only the tokenizer")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="codefill", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -610,8 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="sandboxed test processes at a time")
     p.add_argument("--out", default="eval_results", metavar="DIR")
-    p.add_argument("--endpoint", help="evaluate the workers serving MODEL_DIR there (e.g. `codefill workers --tp N`); "
-                                      "MODEL_DIR then gives only the tokenizer")
+    _eval_endpoint_arg(p)
     p.set_defaults(func=cmd_eval_humaneval)
     p = evals.add_parser("infill", help="HumanEval single/multi-line infilling (tests run) and held-out FIM "
                                         "(exact match, edit similarity), for a model or the n-gram baseline")
@@ -630,8 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fim-max-new-tokens", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="sandboxed test processes at a time")
     p.add_argument("--out", default="eval_results", metavar="DIR")
-    p.add_argument("--endpoint", help="evaluate the workers serving MODEL_DIR there (e.g. `codefill workers --tp N`); "
-                                      "MODEL_DIR then gives only the tokenizer")
+    _eval_endpoint_arg(p)
     p.set_defaults(func=cmd_eval_infill)
 
     p = sub.add_parser("merge", help="merge tensor-parallel shards (a split directory) back into one MODEL_DIR")

@@ -2,8 +2,6 @@
 
 import json
 import shutil
-import subprocess
-import sys
 import sysconfig
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from codefill.evaluation.sandbox import run_many
 from codefill.model.fim import decode_middle, infilling_prompt_tokens
 from codefill.model.tokenizer import Tokenizer
 from codefill.training.fim_eval import FimEvalConfig, task_prompt
-from helpers import make_tiny_model_dir
+from helpers import make_tiny_model_dir, run_codefill
 
 
 @pytest.fixture(scope="module")
@@ -154,18 +152,11 @@ def test_split_prompt_reads_both_layouts(tok):
 # --- the command, end to end on a tiny model --------------------------------------------------------------
 
 
-def _codefill(*args, check=True):
-    done = subprocess.run([sys.executable, "-m", "codefill.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=600)
-    if check and done.returncode != 0:
-        raise AssertionError(f"codefill {' '.join(map(str, args))} failed:\n{done.stdout}\n{done.stderr}")
-    return done
-
 
 def test_eval_infill_command_for_model_and_baseline(tiny, source_dir, tmp_path):
     common = ["--limit", "3", "--source", source_dir, "--held-out-fraction", "0.3", "--fim-tasks", "6",
               "--fim-max-new-tokens", "8", "--out", tmp_path]
-    done = _codefill("eval", "infill", "--model", tiny, *common)
+    done = run_codefill("eval", "infill", "--model", tiny, *common)
     assert "single-line infilling: pass@1" in done.stdout and "held-out FIM" in done.stdout
     summary = json.loads((tmp_path / "infill.json").read_text())
     assert set(summary["humaneval_infilling"]) == {"single", "multi"}
@@ -176,7 +167,7 @@ def test_eval_infill_command_for_model_and_baseline(tiny, source_dir, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "infill_tasks.jsonl").read_text().splitlines()]
     assert len(rows) == 3 + 3 + 6
 
-    done = _codefill("eval", "infill", "--model", tiny, "--baseline", "ngram", "--no-humaneval", *common)
+    done = run_codefill("eval", "infill", "--model", tiny, "--baseline", "ngram", "--no-humaneval", *common)
     base = json.loads((tmp_path / "infill_ngram.json").read_text())
     assert base["held_out_fim"]["tasks"] == 6 and "n-gram baseline" in base["evaluated"]
     # the baseline is scored on the same tasks as the model
@@ -185,17 +176,17 @@ def test_eval_infill_command_for_model_and_baseline(tiny, source_dir, tmp_path):
 
 
 def test_eval_infill_refuses_bad_input_clearly(tiny, tmp_path):
-    done = _codefill("eval", "infill", "--model", tiny, "--baseline", "ngram", "--out", tmp_path, check=False)
+    done = run_codefill("eval", "infill", "--model", tiny, "--baseline", "ngram", "--out", tmp_path, check=False)
     assert done.returncode == 2 and "give one (--source)" in done.stderr
-    done = _codefill("eval", "infill", "--model", tiny, "--source", tmp_path / "nope", "--no-humaneval",
+    done = run_codefill("eval", "infill", "--model", tiny, "--source", tmp_path / "nope", "--no-humaneval",
                      "--out", tmp_path, check=False)
     assert done.returncode == 2 and "is not a directory" in done.stderr
-    done = _codefill("eval", "infill", "--model", tiny, "--modes", "single,sideways", "--out", tmp_path, check=False)
+    done = run_codefill("eval", "infill", "--model", tiny, "--modes", "single,sideways", "--out", tmp_path, check=False)
     assert done.returncode == 2 and "sideways" in done.stderr
 
 
 def test_eval_humaneval_command_on_a_tiny_model(tiny, tmp_path):
-    done = _codefill("eval", "humaneval", "--model", tiny, "--limit", "2", "--samples", "2", "--temperature", "0.8",
+    done = run_codefill("eval", "humaneval", "--model", tiny, "--limit", "2", "--samples", "2", "--temperature", "0.8",
                      "--k", "1,2", "--max-new-tokens", "16", "--out", tmp_path)
     summary = json.loads((tmp_path / "humaneval.json").read_text())
     assert set(summary["pass_at_k"]) == {"pass@1", "pass@2"}
@@ -203,7 +194,7 @@ def test_eval_humaneval_command_on_a_tiny_model(tiny, tmp_path):
     assert summary["execution_check"]["canonical_passed"] == 8
     assert len((tmp_path / "humaneval_samples.jsonl").read_text().splitlines()) == 4
     assert "pass@1" in done.stdout
-    done = _codefill("eval", "humaneval", "--model", tiny, "--samples", "2", "--out", tmp_path, check=False)
+    done = run_codefill("eval", "humaneval", "--model", tiny, "--samples", "2", "--out", tmp_path, check=False)
     assert done.returncode == 2 and "temperature" in done.stderr
 
 
@@ -222,16 +213,16 @@ def tiny_worker(tiny):
 def test_eval_through_workers_gives_the_in_process_answers(tiny, tiny_worker, source_dir, tmp_path):
     common = ["--limit", "3", "--source", source_dir, "--held-out-fraction", "0.3", "--fim-tasks", "4",
               "--fim-max-new-tokens", "8"]
-    _codefill("eval", "infill", "--model", tiny, *common, "--out", tmp_path / "local")
-    _codefill("eval", "infill", "--model", tiny, *common, "--endpoint", tiny_worker, "--out", tmp_path / "served")
+    run_codefill("eval", "infill", "--model", tiny, *common, "--out", tmp_path / "local")
+    run_codefill("eval", "infill", "--model", tiny, *common, "--endpoint", tiny_worker, "--out", tmp_path / "served")
     local = (tmp_path / "local" / "infill_tasks.jsonl").read_text().splitlines()
     served = (tmp_path / "served" / "infill_tasks.jsonl").read_text().splitlines()
     assert len(local) == 3 + 3 + 4 and served == local
     assert "served at" in json.loads((tmp_path / "served" / "infill.json").read_text())["evaluated"]
 
     he = ["--limit", "2", "--max-new-tokens", "12"]
-    _codefill("eval", "humaneval", "--model", tiny, *he, "--out", tmp_path / "local")
-    _codefill("eval", "humaneval", "--model", tiny, *he, "--endpoint", tiny_worker, "--out", tmp_path / "served")
+    run_codefill("eval", "humaneval", "--model", tiny, *he, "--out", tmp_path / "local")
+    run_codefill("eval", "humaneval", "--model", tiny, *he, "--endpoint", tiny_worker, "--out", tmp_path / "served")
 
     def completions(d):
         return [json.loads(line)["completion"] for line in (d / "humaneval_samples.jsonl").read_text().splitlines()]
@@ -240,6 +231,6 @@ def test_eval_through_workers_gives_the_in_process_answers(tiny, tiny_worker, so
 
 
 def test_eval_refuses_a_baseline_through_workers(tiny, tiny_worker, source_dir, tmp_path):
-    done = _codefill("eval", "infill", "--model", tiny, "--baseline", "ngram", "--source", source_dir,
+    done = run_codefill("eval", "infill", "--model", tiny, "--baseline", "ngram", "--source", source_dir,
                      "--endpoint", tiny_worker, "--out", tmp_path, check=False)
     assert done.returncode == 2 and "either --baseline or --endpoint" in done.stderr

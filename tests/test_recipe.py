@@ -2,8 +2,6 @@
 
 import json
 import shutil
-import subprocess
-import sys
 import sysconfig
 from pathlib import Path
 
@@ -13,6 +11,7 @@ from codefill.model.checkpoint import load_model_dir
 from codefill.model.tokenizer import Tokenizer
 from codefill.training.recipe import load_recipe
 from codefill.training.train_error import TrainError
+from helpers import run_codefill
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,19 +60,12 @@ def source(tmp_path_factory):
     return root
 
 
-def _codefill(*args, check=True):
-    done = subprocess.run([sys.executable, "-m", "codefill.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=600)
-    if check and done.returncode != 0:
-        raise AssertionError(f"codefill {' '.join(map(str, args))} failed:\n{done.stdout}\n{done.stderr}")
-    return done
-
 
 def test_recipe_trains_a_model_and_continues_after_an_interruption(source, tmp_path):
     recipe = tmp_path / "tiny.toml"
     recipe.write_text(TINY_RECIPE.format(source=source))
     out = tmp_path / "run"
-    done = _codefill("recipe", recipe, "--output", out, "--no-progress")
+    done = run_codefill("recipe", recipe, "--output", out, "--no-progress")
     assert "wrote the trained model" in done.stdout
 
     files = load_model_dir(out / "model", dtype=None)
@@ -93,13 +85,13 @@ def test_recipe_trains_a_model_and_continues_after_an_interruption(source, tmp_p
 
     # Run again: every step is complete, the same model comes out (training resumes at its end).
     before = (out / "model" / "model.safetensors").read_bytes()
-    _codefill("recipe", recipe, "--output", out, "--no-progress")
+    run_codefill("recipe", recipe, "--output", out, "--no-progress")
     assert (out / "model" / "model.safetensors").read_bytes() == before
 
     # Another recipe into the same output is refused, and nothing is overwritten.
     other = tmp_path / "other.toml"
     other.write_text(TINY_RECIPE.format(source=source).replace("max_steps = 6", "max_steps = 7"))
-    done = _codefill("recipe", other, "--output", out, check=False)
+    done = run_codefill("recipe", other, "--output", out, check=False)
     assert done.returncode == 2 and "different recipe" in done.stderr
     assert (out / "model" / "model.safetensors").read_bytes() == before
 
@@ -125,7 +117,7 @@ def test_bad_recipes_are_refused_with_the_offending_value(tmp_path, change, mess
 def test_a_missing_source_is_refused_before_anything_is_written(tmp_path):
     recipe = tmp_path / "r.toml"
     recipe.write_text(TINY_RECIPE.format(source=tmp_path / "nowhere"))
-    done = _codefill("recipe", recipe, "--output", tmp_path / "out", check=False)
+    done = run_codefill("recipe", recipe, "--output", tmp_path / "out", check=False)
     assert done.returncode == 2 and "is not a directory" in done.stderr
     assert not (tmp_path / "out" / "tokenizer.model").exists()
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 
-import numpy as np
 import pytest
 import zmq
 
@@ -344,22 +343,30 @@ def _git(root, *args):
     subprocess.run(["git", *args], cwd=root, check=True, capture_output=True)
 
 
-def test_train_repo_measures_decides_and_publishes(old_dir, worker, tmp_path, capsys):
-    from codefill.cli import main
+def _repo(tmp_path, fraction, n_train, body):
+    """A git repository of `n_train` train files and one held-out file (at `fraction`), file k holding
+    "# module k" and body(k)."""
     from codefill.training.source_files import is_held_out
 
     repo = tmp_path / "repo"
     repo.mkdir()
     _git(repo, "init", "-q")
-    fraction = 0.3
     names = [f"mod_{i}.py" for i in range(40)]
     held = [n for n in names if is_held_out(n, fraction)][:1]
-    train_names = [n for n in names if not is_held_out(n, fraction)][:3]
-    assert held and len(train_names) == 3
-    lines = FIXED_CORPUS.splitlines(keepends=True)
+    train_names = [n for n in names if not is_held_out(n, fraction)][:n_train]
+    assert held and len(train_names) == n_train
     for k, name in enumerate(train_names + held):
-        (repo / name).write_text(f"# module {k}\n" + "".join(lines[k * 5:]))
+        (repo / name).write_text(f"# module {k}\n" + body(k))
     _git(repo, "add", ".")
+    return repo
+
+
+def test_train_repo_measures_decides_and_publishes(old_dir, worker, tmp_path, capsys):
+    from codefill.cli import main
+
+    fraction = 0.3
+    lines = FIXED_CORPUS.splitlines(keepends=True)
+    repo = _repo(tmp_path, fraction, 3, lambda k: "".join(lines[k * 5:]))
     out = tmp_path / "run"
     code = main(["train", "--repo", str(repo), "--model", str(old_dir), "--output", str(out), "--preset", "tiny-test",
                  "--seq-length", "64", "--max-steps", "30", "--held-out-fraction", str(fraction),
@@ -383,19 +390,10 @@ def test_train_repo_publishes_weights_that_got_better(old_dir, worker, tmp_path,
     a few steps of training take the random model's held-out answers from noise to near copies (a higher edit
     similarity at least), and the workers must end up serving exactly the new weights."""
     from codefill.cli import main
-    from codefill.training.source_files import is_held_out
 
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    _git(repo, "init", "-q")
     fraction = 0.3
-    names = [f"mod_{i}.py" for i in range(40)]
-    held = [n for n in names if is_held_out(n, fraction)][:1]
-    train_names = [n for n in names if not is_held_out(n, fraction)][:6]
     body = "".join(FIXED_CORPUS.splitlines(keepends=True)[:6]) * 4
-    for k, name in enumerate(train_names + held):
-        (repo / name).write_text(f"# module {k}\n" + body)
-    _git(repo, "add", ".")
+    repo = _repo(tmp_path, fraction, 6, lambda k: body)
     out = tmp_path / "run"
     code = main(["train", "--repo", str(repo), "--model", str(old_dir), "--output", str(out), "--preset", "tiny-test",
                  "--seq-length", "64", "--max-steps", "60", "--held-out-fraction", str(fraction),

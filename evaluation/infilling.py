@@ -17,6 +17,10 @@ solution lines after it; the tests are never shown. The model's greedy middle (u
     exact match  the middle equals the hidden span, compared as training/fim_eval.py does (trailing whitespace
                  of each line and trailing blank lines ignored), plus the mean edit similarity
 
+With `single_line_eol` the single-line answers end at their first line break after some text, as the language
+server's single-line suggestions do (its stop-at-end-of-line rule): it measures the served product rather than
+the raw model, whose middle may run past the line before it emits <EOT>. Off by default (the papers' protocol).
+
 Held-out FIM uses training/fim_eval.py unchanged: tasks of 1-3 whole lines cut from the held-out files of a
 directory or repository (the same by-file split as `codefill data tokenize --mode fim`), exact match and edit
 similarity. Both kinds of task go through one `complete(prompt_ids, max_new, stop_ids)` function, so the
@@ -45,6 +49,7 @@ class InfillConfig:
     spm: bool = True                 # SPM prompts, as the language server sends; False: PSM
     max_new_tokens: dict = field(default_factory=lambda: {"single": 48, "multi": 192})
     limit: int | None = None         # at most this many tasks per mode (an even spread), None: all
+    single_line_eol: bool = False    # single-line answers end at their first line break (see below)
     workers: int = 2                 # sandbox processes at a time
     limits: SandboxLimits = SandboxLimits()
 
@@ -145,7 +150,8 @@ def humaneval_infilling(complete: Complete, tok, config: InfillConfig, *, max_se
         tasks = spread(humaneval_tasks(problems, mode), config.limit)
         fim_cfg = FimEvalConfig(max_tasks=max(1, len(tasks)), max_new_tokens=config.max_new_tokens[mode],
                                 max_seq_len=max_seq_len, spm=config.spm, context_lines=10_000)
-        score = evaluate(tasks, tok, _with_progress(complete, f"infill {mode}", len(tasks), progress), fim_cfg)
+        answer = _to_end_of_line(complete, tok) if mode == "single" and config.single_line_eol else complete
+        score = evaluate(tasks, tok, _with_progress(answer, f"infill {mode}", len(tasks), progress), fim_cfg)
         programs = [filled_program(by_id[r.task.path], r.task, r.prediction) for r in score.results]
         executed = run_many(programs, config.limits, workers=config.workers)
         passed = sum(e.passed for e in executed)
@@ -155,6 +161,27 @@ def humaneval_infilling(complete: Complete, tok, config: InfillConfig, *, max_se
                          "prediction": r.prediction, "exact": r.exact, "similarity": round(r.similarity, 4),
                          "stopped": r.stopped, "status": e.status})
     return results, rows
+
+
+def _to_end_of_line(complete: Complete, tok) -> Complete:
+    """`complete`, its answer cut after the first newline that follows some non-blank text, then <EOT>. A newline
+    is always the single byte piece <0x0A> (SentencePiece never merges across lines), so the cut is exact."""
+    newline = tok.piece_to_id("<0x0A>")
+    if newline is None:
+        raise EvalError(f"tokenizer {tok.path} has no <0x0A> piece; cannot cut answers at the end of a line")
+
+    def cut(prompt, max_new, stops):
+        out, seen_text = [], False
+        for i in complete(prompt, max_new, stops):
+            if i in stops:
+                return out + [i]
+            out.append(i)
+            if i == newline and seen_text:
+                return out + [tok.eot_id]
+            seen_text = seen_text or (i != newline and tok.decode_infilling([i]).strip() != "")
+        return out
+
+    return cut
 
 
 def _with_progress(complete: Complete, label: str, total: int, enabled: bool) -> Complete:
@@ -312,7 +339,8 @@ def _score(complete: Complete, tok, max_seq_len: int, what: str, name: str, mode
 
 
 def report(summary: dict) -> str:
-    lines = [f"{summary['evaluated']}, {summary['config']['layout']} prompts, greedy"]
+    eol = ", single-line answers cut at the end of the line" if summary["config"].get("single_line_eol") else ""
+    lines = [f"{summary['evaluated']}, {summary['config']['layout']} prompts, greedy{eol}"]
     for mode, m in summary.get("humaneval_infilling", {}).items():
         lines.append(f"  HumanEval {mode}-line infilling: pass@1 {m['pass@1']:.1%} ({m['passed']}/{m['tasks']}), "
                      f"exact match {m['exact_match']:.1%}, edit similarity {m['edit_similarity']:.3f}")

@@ -234,3 +234,17 @@ def test_eval_refuses_a_baseline_through_workers(tiny, tiny_worker, source_dir, 
     done = run_codefill("eval", "infill", "--model", tiny, "--baseline", "ngram", "--source", source_dir,
                      "--endpoint", tiny_worker, "--out", tmp_path, check=False)
     assert done.returncode == 2 and "either --baseline or --endpoint" in done.stderr
+
+
+def test_single_line_eol_cuts_the_answer_after_its_first_line(tok):
+    problems = load_problems()[:3]
+    rambling = tok.encode_infilling("    \n    return 1\n    return 2\n") + [tok.eot_id]
+    config = InfillConfig(modes=("single",), limit=2, single_line_eol=True)
+    results, rows = humaneval_infilling(lambda p, n, s: rambling, tok, config, max_seq_len=2048, problems=problems,
+                                        progress=False)
+    # the blank first line is kept, the cut comes after the first line with text on it
+    assert [r["prediction"] for r in rows] == ["    \n    return 1\n"] * 2
+    assert all(r.stopped for r in results[0].score.results)
+    results, rows = humaneval_infilling(lambda p, n, s: rambling, tok, InfillConfig(modes=("single",), limit=2),
+                                        max_seq_len=2048, problems=problems, progress=False)
+    assert [r["prediction"] for r in rows] == ["    \n    return 1\n    return 2\n"] * 2

@@ -1,0 +1,44 @@
+"""The bundled model (models/codefill-stdlib): present, trained, and what README command (a) serves."""
+
+import json
+import os
+from pathlib import Path
+
+from codefill.bundled import bundled_model_dir
+from codefill.model.checkpoint import load_model_dir
+from codefill.model.tokenizer import Tokenizer
+from helpers import run_codefill
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_bundled_model_is_in_the_repository_and_loads():
+    model = bundled_model_dir()
+    assert model == ROOT / "models" / "codefill-stdlib"
+    files = load_model_dir(model)
+    assert files.config.max_seq_len == 1024 and files.config.n_params() > 8_000_000
+    tok = Tokenizer(files.tokenizer_path)
+    assert tok.has_infilling and tok.vocab_size == files.config.vocab_size
+    assert tok.decode_infilling(tok.encode_infilling("    x = 'é\\t'\n")) == "    x = 'é\\t'\n"  # whitespace, bytes
+    note = json.loads((model / "config.json").read_text())["note"]
+    assert "trained from scratch" in note and "UNTRAINED" not in note
+    # the learning curve it shipped with: trained well below uniform (ln 8192 = 9.01 nats per token)
+    metrics = [json.loads(line) for line in (model / "metrics.jsonl").read_text().splitlines()]
+    held = [m["held_out_loss"] for m in metrics if "held_out_loss" in m]
+    assert held[-1] < 3.5 < 5.0 < held[0]
+    assert (model / "README.md").read_text().startswith("# codefill-stdlib-9m")
+
+
+def test_readme_command_a_serves_the_bundled_model_through_the_language_server(tmp_path):
+    """`codefill demo` with no --model, from another directory: the real server, a real worker, the bundled
+    weights; the demo exits non-zero when no inline completion comes back."""
+    env_cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        done = run_codefill("demo")
+    finally:
+        os.chdir(env_cwd)
+    assert f"(model {bundled_model_dir()})" in done.stdout
+    assert "inline completion (" in done.stdout
+    items = json.loads(done.stdout.split("inline completion (", 1)[1].split(": ", 1)[1].splitlines()[0])
+    assert items and all(isinstance(i, str) and i.strip() for i in items)

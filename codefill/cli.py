@@ -252,7 +252,7 @@ def cmd_eval_infill(args: argparse.Namespace) -> None:
 
     modes = tuple(m for m in args.modes.split(",") if m)
     config = infilling.InfillConfig(modes=modes or infilling.MODES, spm=not args.psm, limit=args.limit,
-                                    workers=args.workers, single_line_eol=args.single_line_eol)
+                                    workers=args.workers)
     held = None
     if args.source is not None:
         held = infilling.HeldOutConfig(
@@ -624,8 +624,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default="single,multi", help="HumanEval infilling modes: single, multi")
     p.add_argument("--no-humaneval", action="store_true", help="held-out FIM only")
     p.add_argument("--psm", action="store_true", help="PSM prompts (default SPM, as the language server sends)")
-    p.add_argument("--single-line-eol", action="store_true",
-                   help="single-line answers end at their first line break, as the language server's do")
     p.add_argument("--limit", type=int, help="at most N HumanEval infilling tasks per mode (evenly spread)")
     p.add_argument("--source", metavar="DIR", help="held-out FIM on this directory or repository ('stdlib': the "
                                                   "Python standard library); the baseline's train files")

@@ -17,9 +17,10 @@ solution lines after it; the tests are never shown. The model's greedy middle (u
     exact match  the middle equals the hidden span, compared as training/fim_eval.py does (trailing whitespace
                  of each line and trailing blank lines ignored), plus the mean edit similarity
 
-With `single_line_eol` the single-line answers end at their first line break after some text, as the language
-server's single-line suggestions do (its stop-at-end-of-line rule): it measures the served product rather than
-the raw model, whose middle may run past the line before it emits <EOT>. Off by default (the papers' protocol).
+Single-line tasks are scored twice from the same greedy answers: as generated ("single"), and cut after their
+first line break that follows some text ("single_eol"), which is what the language server's single-line
+suggestions show (its stop-at-end-of-line rule). The first is the papers' protocol and measures the raw model,
+whose middle may run past the line before it emits <EOT>; the second measures the served product.
 
 Held-out FIM uses training/fim_eval.py unchanged: tasks of 1-3 whole lines cut from the held-out files of a
 directory or repository (the same by-file split as `codefill data tokenize --mode fim`), exact match and edit
@@ -34,7 +35,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from codefill.training.fim_eval import Complete, FimEvalConfig, FimScore, FimTask, evaluate
+from codefill.training.fim_eval import (Complete, FimEvalConfig, FimResult, FimScore, FimTask, edit_similarity,
+                                        evaluate, exact_match)
 
 from .eval_error import EvalError
 from .humaneval import Problem, load_problems, program
@@ -49,7 +51,6 @@ class InfillConfig:
     spm: bool = True                 # SPM prompts, as the language server sends; False: PSM
     max_new_tokens: dict = field(default_factory=lambda: {"single": 48, "multi": 192})
     limit: int | None = None         # at most this many tasks per mode (an even spread), None: all
-    single_line_eol: bool = False    # single-line answers end at their first line break (see below)
     workers: int = 2                 # sandbox processes at a time
     limits: SandboxLimits = SandboxLimits()
 
@@ -150,38 +151,35 @@ def humaneval_infilling(complete: Complete, tok, config: InfillConfig, *, max_se
         tasks = spread(humaneval_tasks(problems, mode), config.limit)
         fim_cfg = FimEvalConfig(max_tasks=max(1, len(tasks)), max_new_tokens=config.max_new_tokens[mode],
                                 max_seq_len=max_seq_len, spm=config.spm, context_lines=10_000)
-        answer = _to_end_of_line(complete, tok) if mode == "single" and config.single_line_eol else complete
-        score = evaluate(tasks, tok, _with_progress(answer, f"infill {mode}", len(tasks), progress), fim_cfg)
-        programs = [filled_program(by_id[r.task.path], r.task, r.prediction) for r in score.results]
-        executed = run_many(programs, config.limits, workers=config.workers)
-        passed = sum(e.passed for e in executed)
-        results.append(InfillModeResult(mode, len(tasks), passed, score))
-        for r, e in zip(score.results, executed):
-            rows.append({"mode": mode, "task_id": r.task.path, "line": r.task.line, "middle": r.task.middle,
-                         "prediction": r.prediction, "exact": r.exact, "similarity": round(r.similarity, 4),
-                         "stopped": r.stopped, "status": e.status})
+        score = evaluate(tasks, tok, _with_progress(complete, f"infill {mode}", len(tasks), progress), fim_cfg)
+        scores = [(mode, score)]
+        if mode == "single":
+            scores.append(("single_eol", FimScore([_to_end_of_line(r) for r in score.results])))
+        for name, s in scores:
+            programs = [filled_program(by_id[r.task.path], r.task, r.prediction) for r in s.results]
+            executed = run_many(programs, config.limits, workers=config.workers)
+            results.append(InfillModeResult(name, len(tasks), sum(e.passed for e in executed), s))
+            for r, e in zip(s.results, executed):
+                rows.append({"mode": name, "task_id": r.task.path, "line": r.task.line, "middle": r.task.middle,
+                             "prediction": r.prediction, "exact": r.exact, "similarity": round(r.similarity, 4),
+                             "stopped": r.stopped, "status": e.status})
     return results, rows
 
 
-def _to_end_of_line(complete: Complete, tok) -> Complete:
-    """`complete`, its answer cut after the first newline that follows some non-blank text, then <EOT>. A newline
-    is always the single byte piece <0x0A> (SentencePiece never merges across lines), so the cut is exact."""
-    newline = tok.piece_to_id("<0x0A>")
-    if newline is None:
-        raise EvalError(f"tokenizer {tok.path} has no <0x0A> piece; cannot cut answers at the end of a line")
+def end_of_line(text: str) -> str:
+    """`text` up to and including its first line break that follows some non-blank text (all of it if none)."""
+    seen_text = False
+    for i, ch in enumerate(text):
+        if ch == "\n" and seen_text:
+            return text[:i + 1]
+        seen_text = seen_text or not ch.isspace()
+    return text
 
-    def cut(prompt, max_new, stops):
-        out, seen_text = [], False
-        for i in complete(prompt, max_new, stops):
-            if i in stops:
-                return out + [i]
-            out.append(i)
-            if i == newline and seen_text:
-                return out + [tok.eot_id]
-            seen_text = seen_text or (i != newline and tok.decode_infilling([i]).strip() != "")
-        return out
 
-    return cut
+def _to_end_of_line(r: FimResult) -> FimResult:
+    cut = end_of_line(r.prediction)
+    return FimResult(r.task, cut, exact_match(cut, r.task.middle), edit_similarity(cut, r.task.middle),
+                     r.stopped or cut != r.prediction)
 
 
 def _with_progress(complete: Complete, label: str, total: int, enabled: bool) -> Complete:
@@ -339,10 +337,10 @@ def _score(complete: Complete, tok, max_seq_len: int, what: str, name: str, mode
 
 
 def report(summary: dict) -> str:
-    eol = ", single-line answers cut at the end of the line" if summary["config"].get("single_line_eol") else ""
-    lines = [f"{summary['evaluated']}, {summary['config']['layout']} prompts, greedy{eol}"]
+    lines = [f"{summary['evaluated']}, {summary['config']['layout']} prompts, greedy"]
     for mode, m in summary.get("humaneval_infilling", {}).items():
-        lines.append(f"  HumanEval {mode}-line infilling: pass@1 {m['pass@1']:.1%} ({m['passed']}/{m['tasks']}), "
+        label = "single-line (cut at end of line)" if mode == "single_eol" else f"{mode}-line"
+        lines.append(f"  HumanEval {label} infilling: pass@1 {m['pass@1']:.1%} ({m['passed']}/{m['tasks']}), "
                      f"exact match {m['exact_match']:.1%}, edit similarity {m['edit_similarity']:.3f}")
     h = summary.get("held_out_fim")
     if h:

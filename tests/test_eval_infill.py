@@ -9,8 +9,8 @@ import pytest
 
 from codefill.evaluation.eval_error import EvalError
 from codefill.evaluation.humaneval import load_problems
-from codefill.evaluation.infilling import (InfillConfig, filled_program, humaneval_infilling, humaneval_tasks,
-                                           solution_spans, spread)
+from codefill.evaluation.infilling import (InfillConfig, end_of_line, filled_program, humaneval_infilling,
+                                           humaneval_tasks, solution_spans, spread)
 from codefill.evaluation.ngram_baseline import NgramBaseline
 from codefill.evaluation.sandbox import run_many
 from codefill.model.fim import decode_middle, infilling_prompt_tokens
@@ -106,9 +106,10 @@ def test_an_oracle_scores_full_marks_and_a_wrong_answer_does_not(tok):
 
     results, rows = humaneval_infilling(lambda p, n, s: answers[tuple(p)], tok, config, max_seq_len=2048,
                                         problems=problems, progress=False)
+    assert [r.mode for r in results] == ["single", "single_eol", "multi"]
     for r in results:
         assert r.tasks == 8 and r.passed == 8 and r.score.exact_matches == 8, r.summary()
-    assert len(rows) == 16 and all(row["status"] == "passed" for row in rows)
+    assert len(rows) == 24 and all(row["status"] == "passed" for row in rows)
 
     results, _ = humaneval_infilling(lambda p, n, s: tok.encode_infilling("    pass\n") + [tok.eot_id], tok,
                                      config, max_seq_len=2048, problems=problems, progress=False)
@@ -159,13 +160,13 @@ def test_eval_infill_command_for_model_and_baseline(tiny, source_dir, tmp_path):
     done = run_codefill("eval", "infill", "--model", tiny, *common)
     assert "single-line infilling: pass@1" in done.stdout and "held-out FIM" in done.stdout
     summary = json.loads((tmp_path / "infill.json").read_text())
-    assert set(summary["humaneval_infilling"]) == {"single", "multi"}
+    assert set(summary["humaneval_infilling"]) == {"single", "single_eol", "multi"}
     for m in summary["humaneval_infilling"].values():
         assert m["tasks"] == 3 and 0.0 <= m["pass@1"] <= 1.0 and 0.0 <= m["edit_similarity"] <= 1.0
     held = summary["held_out_fim"]
     assert held["tasks"] == 6 and held["files"] >= 2
     rows = [json.loads(line) for line in (tmp_path / "infill_tasks.jsonl").read_text().splitlines()]
-    assert len(rows) == 3 + 3 + 6
+    assert len(rows) == 3 + 3 + 3 + 6
 
     done = run_codefill("eval", "infill", "--model", tiny, "--baseline", "ngram", "--no-humaneval", *common)
     base = json.loads((tmp_path / "infill_ngram.json").read_text())
@@ -217,7 +218,7 @@ def test_eval_through_workers_gives_the_in_process_answers(tiny, tiny_worker, so
     run_codefill("eval", "infill", "--model", tiny, *common, "--endpoint", tiny_worker, "--out", tmp_path / "served")
     local = (tmp_path / "local" / "infill_tasks.jsonl").read_text().splitlines()
     served = (tmp_path / "served" / "infill_tasks.jsonl").read_text().splitlines()
-    assert len(local) == 3 + 3 + 4 and served == local
+    assert len(local) == 3 + 3 + 3 + 4 and served == local
     assert "served at" in json.loads((tmp_path / "served" / "infill.json").read_text())["evaluated"]
 
     he = ["--limit", "2", "--max-new-tokens", "12"]
@@ -236,15 +237,14 @@ def test_eval_refuses_a_baseline_through_workers(tiny, tiny_worker, source_dir, 
     assert done.returncode == 2 and "either --baseline or --endpoint" in done.stderr
 
 
-def test_single_line_eol_cuts_the_answer_after_its_first_line(tok):
+def test_single_line_answers_are_also_scored_cut_at_the_end_of_the_line(tok):
     problems = load_problems()[:3]
     rambling = tok.encode_infilling("    \n    return 1\n    return 2\n") + [tok.eot_id]
-    config = InfillConfig(modes=("single",), limit=2, single_line_eol=True)
-    results, rows = humaneval_infilling(lambda p, n, s: rambling, tok, config, max_seq_len=2048, problems=problems,
-                                        progress=False)
-    # the blank first line is kept, the cut comes after the first line with text on it
-    assert [r["prediction"] for r in rows] == ["    \n    return 1\n"] * 2
-    assert all(r.stopped for r in results[0].score.results)
     results, rows = humaneval_infilling(lambda p, n, s: rambling, tok, InfillConfig(modes=("single",), limit=2),
                                         max_seq_len=2048, problems=problems, progress=False)
-    assert [r["prediction"] for r in rows] == ["    \n    return 1\n    return 2\n"] * 2
+    assert [r.mode for r in results] == ["single", "single_eol"]
+    by_mode = {m: [r["prediction"] for r in rows if r["mode"] == m] for m in ("single", "single_eol")}
+    assert by_mode["single"] == ["    \n    return 1\n    return 2\n"] * 2
+    # the blank first line is kept, the cut comes after the first line with text on it
+    assert by_mode["single_eol"] == ["    \n    return 1\n"] * 2
+    assert end_of_line("  x = 1\n  y\n") == "  x = 1\n" and end_of_line("\n\n") == "\n\n"

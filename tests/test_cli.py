@@ -111,9 +111,16 @@ def test_serve_refuses_non_positive_settings_naming_the_flag(model_dir, flag):
     assert proc.returncode == 2 and f"{flag} must be positive, got 0" in proc.stderr
 
 
-def test_serve_without_model_says_why():
-    proc = codefill("serve", "--stdio", ok=False)
-    assert proc.returncode == 2 and "--model MODEL_DIR" in proc.stderr
+def test_serve_without_model_takes_the_bundled_one_or_says_why(monkeypatch, tmp_path, capsys):
+    """No --model: the bundled model (tests/test_bundled_model.py serves it); where an install lacks it, the
+    error says so and what to give instead."""
+    import codefill.bundled
+    from codefill.cli import main
+
+    monkeypatch.setattr(codefill.bundled, "bundled_model_dir", lambda: tmp_path / "missing")
+    assert main(["serve", "--stdio"]) == 2
+    err = capsys.readouterr().err
+    assert "give --model MODEL_DIR" in err and str(tmp_path / "missing") in err
 
 
 def test_data_alpaca_then_tokenize_instruct(model_dir, tmp_path):

@@ -13,7 +13,8 @@ The run is a chain of steps, each writing one thing in OUT and skipped when that
 so running the same command again after an interruption continues where it stopped (training resumes from
 its last checkpoint):
 
-    OUT/recipe.toml            a copy of the recipe; a different recipe in the same OUT is refused
+    OUT/recipe.toml            a copy of the recipe; a different recipe (other than in comments) in the same OUT is
+                               refused
     OUT/tokenizer.model        trained on train files only (model/tokenizer_training.py)
     OUT/init/                  MODEL_DIR with the tokenizer and seeded random weights
     OUT/data/train.mindrecord  FIM rows of the train files, and train.heldout.json, the held-out file list
@@ -158,7 +159,7 @@ def run_recipe(recipe_path: str | Path, out: str | Path, *, progress: bool = Tru
         raise TrainError(f"recipe source {recipe.source!r} ({root}) is not a directory")
     out = Path(out)
     copy = out / "recipe.toml"
-    if copy.exists() and copy.read_text(encoding="utf-8") != recipe.text:
+    if copy.exists() and tomllib.loads(copy.read_text(encoding="utf-8")) != tomllib.loads(recipe.text):  # comments aside
         raise TrainError(f"{out} holds a run of a different recipe ({copy}); use another --output")
     out.mkdir(parents=True, exist_ok=True)
     copy.write_text(recipe.text, encoding="utf-8")

@@ -88,6 +88,11 @@ def test_recipe_trains_a_model_and_continues_after_an_interruption(source, tmp_p
     run_codefill("recipe", recipe, "--output", out, "--no-progress")
     assert (out / "model" / "model.safetensors").read_bytes() == before
 
+    # The same recipe with other comments is the same recipe: accepted, nothing changes.
+    recipe.write_text("# a comment added later\n" + recipe.read_text())
+    run_codefill("recipe", recipe, "--output", out, "--no-progress")
+    assert (out / "model" / "model.safetensors").read_bytes() == before
+
     # Another recipe into the same output is refused, and nothing is overwritten.
     other = tmp_path / "other.toml"
     other.write_text(TINY_RECIPE.format(source=source).replace("max_steps = 6", "max_steps = 7"))

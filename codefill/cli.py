@@ -323,13 +323,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
         from codefill.bench_train import run
 
         if args.recipe:  # the recipe's architecture and row shape, e.g. to choose a model size by throughput
-            from codefill.model.config import LlamaConfig
             from codefill.training.recipe import load_recipe
 
             recipe = load_recipe(args.recipe)
-            arch = LlamaConfig(**recipe.arch, vocab_size=recipe.vocab_size)
             report = run(out, preset=recipe.name, seq_length=recipe.train.seq_length,
-                         micro_batch=recipe.train.micro_batch, grad_accum=1, steps=3, arch=arch)
+                         micro_batch=recipe.train.micro_batch, grad_accum=1, steps=3, arch=recipe.arch_config())
         else:
             report = run(out, preset=args.preset)
     elif args.what == "lsp":

@@ -240,15 +240,15 @@ class HeldOutConfig:
     fim: FimEvalConfig = FimEvalConfig(max_tasks=256)
 
     def sources(self):
-        from codefill.training.source_files import SourceConfig
+        from codefill.training.source_files import STDLIB, STDLIB_EXCLUDE, SourceConfig
 
-        exclude = self.exclude or (("site-packages/*", "dist-packages/*") if self.source == "stdlib" else ())
+        exclude = self.exclude or (STDLIB_EXCLUDE if self.source == STDLIB else ())
         return SourceConfig(extensions=self.extensions, exclude=exclude, held_out_fraction=self.held_out_fraction)
 
     def root(self) -> Path:
-        import sysconfig
+        from codefill.training.source_files import source_root
 
-        root = Path(sysconfig.get_paths()["stdlib"]) if self.source == "stdlib" else Path(self.source).expanduser()
+        root = source_root(self.source)
         if not root.is_dir():
             raise EvalError(f"held-out source {self.source!r} ({root}) is not a directory")
         return root
@@ -270,7 +270,7 @@ def run(model_dir: str | Path, out_dir: str | Path, config: InfillConfig = Infil
     """Evaluate a MODEL_DIR (or, with baseline="ngram", the n-gram baseline built with its tokenizer on the
     train files of `held_out`'s source) on HumanEval infilling and/or held-out FIM. Writes OUT/NAME.json and
     OUT/NAME_tasks.jsonl, NAME = infill or infill_ngram; returns the summary."""
-    from codefill.model.checkpoint import load_model_dir
+    from codefill.model.checkpoint import load_model_dir, model_dir_tokenizer_path
     from codefill.model.tokenizer import Tokenizer
     from codefill.training.fim_eval import generator_complete
 
@@ -282,24 +282,18 @@ def run(model_dir: str | Path, out_dir: str | Path, config: InfillConfig = Infil
         raise EvalError("the n-gram baseline is built from the train files of a source: give one (--source)")
     if baseline is not None and endpoint is not None:
         raise EvalError("give either --baseline or --endpoint: the baseline runs in this process")
+    tok = Tokenizer(model_dir_tokenizer_path(model_dir))
+    if not tok.has_infilling:
+        raise EvalError(f"the tokenizer of {model_dir} has no infilling pieces; infilling needs a Code Llama base "
+                        f"tokenizer (7B/13B), not a Python or 34B one")
     if endpoint is not None:  # the workers hold the model; MODEL_DIR gives the tokenizer
-        from codefill.model.checkpoint import model_dir_tokenizer_path
-
         from . import worker_completer
 
-        tok = Tokenizer(model_dir_tokenizer_path(model_dir))
-        if not tok.has_infilling:
-            raise EvalError(f"the tokenizer of {model_dir} has no infilling pieces; infilling needs a Code Llama "
-                            f"base tokenizer (7B/13B), not a Python or 34B one")
         client = worker_completer.connect(endpoint)
         max_seq_len = worker_completer.context(client, tok)
         return _score(worker_completer.fim_complete(client), tok, max_seq_len, f"{model_dir} served at {endpoint}",
                       "infill", model_dir, out_dir, config, held_out, humaneval, progress)
     files = load_model_dir(model_dir)
-    tok = Tokenizer(files.tokenizer_path)
-    if not tok.has_infilling:
-        raise EvalError(f"the tokenizer of {model_dir} has no infilling pieces; infilling needs a Code Llama base "
-                        f"tokenizer (7B/13B), not a Python or 34B one")
     max_seq_len = min(files.config.max_seq_len, 2048)
     if baseline == "ngram":
         model = build_baseline(tok, held_out)

@@ -119,14 +119,14 @@ def make_tiny_model_dir(where, preset: str = "tiny-test", seed: int = 0, vocab_s
     return build_tiny_model_dir(Path(where) / f"tiny-{preset}-{seed}", preset, seed, vocab_size)
 
 
-def run_codefill(*args, check: bool = True, timeout: float = 600):
-    """`codefill ARGS...` in a subprocess, as a user runs it; AssertionError with its output if it fails and
-    `check` is set."""
+def run_codefill(*args, check: bool = True, timeout: float = 600, cwd=None):
+    """`codefill ARGS...` in a subprocess (in `cwd`), as a user runs it; AssertionError with its output if it
+    fails and `check` is set."""
     import subprocess
     import sys
 
     done = subprocess.run([sys.executable, "-m", "codefill.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, cwd=cwd)
     if check and done.returncode != 0:
         raise AssertionError(f"codefill {' '.join(map(str, args))} failed:\n{done.stdout}\n{done.stderr}")
     return done

@@ -1,7 +1,6 @@
 """The bundled model (models/codefill-stdlib): present, trained, and what README command (a) serves."""
 
 import json
-import os
 from pathlib import Path
 
 from codefill.bundled import bundled_model_dir
@@ -32,12 +31,7 @@ def test_the_bundled_model_is_in_the_repository_and_loads():
 def test_readme_command_a_serves_the_bundled_model_through_the_language_server(tmp_path):
     """`codefill demo` with no --model, from another directory: the real server, a real worker, the bundled
     weights; the demo exits non-zero when no inline completion comes back."""
-    env_cwd = os.getcwd()
-    try:
-        os.chdir(tmp_path)
-        done = run_codefill("demo")
-    finally:
-        os.chdir(env_cwd)
+    done = run_codefill("demo", cwd=tmp_path)
     assert f"(model {bundled_model_dir()})" in done.stdout
     assert "inline completion (" in done.stdout
     items = json.loads(done.stdout.split("inline completion (", 1)[1].split(": ", 1)[1].splitlines()[0])

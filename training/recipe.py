@@ -30,7 +30,6 @@ import dataclasses
 import hashlib
 import json
 import platform
-import sysconfig
 import time
 import tomllib
 from dataclasses import dataclass
@@ -42,11 +41,10 @@ from codefill.model.config import ConfigError, LlamaConfig
 
 from .data_error import DataError
 from .fim_examples import FimConfig, FimCounts, fim_rows
-from .source_files import SourceConfig, SourceSummary, iter_source_files
+from .source_files import STDLIB, SourceConfig, SourceSummary, iter_source_files, source_root
 from .train_config import TrainConfig
 from .train_error import TrainError
 
-STDLIB = "stdlib"
 SAVE_DTYPES = ("float32", "bfloat16")
 
 
@@ -66,10 +64,12 @@ class Recipe:
     save_dtype: str
     text: str                        # the recipe file as written
 
+    def arch_config(self, vocab_size: int | None = None) -> LlamaConfig:
+        """The model's LlamaConfig, with the tokenizer's vocabulary size (default: the recipe's request)."""
+        return LlamaConfig(**self.arch, vocab_size=self.vocab_size if vocab_size is None else vocab_size)
+
     def source_root(self) -> Path:
-        if self.source == STDLIB:
-            return Path(sysconfig.get_paths()["stdlib"])
-        return Path(self.source).expanduser()
+        return source_root(self.source)
 
 
 def _section(doc: dict, name: str, path: Path) -> dict:
@@ -180,7 +180,7 @@ def run_recipe(recipe_path: str | Path, out: str | Path, *, progress: bool = Tru
         _log(f"tokenizer: {recipe.vocab_size} pieces from up to {recipe.tokenizer_max_chars:,} characters")
         train_sentencepiece(_tokenizer_texts(train_files, recipe.tokenizer_max_chars), tok_path, recipe.vocab_size)
     tok = Tokenizer(tok_path)
-    arch = LlamaConfig(**recipe.arch, vocab_size=tok.vocab_size)
+    arch = recipe.arch_config(tok.vocab_size)
 
     init_dir = out / "init"
     if not (init_dir / "config.json").exists():

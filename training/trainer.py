@@ -225,6 +225,7 @@ def train(model_dir: str | Path, data: str | Path, out_dir: str | Path, cfg: Tra
         if rank == 0:
             _append(metrics_path, records, {"step": step, "held_out_loss": value})
 
+    final = None  # the final whole weights, when a TP run already gathered them for its last checkpoint
     for step in range(start, end):
         rows = global_batch_rows(n_train, step, cfg.global_batch, cfg.seed)
         x_all, y_all = shifted(train_set[0][rows], train_set[1][rows])
@@ -255,6 +256,8 @@ def train(model_dir: str | Path, data: str | Path, out_dir: str | Path, cfg: Tra
             evaluate(done)
         if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps or done == end:
             tensors, opt_state = full_state() if gatherer is not None or rank == 0 else ({}, {})
+            if gatherer is not None and done == cfg.max_steps:
+                final = tensors  # the whole weights (no LoRA under TP): no second gather below
             if rank == 0:
                 save_checkpoint(out_dir, done, tensors, opt_state,
                                 {"config": cfg.to_dict(), "base_model": str(Path(model_dir).absolute()),
@@ -264,9 +267,8 @@ def train(model_dir: str | Path, data: str | Path, out_dir: str | Path, cfg: Tra
         sys.stderr.write("\n")
     result.tokens_per_s = tokens_seen / max(time.perf_counter() - t_start, 1e-9)
 
-    final = None
-    if result.steps == cfg.max_steps and gatherer is not None:  # collective: before the rank-0-only part
-        final = full_state()[0]
+    if result.steps == cfg.max_steps and gatherer is not None and final is None:  # resumed at the end: gather
+        final = full_state()[0]  # collective: before the rank-0-only part
     if rank == 0:
         plot_losses(out_dir / "loss.png", [(r["step"], r["loss"]) for r in records if "loss" in r],
                     [(r["step"], r["held_out_loss"]) for r in records if "held_out_loss" in r])

@@ -101,6 +101,22 @@ def test_recipe_trains_a_model_and_continues_after_an_interruption(source, tmp_p
     assert (out / "model" / "model.safetensors").read_bytes() == before
 
 
+def test_a_recipe_with_line_cuts_short_windows_and_packed_rows(source, tmp_path):
+    from codefill.training.mindrecord_io import IGNORE_INDEX, read_rows
+    recipe = tmp_path / "packed.toml"
+    recipe.write_text(TINY_RECIPE.format(source=source)
+                      .replace("fim_rate = 0.9", "fim_rate = 0.9\nline_rate = 0.5\nwindow_tokens = 20\npack = true")
+                      .replace("max_steps = 6", "max_steps = 2").replace("eval_every = 3", "eval_every = 2"))
+    out = tmp_path / "run"
+    run_codefill("recipe", recipe, "--output", out, "--no-progress")
+    assert (out / "model" / "model.safetensors").exists()
+    tok = Tokenizer(out / "tokenizer.model")
+    for name in ("train", "heldout"):
+        rows = list(read_rows(out / "data" / f"{name}.mindrecord"))
+        per_row = [int((r["input_ids"][r["labels"] != IGNORE_INDEX] == tok.bos_id).sum()) for r in rows]
+        assert min(per_row) >= 1 and sum(per_row) > 2 * len(rows), (name, per_row)
+
+
 @pytest.mark.parametrize("change, message", [
     (("vocab_size = 600", "vocab_size = 600\ncolour = 1"), "unknown [tokenizer] keys ['colour']"),
     (("n_heads = 2", "n_heads = 3"), "dim 32 is not divisible by n_heads 3"),
@@ -108,7 +124,9 @@ def test_recipe_trains_a_model_and_continues_after_an_interruption(source, tmp_p
     (("max_steps = 6", "max_steps = 6\nlora = true"), "lora must be absent or false"),
     (("max_steps = 6", "max_steps = 6\ndp = 2"), "one process (dp 1, tp 1)"),
     (("[fim]", "[fims]"), "unknown keys ['fims']"),
-    (("fim_rate = 0.9", "fim_rate = 1.5"), "fim_rate must be in [0, 1]"),
+    (("fim_rate = 0.9", "fim_rate = 1.5"), "fim_rate must be a number in [0, 1], got 1.5"),
+    (("fim_rate = 0.9", "fim_rate = 0.9\nwindow_tokens = 500"), "window_tokens 500 does not fit [train] seq_length"),
+    (("fim_rate = 0.9", "fim_rate = 0.9\npack = 1"), "pack must be true or false, got 1"),
     (("lr = 3e-3", "lr = -1"), "need lr > 0"),
 ])
 def test_bad_recipes_are_refused_with_the_offending_value(tmp_path, change, message):

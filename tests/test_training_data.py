@@ -14,7 +14,7 @@ from codefill.model.fim import infilling_prompt_tokens
 from codefill.training.alpaca import PROMPT_NO_INPUT, PROMPT_WITH_INPUT, alpaca_to_conversations, convert_alpaca_file
 from codefill.training.data_error import DataError
 from codefill.training.fim_examples import (
-    FIM_OVERHEAD, FimConfig, FimCounts, fim_example, fim_rows, split_into_windows, window_rng,
+    FIM_OVERHEAD, FimConfig, FimCounts, fim_example, fim_rows, line_starts, split_into_windows, window_rng,
 )
 from codefill.training.instruct_examples import InstructCounts, instruct_example, instruct_rows
 from codefill.training.mindrecord_io import IGNORE_INDEX, pad_row, read_rows
@@ -347,6 +347,64 @@ def test_fim_rows_reproducible_and_fit_the_row(tok):
     assert "".join(parts) == sources[4][1]
 
 
+def test_line_cut_middles_are_whole_lines(tok):
+    config = FimConfig(fim_rate=1.0, line_rate=1.0)
+    starts = set(line_starts(SOURCE))
+    assert 0 in starts and len(SOURCE) in starts and len(starts) == SOURCE.count("\n") + 1
+    middles = []
+    for n in range(200):
+        ex = fim_example(tok, SOURCE, window_rng(0, "a.py", n), config)
+        assert ex.kind in ("psm", "spm") and ex.prefix + ex.middle + ex.suffix == SOURCE
+        assert len(ex.prefix) in starts and len(ex.prefix + ex.middle) in starts
+        middles.append(ex.middle)
+    assert len({m.count("\n") for m in middles}) > 3  # one line, several lines, none
+    # line_rate 0.5: about half of the middles fall on line starts (character cuts rarely do).
+    half = [fim_example(tok, SOURCE, window_rng(1, f"f{n}.py", 0), FimConfig(fim_rate=1.0, line_rate=0.5))
+            for n in range(600)]
+    on_lines = sum(len(e.prefix) in starts and len(e.prefix + e.middle) in starts for e in half)
+    assert 0.45 < on_lines / 600 < 0.65, on_lines
+    # The default draws nothing extra: its examples are those of a config without the option.
+    assert [fim_example(tok, SOURCE, window_rng(2, "a.py", n), FimConfig()).ids for n in range(20)] == \
+        [fim_example(tok, SOURCE, window_rng(2, "a.py", n), FimConfig(line_rate=0.0, pack=False)).ids
+         for n in range(20)]
+
+
+def test_short_windows_and_packed_rows(tok):
+    sources = [(f"m{k}.py", SOURCE * (k + 1)) for k in range(5)]
+    row_length = 257
+    plain = list(fim_rows(tok, sources, row_length, FimConfig(seed=3, window_tokens=60)))
+    assert all(len(ids) <= 60 + FIM_OVERHEAD for ids, _ in plain)
+    assert len(plain) > len(list(fim_rows(tok, sources, row_length, FimConfig(seed=3))))
+    counts = FimCounts()
+    packed = list(fim_rows(tok, sources, row_length, FimConfig(seed=3, window_tokens=60, pack=True), counts))
+    # The same examples, in order, whole, several to a row, and no row over length.
+    assert [t for ids, _ in packed for t in ids] == [t for ids, _ in plain for t in ids]
+    assert all(len(ids) <= row_length and ids == labels and ids[0] == tok.bos_id for ids, labels in packed)
+    starts = [i for ids, _ in packed for i, t in enumerate(ids) if t == tok.bos_id]
+    assert len(starts) == len(plain) == counts.psm + counts.spm + counts.plain
+    assert len(packed) < len(plain) / 2
+    # Greedy: a row is only closed when the next example does not fit in it.
+    lengths = [len(ids) for ids, _ in plain]
+    k = 0
+    for ids, _ in packed[:-1]:
+        k += ids.count(tok.bos_id)
+        assert len(ids) + lengths[k] > row_length
+    with pytest.raises(DataError, match="window_tokens 300 does not fit a row of 257"):
+        list(fim_rows(tok, sources, row_length, FimConfig(window_tokens=300)))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(line_rate=1.5), "line_rate must be a number in \\[0, 1\\], got 1.5"),
+    (dict(line_rate="half"), "line_rate must be a number in \\[0, 1\\], got 'half'"),
+    (dict(window_tokens=4), "window_tokens must be 0 .* or an integer >= 8, got 4"),
+    (dict(window_tokens=64.0), "got 64.0"),
+    (dict(pack="yes"), "pack must be true or false, got 'yes'"),
+])
+def test_fim_config_refuses_bad_values(bad, match):
+    with pytest.raises(DataError, match=match):
+        FimConfig(**bad)
+
+
 # --- source files ---------------------------------------------------------------------------------------
 
 
@@ -461,7 +519,7 @@ def test_fim_mindrecord_round_trip_and_held_out_list(tmp_path, model_dir, tok):
         tokenize_fim(model_dir, root, out, 127, fim=fim, sources=sources)
     with pytest.raises(DataError, match="seq_length must be an integer >= 16, got 8"):
         tokenize_fim(model_dir, root, tmp_path / "small.mindrecord", 8)
-    with pytest.raises(DataError, match="fim_rate must be in"):
+    with pytest.raises(DataError, match="fim_rate must be a number in"):
         FimConfig(fim_rate=1.5)
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -19,7 +19,19 @@ infilling_prompt_tokens(tok, prefix, suffix, spm=True), is a token prefix of the
 falls on a token boundary. Only the suffix and (in PSM) the middle lose SentencePiece's implicit leading
 space, as in the paper and Meta's inference code.
 
-One departure from the paper: Code Llama applied FIM only to documents not cut across training contexts. We
+Three options depart from the paper, all off by default (the bundled recipe's data does not use them):
+
+  - line_rate: that share of infilling examples draws its two cut points among the window's line starts
+    (offset 0, every offset after a newline, and the end) instead of among all characters, so the middle is
+    whole lines and <EOT> follows a line break, where an editor's cursor usually stands when a suggestion
+    is wanted. The extra draw is made only when line_rate > 0, so other streams are unchanged.
+  - window_tokens: windows of at most that many tokens instead of a whole row's worth: shorter documents,
+    hence more infilling examples (and <EOT> targets) for the same tokens.
+  - pack: whole examples are placed greedily into rows (an example never straddles two rows, so every
+    middle has its prompt in its row) instead of one padded example per row. Attention crosses the
+    examples of a row, as it crosses documents in pretraining; each starts with BOS.
+
+Another departure: Code Llama applied FIM only to documents not cut across training contexts. We
 cut long files into windows first and treat every window as a document, so long files also yield infilling
 examples (an editor's prompt is a window of a file too); fim_rate=0 gives plain left-to-right windows only.
 
@@ -49,12 +61,20 @@ class FimConfig:
     fim_rate: float = 0.9   # share of windows turned into infilling examples; the rest stay left-to-right
     spm_rate: float = 0.5   # share of infilling examples in SPM layout; the rest are PSM
     seed: int = 0
+    line_rate: float = 0.0  # share of infilling examples cut at line starts (whole-line middles)
+    window_tokens: int = 0  # 0: windows as long as a row allows; else at most this many tokens
+    pack: bool = False      # whole examples packed greedily into rows instead of one example per row
 
     def __post_init__(self):
-        for name in ("fim_rate", "spm_rate"):
+        for name in ("fim_rate", "spm_rate", "line_rate"):
             value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise DataError(f"{name} must be in [0, 1], got {value}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise DataError(f"{name} must be a number in [0, 1], got {value!r}")
+        if isinstance(self.window_tokens, bool) or not isinstance(self.window_tokens, int) or not (
+                self.window_tokens == 0 or self.window_tokens >= 8):
+            raise DataError(f"window_tokens must be 0 (a row's worth) or an integer >= 8, got {self.window_tokens!r}")
+        if not isinstance(self.pack, bool):
+            raise DataError(f"pack must be true or false, got {self.pack!r}")
 
 
 @dataclass
@@ -139,12 +159,22 @@ def spm_ids(tok: Tokenizer, prefix: str, middle: str, suffix: str) -> list[int]:
             + tok.encode(prefix + middle) + [tok.eot_id])
 
 
+def line_starts(window: str) -> list[int]:
+    """Offsets where a line starts, and the end: the cut points of a whole-line middle."""
+    starts = [0] + [k + 1 for k, c in enumerate(window) if c == "\n"]
+    return starts if starts[-1] == len(window) else starts + [len(window)]
+
+
 def fim_example(tok: Tokenizer, window: str, rng: random.Random, config: FimConfig, *,
                 ends_file: bool = True) -> FimExample:
     """One example from one window; all randomness comes from `rng`, in a fixed order of draws."""
     if rng.random() >= config.fim_rate:
         return FimExample("plain", tok.encode(window, bos=True, eos=ends_file), prefix=window)
-    i, j = sorted((rng.randint(0, len(window)), rng.randint(0, len(window))))
+    if config.line_rate > 0 and rng.random() < config.line_rate:
+        starts = line_starts(window)
+        i, j = sorted((rng.choice(starts), rng.choice(starts)))
+    else:
+        i, j = sorted((rng.randint(0, len(window)), rng.randint(0, len(window))))
     prefix, middle, suffix = window[:i], window[i:j], window[j:]
     if rng.random() < config.spm_rate:
         return FimExample("spm", spm_ids(tok, prefix, middle, suffix), prefix, middle, suffix)
@@ -162,10 +192,17 @@ def fim_rows(tok: Tokenizer, sources: Iterable[tuple[str, str]], row_length: int
     if not tok.has_infilling:
         raise DataError(f"tokenizer {tok.path} has no infilling pieces; FIM data needs a Code Llama base "
                         f"tokenizer (7B/13B), not a Python or 34B one")
+    window_tokens = row_length - FIM_OVERHEAD
+    if config.window_tokens:
+        if config.window_tokens > window_tokens:
+            raise DataError(f"window_tokens {config.window_tokens} does not fit a row of {row_length} tokens "
+                            f"(at most {window_tokens}: the row less {FIM_OVERHEAD} for the FIM pieces)")
+        window_tokens = config.window_tokens
     counts = counts if counts is not None else FimCounts()
+    row: list[int] = []
     for path, text in sources:
         counts.files += 1
-        windows = split_into_windows(tok, text, row_length - FIM_OVERHEAD)
+        windows = split_into_windows(tok, text, window_tokens)
         for index, window in enumerate(windows):
             counts.windows += 1
             example = fim_example(tok, window, window_rng(config.seed, path, index), config,
@@ -174,4 +211,12 @@ def fim_rows(tok: Tokenizer, sources: Iterable[tuple[str, str]], row_length: int
                 counts.dropped_too_long += 1
                 continue
             setattr(counts, example.kind, getattr(counts, example.kind) + 1)
-            yield example.ids, list(example.ids)
+            if not config.pack:
+                yield example.ids, list(example.ids)
+                continue
+            if row and len(row) + len(example.ids) > row_length:
+                yield row, list(row)
+                row = []
+            row.extend(example.ids)
+    if row:
+        yield row, list(row)

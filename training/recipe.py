@@ -6,7 +6,7 @@ A recipe file (see recipes/codefill-stdlib.toml, the bundled model's) names ever
                  its site-packages), which extensions, excluded patterns, the held-out share (by file)
     [tokenizer]  SentencePiece vocabulary size and how many characters of train files it learns from
     [model]      the LlamaConfig fields other than vocab_size (the tokenizer's), and the init seed and std
-    [fim]        FimConfig: FIM rate, SPM share, seed
+    [fim]        FimConfig: FIM rate, SPM share, seed; line cuts, window length, packing
     [train]      TrainConfig fields (full training: no LoRA)
 
 The run is a chain of steps, each writing one thing in OUT and skipped when that thing is already complete,
@@ -40,7 +40,7 @@ import numpy as np
 from codefill.model.config import ConfigError, LlamaConfig
 
 from .data_error import DataError
-from .fim_examples import FimConfig, FimCounts, fim_rows
+from .fim_examples import FIM_OVERHEAD, FimConfig, FimCounts, fim_rows
 from .source_files import STDLIB, SourceConfig, SourceSummary, iter_source_files, source_root
 from .train_config import TrainConfig
 from .train_error import TrainError
@@ -119,6 +119,9 @@ def load_recipe(path: str | Path) -> Recipe:
         raise TrainError(f"recipe {path}: [model] {e}") from e
     except TrainError as e:
         raise TrainError(f"recipe {path}: {e}") from e
+    if fim_cfg.window_tokens > train_cfg.seq_length + 1 - FIM_OVERHEAD:
+        raise TrainError(f"recipe {path}: [fim] window_tokens {fim_cfg.window_tokens} does not fit [train] "
+                         f"seq_length {train_cfg.seq_length} (at most {train_cfg.seq_length + 1 - FIM_OVERHEAD})")
     if train_cfg.dp != 1 or train_cfg.tp != 1:
         raise TrainError(f"recipe {path}: the recipe runs in one process (dp 1, tp 1), got dp {train_cfg.dp} "
                          f"tp {train_cfg.tp}")

@@ -155,3 +155,9 @@ def test_the_bundled_recipe_parses_and_matches_the_bundled_model():
     arch = files.config.to_dict()
     assert {k: arch[k] for k in recipe.arch} == recipe.arch
     assert arch["vocab_size"] == recipe.vocab_size == Tokenizer(files.tokenizer_path).vocab_size
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.toml")), ids=lambda p: p.name)
+def test_every_committed_recipe_parses(path):
+    recipe = load_recipe(path)
+    assert recipe.source == "stdlib" and recipe.train.max_steps > 0

@@ -399,6 +399,7 @@ def test_short_windows_and_packed_rows(tok):
     (dict(window_tokens=4), "window_tokens must be 0 .* or an integer >= 8, got 4"),
     (dict(window_tokens=64.0), "got 64.0"),
     (dict(pack="yes"), "pack must be true or false, got 'yes'"),
+    (dict(passes=0), "passes must be an integer >= 1, got 0"),
 ])
 def test_fim_config_refuses_bad_values(bad, match):
     with pytest.raises(DataError, match=match):
@@ -514,6 +515,14 @@ def test_fim_mindrecord_round_trip_and_held_out_list(tmp_path, model_dir, tok):
     assert again.rows == summary.rows
     assert_same_rows(list(read_rows(tmp_path / "again.mindrecord")), expected)
     assert read_held_out_list(tmp_path / "again.heldout.json")[1] == held
+
+    # passes=2: the first pass's rows, then a second pass drawn with seed + 1; the held-out list is the same.
+    twice = tokenize_fim(model_dir, root, tmp_path / "twice.mindrecord", 127,
+                         fim=FimConfig(seed=11, passes=2), sources=sources)
+    second = padded(fim_rows(tok, [(p, (root / p).read_text()) for p in train], 128, FimConfig(seed=12)), 128, tok)
+    assert_same_rows(list(read_rows(tmp_path / "twice.mindrecord")), expected + second)
+    assert read_held_out_list(tmp_path / "twice.heldout.json")[1] == held
+    assert f"source files: {len(train)} x 2 passes" in twice.report() and twice.rows == len(expected) + len(second)
 
     with pytest.raises(DataError, match="already exists"):
         tokenize_fim(model_dir, root, out, 127, fim=fim, sources=sources)

@@ -19,7 +19,7 @@ infilling_prompt_tokens(tok, prefix, suffix, spm=True), is a token prefix of the
 falls on a token boundary. Only the suffix and (in PSM) the middle lose SentencePiece's implicit leading
 space, as in the paper and Meta's inference code.
 
-Three options depart from the paper, all off by default (the bundled recipe's data does not use them):
+Four options depart from the paper, all off by default (the bundled recipe's data does not use them):
 
   - line_rate: that share of infilling examples draws its two cut points among the window's line starts
     (offset 0, every offset after a newline, and the end) instead of among all characters, so the middle is
@@ -27,6 +27,9 @@ Three options depart from the paper, all off by default (the bundled recipe's da
     is wanted. The extra draw is made only when line_rate > 0, so other streams are unchanged.
   - window_tokens: windows of at most that many tokens instead of a whole row's worth: shorter documents,
     hence more infilling examples (and <EOT> targets) for the same tokens.
+  - passes: the train files are turned into examples that many times, pass k with seed + k, so every
+    epoch of a long run sees other cut points and layouts of the same code (written by tokenize_fim; the
+    training permutation mixes the passes).
   - pack: whole examples are placed greedily into rows (an example never straddles two rows, so every
     middle has its prompt in its row) instead of one padded example per row. Attention crosses the
     examples of a row, as it crosses documents in pretraining; each starts with BOS.
@@ -64,6 +67,7 @@ class FimConfig:
     line_rate: float = 0.0  # share of infilling examples cut at line starts (whole-line middles)
     window_tokens: int = 0  # 0: windows as long as a row allows; else at most this many tokens
     pack: bool = False      # whole examples packed greedily into rows instead of one example per row
+    passes: int = 1         # train data written this many times, pass k drawn with seed + k
 
     def __post_init__(self):
         for name in ("fim_rate", "spm_rate", "line_rate"):
@@ -73,6 +77,8 @@ class FimConfig:
         if isinstance(self.window_tokens, bool) or not isinstance(self.window_tokens, int) or not (
                 self.window_tokens == 0 or self.window_tokens >= 8):
             raise DataError(f"window_tokens must be 0 (a row's worth) or an integer >= 8, got {self.window_tokens!r}")
+        if isinstance(self.passes, bool) or not isinstance(self.passes, int) or self.passes < 1:
+            raise DataError(f"passes must be an integer >= 1, got {self.passes!r}")
         if not isinstance(self.pack, bool):
             raise DataError(f"pack must be true or false, got {self.pack!r}")
 
@@ -94,9 +100,11 @@ class FimCounts:
     spm: int = 0
     plain: int = 0
     dropped_too_long: int = 0   # examples that outgrew the row after the transform (should stay 0)
+    passes: int = 1             # every file is counted once per pass
 
     def report(self) -> str:
-        return (f"  source files: {self.files}, windows: {self.windows}; examples: psm {self.psm}, "
+        files = f"{self.files // self.passes} x {self.passes} passes" if self.passes > 1 else f"{self.files}"
+        return (f"  source files: {files}, windows: {self.windows}; examples: psm {self.psm}, "
                 f"spm {self.spm}, plain {self.plain}; dropped (too long): {self.dropped_too_long}")
 
 

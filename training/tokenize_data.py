@@ -16,7 +16,7 @@ writes the held-out files' paths to OUT's stem + ".heldout.json" (see `held_out_
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -131,7 +131,8 @@ def tokenize_fim(model_dir: str | Path, input_dir: str | Path, output: str | Pat
     if existing and not overwrite:   # checked up front, not after a long run
         raise DataError(f"output {existing} already exists (pass overwrite / --overwrite to replace it)")
 
-    summary = DataSummary("fim", Path(output), seq_length, counts=FimCounts(), sources=SourceSummary())
+    summary = DataSummary("fim", Path(output), seq_length, counts=FimCounts(passes=fim.passes),
+                          sources=SourceSummary())
     held_out: list[str] = []
 
     def train_texts() -> Iterator[tuple[str, str]]:
@@ -141,8 +142,14 @@ def tokenize_fim(model_dir: str | Path, input_dir: str | Path, output: str | Pat
             else:
                 yield f.path, f.text
 
-    _write(output, fim_rows(tok, train_texts(), row_length, fim, summary.counts), row_length, tok, summary,
-           overwrite)
+    if fim.passes == 1:
+        rows = fim_rows(tok, train_texts(), row_length, fim, summary.counts)
+    else:   # the files are read once; each pass draws its own examples from them
+        texts = list(train_texts())
+        rows = (row for k in range(fim.passes)
+                for row in fim_rows(tok, texts, row_length, replace(fim, seed=fim.seed + k),
+                                    summary.counts))
+    _write(output, rows, row_length, tok, summary, overwrite)
     summary.held_out_list = write_json_atomic(
         held_out_path,
         {"root": str(Path(input_dir).resolve()), "held_out_fraction": sources.held_out_fraction, "files": held_out},

@@ -23,7 +23,7 @@ from helpers import make_tiny_model_dir
 from lsp_fake_worker import FakeWorker
 from test_lsp_e2e import SERVER, open_doc, start
 
-pytestmark = pytest.mark.asyncio(loop_scope="function")
+ASYNC = pytest.mark.asyncio(loop_scope="function")  # on the async tests only; the rest are plain
 QUIET = {"prefetch": False, "debounce_min_ms": 0, "debounce_max_ms": 0}
 
 
@@ -89,6 +89,7 @@ def units(text: str, encoding: str) -> int:
 
 
 @pytest.mark.parametrize("encoding", ["utf-8", "utf-16", "utf-32"])
+@ASYNC
 async def test_unicode_positions_under_each_encoding(tiny_dir, fake, tok, tmp_path, encoding):
     fake.reply = "x)"
     client = await connect(tiny_dir, fake, tmp_path, encodings=[encoding])
@@ -112,6 +113,7 @@ async def test_unicode_positions_under_each_encoding(tiny_dir, fake, tok, tmp_pa
         await client.shutdown_session()
 
 
+@ASYNC
 async def test_incremental_edit_with_emoji_in_utf8(tiny_dir, fake, tok, tmp_path):
     client = await connect(tiny_dir, fake, tmp_path, encodings=["utf-8"])
     try:
@@ -128,6 +130,7 @@ async def test_incremental_edit_with_emoji_in_utf8(tiny_dir, fake, tok, tmp_path
 # --- request lifecycle ---
 
 
+@ASYNC
 async def test_cancellation_flood_only_the_live_request_reaches_the_model(tiny_dir, fake, tmp_path):
     fake.reply = "return a + b"
     client = await connect(tiny_dir, fake, tmp_path, options={"debounce_min_ms": 30, "debounce_max_ms": 60})
@@ -155,6 +158,7 @@ async def test_cancellation_flood_only_the_live_request_reaches_the_model(tiny_d
         await client.shutdown_session()
 
 
+@ASYNC
 async def test_superseding_keystroke_cancels_the_worker_request(tiny_dir, fake, tmp_path):
     fake.reply = "return a + b + c + d"
     fake.token_delay_s = 0.2  # slow: the second keystroke arrives mid-generation
@@ -176,6 +180,7 @@ async def test_superseding_keystroke_cancels_the_worker_request(tiny_dir, fake, 
         await client.shutdown_session()
 
 
+@ASYNC
 async def test_stale_version_gets_content_modified(tiny_dir, fake, tmp_path):
     fake.reply = "return 1"
     fake.token_delay_s = 0.1
@@ -193,6 +198,7 @@ async def test_stale_version_gets_content_modified(tiny_dir, fake, tmp_path):
         await client.shutdown_session()
 
 
+@ASYNC
 async def test_typed_ahead_characters_are_served_from_the_cache(tiny_dir, fake, tmp_path):
     fake.reply = "return a + b"
     client = await connect(tiny_dir, fake, tmp_path)
@@ -213,6 +219,7 @@ async def test_typed_ahead_characters_are_served_from_the_cache(tiny_dir, fake, 
         await client.shutdown_session()
 
 
+@ASYNC
 async def test_prefetch_serves_the_completion_after_acceptance(tiny_dir, fake, tmp_path):
     fake.reply = "x = 1"
     client = await connect(tiny_dir, fake, tmp_path, options={"prefetch": True})
@@ -238,6 +245,7 @@ async def test_prefetch_serves_the_completion_after_acceptance(tiny_dir, fake, t
         await client.shutdown_session()
 
 
+@ASYNC
 async def test_stop_rules_are_sent_to_the_worker(tiny_dir, fake, tmp_path):
     client = await connect(tiny_dir, fake, tmp_path)
     try:
@@ -253,6 +261,7 @@ async def test_stop_rules_are_sent_to_the_worker(tiny_dir, fake, tmp_path):
         await client.shutdown_session()
 
 
+@ASYNC
 async def test_confidence_threshold_hides_and_reports_mean_logprob(tiny_dir, fake, tmp_path):
     fake.reply, fake.logprob = "return 1", -3.0
     client = await connect(tiny_dir, fake, tmp_path)
@@ -273,6 +282,7 @@ async def test_confidence_threshold_hides_and_reports_mean_logprob(tiny_dir, fak
         await client.shutdown_session()
 
 
+@ASYNC
 async def test_languages_enabled(tiny_dir, fake, tmp_path):
     client = await connect(tiny_dir, fake, tmp_path, options={"languages": ["rust"]})
     try:
@@ -287,6 +297,7 @@ async def test_languages_enabled(tiny_dir, fake, tmp_path):
 # --- robustness ---
 
 
+@ASYNC
 async def test_bad_requests_get_clear_errors_and_the_server_lives(tiny_dir, fake, tmp_path):
     client = await connect(tiny_dir, fake, tmp_path, options={"max_document_chars": 10_000})
     try:
@@ -316,6 +327,7 @@ async def test_bad_requests_get_clear_errors_and_the_server_lives(tiny_dir, fake
         await client.shutdown_session()
 
 
+@ASYNC
 async def test_worker_down_then_back(tiny_dir, fake, tmp_path):
     fake.reply = "return 1"
     client = await connect(tiny_dir, fake, tmp_path, options={"request_timeout_s": 1.0, "reconnect_interval_s": 0.3})
@@ -341,6 +353,7 @@ async def test_worker_down_then_back(tiny_dir, fake, tmp_path):
         await client.shutdown_session()
 
 
+@ASYNC
 async def test_telemetry_stats_and_rotating_log(tiny_dir, fake, tmp_path):
     fake.reply = "return 1"
     state = tmp_path / "state"
@@ -368,6 +381,7 @@ async def test_telemetry_stats_and_rotating_log(tiny_dir, fake, tmp_path):
 # --- transports, exit, parent ---
 
 
+@ASYNC
 async def test_exit_without_shutdown_is_status_1(tiny_dir, fake, tmp_path):
     client = await connect(tiny_dir, fake, tmp_path)
     client.exit(None)
@@ -378,6 +392,7 @@ async def test_exit_without_shutdown_is_status_1(tiny_dir, fake, tmp_path):
     assert client._server.returncode == 1
 
 
+@ASYNC
 async def test_server_exits_when_its_parent_dies(tiny_dir, fake, tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     client = LanguageClient("test", "1")
@@ -402,6 +417,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@ASYNC
 async def test_tcp_one_session_and_a_clear_refusal(tiny_dir, fake, tmp_path):
     fake.reply = "return 1"
     port = _free_port()
@@ -483,6 +499,7 @@ def test_suggestion_cache_serves_typed_ahead_text_only():
     assert cache.lookup("v", "x = fo", ")\n") is None
 
 
+@ASYNC
 async def test_token_healing_backs_off_the_partial_identifier(tiny_dir, fake, tmp_path):
     """ "    ret|": the prompt ends before "ret", the worker is asked for text starting with "ret", and the
     editor is shown only what follows the typed characters."""

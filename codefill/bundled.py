@@ -1,9 +1,10 @@
 """The bundled model: `models/codefill-stdlib` in this repository, what `codefill serve` and `codefill demo`
 use when no --model is given.
 
-It is the output of `codefill recipe recipes/codefill-stdlib.toml` (see its TRAINING.md): a small Code Llama-
-architecture model trained from scratch on the Python standard library. It lives in the source tree, next to the
-`codefill` package folder, so an editable install (what scripts/setup.sh makes) finds it from any directory.
+It is the output of `codefill recipe recipes/codefill-stdlib.toml` (its model card is the README.md beside it): a
+small Code Llama-architecture model trained from scratch on the Python standard library. It lives in the source
+tree, next to the `codefill` package folder, so an editable install (what scripts/setup.sh makes) finds it from any
+directory.
 """
 
 from __future__ import annotations

@@ -226,7 +226,7 @@ def run_recipe(recipe_path: str | Path, out: str | Path, *, progress: bool = Tru
     losses = [m for m in metrics if "loss" in m]
     held = [m for m in metrics if "held_out_loss" in m]
     note = (f"{recipe.name}: trained from scratch by `codefill recipe` on {recipe.source} "
-            f"({len(train_files)} files), {cfg.max_steps} steps; see TRAINING.md")
+            f"({len(train_files)} files), {cfg.max_steps} steps; the run is recorded in summary.json beside it")
     model_dir = save_model_dir(out / "model", arch, weights, tok_path, note=note, overwrite=True)
     summary = {
         "name": recipe.name, "source": recipe.source, "root": str(root), "python": platform.python_version(),

@@ -254,12 +254,21 @@ def cmd_eval_infill(args: argparse.Namespace) -> None:
     config = infilling.InfillConfig(modes=modes or infilling.MODES, spm=not args.psm, limit=args.limit,
                                     workers=args.workers)
     held = None
-    if args.source is not None:
+    fim = FimEvalConfig(max_tasks=args.fim_tasks, max_new_tokens=args.fim_max_new_tokens)
+    if args.recipe is not None:
+        from codefill.training.recipe import load_recipe
+
+        given = [f for f, v in (("--source", args.source), ("--held-out-fraction", args.held_out_fraction),
+                                ("--extensions", args.extensions), ("--exclude", args.exclude)) if v is not None]
+        if given:
+            raise CliError(f"--recipe {args.recipe} sets the held-out files; drop {', '.join(given)}")
+        held = infilling.HeldOutConfig.of_recipe(load_recipe(args.recipe), fim)
+    elif args.source is not None:
         held = infilling.HeldOutConfig(
-            args.source, held_out_fraction=args.held_out_fraction,
-            extensions=tuple(e for e in args.extensions.split(",") if e) or None,
-            exclude=tuple(e for e in (args.exclude or "").split(",") if e),
-            fim=FimEvalConfig(max_tasks=args.fim_tasks, max_new_tokens=args.fim_max_new_tokens))
+            args.source, held_out_fraction=0.05 if args.held_out_fraction is None else args.held_out_fraction,
+            extensions=tuple(e for e in (".py" if args.extensions is None else args.extensions).split(",") if e)
+            or None,
+            exclude=tuple(e for e in (args.exclude or "").split(",") if e), fim=fim)
     summary = infilling.run(Path(args.model), Path(args.out), config, held_out=held, baseline=args.baseline,
                             humaneval=not args.no_humaneval, endpoint=args.endpoint)
     print(infilling.report(summary))
@@ -631,9 +640,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="at most N HumanEval infilling tasks per mode (evenly spread)")
     p.add_argument("--source", metavar="DIR", help="held-out FIM on this directory or repository ('stdlib': the "
                                                   "Python standard library); the baseline's train files")
-    p.add_argument("--held-out-fraction", type=float, default=0.05, help="share of files held out, by path hash")
-    p.add_argument("--extensions", default=".py", help="comma-separated; empty: every text file")
+    p.add_argument("--held-out-fraction", type=float, help="share of files held out, by path hash (default 0.05)")
+    p.add_argument("--extensions", help="comma-separated (default .py); empty: every text file")
     p.add_argument("--exclude", help="comma-separated fnmatch patterns of paths to skip")
+    p.add_argument("--recipe", metavar="RECIPE.toml", help="held-out FIM on the held-out files of the recipe that "
+                                                           "trained MODEL_DIR: its source, filters and split")
     p.add_argument("--fim-tasks", type=int, default=256, help="held-out FIM tasks")
     p.add_argument("--fim-max-new-tokens", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="sandboxed test processes at a time")

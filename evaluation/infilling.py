@@ -238,10 +238,19 @@ class HeldOutConfig:
     extensions: tuple[str, ...] | None = (".py",)
     exclude: tuple[str, ...] = ()
     fim: FimEvalConfig = FimEvalConfig(max_tasks=256)
+    recipe_sources: object = None                # a recipe's SourceConfig: used whole, instead of the fields above
+
+    @classmethod
+    def of_recipe(cls, recipe, fim: FimEvalConfig) -> HeldOutConfig:
+        """The held-out files of the recipe that trained a model: its source, every filter, its split."""
+        s = recipe.sources
+        return cls(recipe.source, s.held_out_fraction, s.extensions, tuple(s.exclude), fim, recipe_sources=s)
 
     def sources(self):
         from codefill.training.source_files import STDLIB, STDLIB_EXCLUDE, SourceConfig
 
+        if self.recipe_sources is not None:
+            return self.recipe_sources
         exclude = self.exclude or (STDLIB_EXCLUDE if self.source == STDLIB else ())
         return SourceConfig(extensions=self.extensions, exclude=exclude, held_out_fraction=self.held_out_fraction)
 

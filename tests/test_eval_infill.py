@@ -176,6 +176,28 @@ def test_eval_infill_command_for_model_and_baseline(tiny, source_dir, tmp_path):
     assert [(r["path"], r["line"]) for r in base_rows] == [(r["path"], r["line"]) for r in rows if r["mode"] == "held_out"]
 
 
+def test_eval_infill_on_a_recipes_held_out_files(tiny, source_dir, tmp_path):
+    """--recipe: held-out FIM on exactly the files the recipe held out, with its exclusions applied."""
+    from codefill.training.source_files import SourceConfig, iter_source_files
+    from test_recipe import TINY_RECIPE
+
+    split = SourceConfig(extensions=(".py",), held_out_fraction=0.3)
+    held = [f.path for f in iter_source_files(source_dir, split) if f.held_out]
+    assert len(held) >= 3
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(TINY_RECIPE.format(source=source_dir).replace('exclude = ["skipme/*"]',
+                                                                    f'exclude = ["{held[0]}"]'))
+    done = run_codefill("eval", "infill", "--model", tiny, "--no-humaneval", "--recipe", recipe, "--fim-tasks", "8",
+                        "--fim-max-new-tokens", "4", "--out", tmp_path)
+    summary = json.loads((tmp_path / "infill.json").read_text())
+    assert summary["held_out_fim"]["files"] == len(held) - 1, done.stdout
+    rows = [json.loads(line) for line in (tmp_path / "infill_tasks.jsonl").read_text().splitlines()]
+    assert rows and {r["path"] for r in rows} <= set(held[1:])
+    done = run_codefill("eval", "infill", "--model", tiny, "--recipe", recipe, "--source", source_dir,
+                        "--exclude", "x", "--out", tmp_path, check=False)
+    assert done.returncode == 2 and "sets the held-out files; drop --source, --exclude" in done.stderr
+
+
 def test_eval_infill_refuses_bad_input_clearly(tiny, tmp_path):
     done = run_codefill("eval", "infill", "--model", tiny, "--baseline", "ngram", "--out", tmp_path, check=False)
     assert done.returncode == 2 and "give one (--source)" in done.stderr

@@ -264,11 +264,11 @@ def cmd_eval_infill(args: argparse.Namespace) -> None:
             raise CliError(f"--recipe {args.recipe} sets the held-out files; drop {', '.join(given)}")
         held = infilling.HeldOutConfig.of_recipe(load_recipe(args.recipe), fim)
     elif args.source is not None:
-        held = infilling.HeldOutConfig(
-            args.source, held_out_fraction=0.05 if args.held_out_fraction is None else args.held_out_fraction,
+        held = infilling.HeldOutConfig.of_source(
+            args.source, fim, held_out_fraction=0.05 if args.held_out_fraction is None else args.held_out_fraction,
             extensions=tuple(e for e in (".py" if args.extensions is None else args.extensions).split(",") if e)
             or None,
-            exclude=tuple(e for e in (args.exclude or "").split(",") if e), fim=fim)
+            exclude=tuple(e for e in (args.exclude or "").split(",") if e))
     summary = infilling.run(Path(args.model), Path(args.out), config, held_out=held, baseline=args.baseline,
                             humaneval=not args.no_humaneval, endpoint=args.endpoint)
     print(infilling.report(summary))

@@ -37,6 +37,8 @@ from pathlib import Path
 
 from codefill.training.fim_eval import (Complete, FimEvalConfig, FimResult, FimScore, FimTask, edit_similarity,
                                         evaluate, exact_match)
+from codefill.training.source_files import (STDLIB, STDLIB_EXCLUDE, SourceConfig, iter_source_files,
+                                            source_root)
 
 from .eval_error import EvalError
 from .humaneval import Problem, load_problems, program
@@ -219,8 +221,6 @@ def heldout_tasks(root: str | Path, sources, fim_config: FimEvalConfig) -> tuple
     """Held-out FIM tasks of a directory or repository (`sources`: a training.source_files.SourceConfig whose
     held_out_fraction picks the files, as at tokenization), and the held-out paths."""
     from codefill.training.fim_eval import make_tasks
-    from codefill.training.source_files import iter_source_files
-
     held = [f.path for f in iter_source_files(root, sources) if f.held_out]
     if not held:
         raise EvalError(f"no held-out file under {root} with held_out_fraction {sources.held_out_fraction}; "
@@ -234,29 +234,23 @@ def heldout_tasks(root: str | Path, sources, fim_config: FimEvalConfig) -> tuple
 @dataclass(frozen=True)
 class HeldOutConfig:
     source: str                                  # a directory or repository, or "stdlib"
-    held_out_fraction: float = 0.05
-    extensions: tuple[str, ...] | None = (".py",)
-    exclude: tuple[str, ...] = ()
+    files: SourceConfig                          # which files, and the by-file split
     fim: FimEvalConfig = FimEvalConfig(max_tasks=256)
-    recipe_sources: object = None                # a recipe's SourceConfig: used whole, instead of the fields above
+
+    @classmethod
+    def of_source(cls, source: str, fim: FimEvalConfig, held_out_fraction: float = 0.05,
+                  extensions: tuple[str, ...] | None = (".py",), exclude: tuple[str, ...] = ()) -> HeldOutConfig:
+        """A directory or "stdlib" (whose site-packages is left out unless `exclude` says otherwise)."""
+        exclude = exclude or (STDLIB_EXCLUDE if source == STDLIB else ())
+        return cls(source, SourceConfig(extensions=extensions, exclude=exclude, held_out_fraction=held_out_fraction),
+                   fim)
 
     @classmethod
     def of_recipe(cls, recipe, fim: FimEvalConfig) -> HeldOutConfig:
         """The held-out files of the recipe that trained a model: its source, every filter, its split."""
-        s = recipe.sources
-        return cls(recipe.source, s.held_out_fraction, s.extensions, tuple(s.exclude), fim, recipe_sources=s)
-
-    def sources(self):
-        from codefill.training.source_files import STDLIB, STDLIB_EXCLUDE, SourceConfig
-
-        if self.recipe_sources is not None:
-            return self.recipe_sources
-        exclude = self.exclude or (STDLIB_EXCLUDE if self.source == STDLIB else ())
-        return SourceConfig(extensions=self.extensions, exclude=exclude, held_out_fraction=self.held_out_fraction)
+        return cls(recipe.source, recipe.sources, fim)
 
     def root(self) -> Path:
-        from codefill.training.source_files import source_root
-
         root = source_root(self.source)
         if not root.is_dir():
             raise EvalError(f"held-out source {self.source!r} ({root}) is not a directory")
@@ -265,11 +259,9 @@ class HeldOutConfig:
 
 def build_baseline(tok, held: HeldOutConfig):
     """The n-gram baseline over the train files (not held out) of `held`'s source."""
-    from codefill.training.source_files import iter_source_files
-
     from .ngram_baseline import NgramBaseline
 
-    texts = [f.text for f in iter_source_files(held.root(), held.sources()) if not f.held_out]
+    texts = [f.text for f in iter_source_files(held.root(), held.files) if not f.held_out]
     return NgramBaseline(tok, texts)
 
 
@@ -326,7 +318,7 @@ def _score(complete: Complete, tok, max_seq_len: int, what: str, name: str, mode
         rows += task_rows
     if held_out is not None:
         fim_cfg = replace(held_out.fim, max_seq_len=min(held_out.fim.max_seq_len, max_seq_len), spm=config.spm)
-        tasks, paths = heldout_tasks(held_out.root(), held_out.sources(), fim_cfg)
+        tasks, paths = heldout_tasks(held_out.root(), held_out.files, fim_cfg)
         score = evaluate(tasks, tok, _with_progress(complete, "held-out FIM", len(tasks), progress), fim_cfg)
         summary["held_out_fim"] = {"source": held_out.source, "files": len(paths), "tasks": score.n,
                                    "exact_match": score.exact_match, "exact_matches": score.exact_matches,

@@ -125,7 +125,8 @@ def test_a_recipe_with_line_cuts_short_windows_and_packed_rows(source, tmp_path)
     (("max_steps = 6", "max_steps = 6\ndp = 2"), "one process (dp 1, tp 1)"),
     (("[fim]", "[fims]"), "unknown keys ['fims']"),
     (("fim_rate = 0.9", "fim_rate = 1.5"), "fim_rate must be a number in [0, 1], got 1.5"),
-    (("fim_rate = 0.9", "fim_rate = 0.9\nwindow_tokens = 500"), "window_tokens 500 does not fit [train] seq_length"),
+    (("fim_rate = 0.9", "fim_rate = 0.9\nwindow_tokens = 500"),
+     "window_tokens 500 does not fit a row of 65 tokens (at most 57"),
     (("fim_rate = 0.9", "fim_rate = 0.9\npack = 1"), "pack must be true or false, got 1"),
     (("lr = 3e-3", "lr = -1"), "need lr > 0"),
 ])

@@ -82,6 +82,14 @@ class FimConfig:
         if not isinstance(self.pack, bool):
             raise DataError(f"pack must be true or false, got {self.pack!r}")
 
+    def window_limit(self, row_length: int) -> int:
+        """Tokens a window may have in rows of `row_length`: window_tokens, or the row less the FIM pieces."""
+        room = row_length - FIM_OVERHEAD
+        if self.window_tokens > room:
+            raise DataError(f"window_tokens {self.window_tokens} does not fit a row of {row_length} tokens "
+                            f"(at most {room}: the row less {FIM_OVERHEAD} for the FIM pieces)")
+        return self.window_tokens or room
+
 
 @dataclass
 class FimExample:
@@ -200,12 +208,7 @@ def fim_rows(tok: Tokenizer, sources: Iterable[tuple[str, str]], row_length: int
     if not tok.has_infilling:
         raise DataError(f"tokenizer {tok.path} has no infilling pieces; FIM data needs a Code Llama base "
                         f"tokenizer (7B/13B), not a Python or 34B one")
-    window_tokens = row_length - FIM_OVERHEAD
-    if config.window_tokens:
-        if config.window_tokens > window_tokens:
-            raise DataError(f"window_tokens {config.window_tokens} does not fit a row of {row_length} tokens "
-                            f"(at most {window_tokens}: the row less {FIM_OVERHEAD} for the FIM pieces)")
-        window_tokens = config.window_tokens
+    window_tokens = config.window_limit(row_length)
     counts = counts if counts is not None else FimCounts()
     row: list[int] = []
     for path, text in sources:

@@ -40,7 +40,7 @@ import numpy as np
 from codefill.model.config import ConfigError, LlamaConfig
 
 from .data_error import DataError
-from .fim_examples import FIM_OVERHEAD, FimConfig, FimCounts, fim_rows
+from .fim_examples import FimConfig, FimCounts, fim_rows
 from .source_files import STDLIB, SourceConfig, SourceSummary, iter_source_files, source_root
 from .train_config import TrainConfig
 from .train_error import TrainError
@@ -113,15 +113,13 @@ def load_recipe(path: str | Path) -> Recipe:
         train.pop("lora", None)
         train_cfg = TrainConfig.from_dict({**train, "lora": None})
         fim_cfg = FimConfig(**fim)
+        fim_cfg.window_limit(train_cfg.seq_length + 1)  # refused now, not after the tokenizer is trained
     except (TypeError, ValueError, KeyError, DataError) as e:
         raise TrainError(f"recipe {path}: {e}") from e
     except ConfigError as e:
         raise TrainError(f"recipe {path}: [model] {e}") from e
     except TrainError as e:
         raise TrainError(f"recipe {path}: {e}") from e
-    if fim_cfg.window_tokens > train_cfg.seq_length + 1 - FIM_OVERHEAD:
-        raise TrainError(f"recipe {path}: [fim] window_tokens {fim_cfg.window_tokens} does not fit [train] "
-                         f"seq_length {train_cfg.seq_length} (at most {train_cfg.seq_length + 1 - FIM_OVERHEAD})")
     if train_cfg.dp != 1 or train_cfg.tp != 1:
         raise TrainError(f"recipe {path}: the recipe runs in one process (dp 1, tp 1), got dp {train_cfg.dp} "
                          f"tp {train_cfg.tp}")

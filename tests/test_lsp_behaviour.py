@@ -173,6 +173,10 @@ async def test_superseding_keystroke_cancels_the_worker_request(tiny_dir, fake, 
         second = asyncio.ensure_future(ask(client, uri, 1, 5, invoked=False))
         r1 = await first
         assert len(r1.items) == 0  # superseded: an empty answer
+        for _ in range(500):  # the cancel crosses a socket to the fake worker's thread: give it up to 5 s
+            if fake.cancelled:
+                break
+            await asyncio.sleep(0.01)
         assert fake.cancelled == [fake.requests[0].request_id]
         fake.token_delay_s = 0.0
         await second

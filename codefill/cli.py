@@ -308,8 +308,8 @@ def cmd_data_tokenize(args: argparse.Namespace) -> None:
         summary = tokenize_data.tokenize_fim(
             model, src, out, args.seq_length,
             fim=FimConfig(fim_rate=args.fim_rate, spm_rate=args.spm_rate, seed=args.seed,
-                          line_rate=args.line_rate, window_tokens=args.window_tokens, pack=args.pack,
-                          passes=args.passes),
+                          line_rate=args.line_rate, line_lines=args.line_lines, window_tokens=args.window_tokens,
+                          pack=args.pack, passes=args.passes),
             sources=SourceConfig(max_file_bytes=args.max_file_bytes, extensions=extensions,
                                  held_out_fraction=args.held_out_fraction),
             overwrite=args.overwrite)
@@ -577,6 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fim-rate", type=float, default=0.9)
     p.add_argument("--spm-rate", type=float, default=0.5)
     p.add_argument("--line-rate", type=float, default=0.0, help="fim: share of middles cut at line starts")
+    p.add_argument("--line-lines", type=int, default=0,
+                   help="fim: a line-cut middle is 1 to this many lines (0: between two random line starts)")
     p.add_argument("--window-tokens", type=int, default=0, help="fim: shorter documents (0: a row's worth)")
     p.add_argument("--pack", action="store_true", help="fim: several whole examples per row")
     p.add_argument("--passes", type=int, default=1, help="fim: examples drawn this many times (seed + k)")

@@ -105,7 +105,7 @@ def test_a_recipe_with_line_cuts_short_windows_and_packed_rows(source, tmp_path)
     from codefill.training.mindrecord_io import IGNORE_INDEX, read_rows
     recipe = tmp_path / "packed.toml"
     recipe.write_text(TINY_RECIPE.format(source=source)
-                      .replace("fim_rate = 0.9", "fim_rate = 0.9\nline_rate = 0.5\nwindow_tokens = 20\npack = true")
+                      .replace("fim_rate = 0.9", "fim_rate = 0.9\nline_rate = 0.5\nline_lines = 2\nwindow_tokens = 20\npack = true")
                       .replace("max_steps = 6", "max_steps = 2").replace("eval_every = 3", "eval_every = 2"))
     out = tmp_path / "run"
     run_codefill("recipe", recipe, "--output", out, "--no-progress")
@@ -125,6 +125,7 @@ def test_a_recipe_with_line_cuts_short_windows_and_packed_rows(source, tmp_path)
     (("max_steps = 6", "max_steps = 6\ndp = 2"), "one process (dp 1, tp 1)"),
     (("[fim]", "[fims]"), "unknown keys ['fims']"),
     (("fim_rate = 0.9", "fim_rate = 1.5"), "fim_rate must be a number in [0, 1], got 1.5"),
+    (("fim_rate = 0.9", "fim_rate = 0.9\nline_lines = 3"), "line_lines 3 needs line_rate > 0"),
     (("fim_rate = 0.9", "fim_rate = 0.9\nwindow_tokens = 500"),
      "window_tokens 500 does not fit a row of 65 tokens (at most 57"),
     (("fim_rate = 0.9", "fim_rate = 0.9\npack = 1"), "pack must be true or false, got 1"),

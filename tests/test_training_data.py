@@ -375,6 +375,27 @@ def test_line_cut_middles_are_whole_lines(tok):
         assert ex.kind == ("spm" if rng.random() < 0.5 else "psm")
 
 
+def test_line_lines_bounds_the_middle_to_a_few_whole_lines(tok):
+    starts = line_starts(SOURCE)
+    config = FimConfig(fim_rate=1.0, line_rate=1.0, line_lines=3)
+    counts = []
+    for n in range(300):
+        ex = fim_example(tok, SOURCE, window_rng(0, "a.py", n), config)
+        assert ex.prefix + ex.middle + ex.suffix == SOURCE
+        i, j = len(ex.prefix), len(ex.prefix + ex.middle)
+        assert i in starts and j in starts and 1 <= starts.index(j) - starts.index(i) <= 3
+        counts.append(starts.index(j) - starts.index(i))
+    # Every length from 1 to 3 lines, about equally often (cut short only at the window's end).
+    assert all(70 < counts.count(k) < 130 for k in (1, 2, 3)), [counts.count(k) for k in (1, 2, 3)]
+    # Without line_lines the same draws give middles of any length (the v3 data).
+    free = [fim_example(tok, SOURCE, window_rng(0, "a.py", n), FimConfig(fim_rate=1.0, line_rate=1.0))
+            for n in range(300)]
+    assert max(e.middle.count("\n") for e in free) > 3
+    # A one-line window still gives a middle: that line.
+    ex = fim_example(tok, "x = 1\n", window_rng(0, "b.py", 0), config)
+    assert (ex.prefix, ex.middle, ex.suffix) == ("", "x = 1\n", "")
+
+
 def test_short_windows_and_packed_rows(tok):
     sources = [(f"m{k}.py", SOURCE * (k + 1)) for k in range(5)]
     row_length = 257
@@ -406,6 +427,9 @@ def test_short_windows_and_packed_rows(tok):
     (dict(window_tokens=64.0), "got 64.0"),
     (dict(pack="yes"), "pack must be true or false, got 'yes'"),
     (dict(passes=0), "passes must be an integer >= 1, got 0"),
+    (dict(line_rate=0.5, line_lines=-1), "line_lines must be an integer >= 0, got -1"),
+    (dict(line_rate=0.5, line_lines=2.0), "line_lines must be an integer >= 0, got 2.0"),
+    (dict(line_lines=3), "line_lines 3 needs line_rate > 0"),
 ])
 def test_fim_config_refuses_bad_values(bad, match):
     with pytest.raises(DataError, match=match):

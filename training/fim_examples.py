@@ -19,12 +19,16 @@ infilling_prompt_tokens(tok, prefix, suffix, spm=True), is a token prefix of the
 falls on a token boundary. Only the suffix and (in PSM) the middle lose SentencePiece's implicit leading
 space, as in the paper and Meta's inference code.
 
-Four options depart from the paper, all off by default (the bundled recipe's data does not use them):
+Five options depart from the paper, all off by default (the bundled recipe's data does not use them):
 
   - line_rate: that share of infilling examples draws its two cut points among the window's line starts
     (offset 0, every offset after a newline, and the end) instead of among all characters, so the middle is
     whole lines and <EOT> follows a line break, where an editor's cursor usually stands when a suggestion
     is wanted. The extra draw is made only when line_rate > 0, so other streams are unchanged.
+  - line_lines: a line-cut middle is 1 to line_lines whole lines (uniform), starting at a line start drawn
+    uniformly, instead of everything between two line starts (a third of the window on average). That is
+    the length an editor asks for, so where the middle ends, and <EOT> with it, is learnt from examples
+    like the ones served.
   - window_tokens: windows of at most that many tokens instead of a whole row's worth: shorter documents,
     hence more infilling examples (and <EOT> targets) for the same tokens.
   - passes: the train files are turned into examples that many times, pass k with seed + k, so every
@@ -65,6 +69,7 @@ class FimConfig:
     spm_rate: float = 0.5   # share of infilling examples in SPM layout; the rest are PSM
     seed: int = 0
     line_rate: float = 0.0  # share of infilling examples cut at line starts (whole-line middles)
+    line_lines: int = 0     # 0: a line-cut middle spans two random line starts; else 1..line_lines lines
     window_tokens: int = 0  # 0: windows as long as a row allows; else at most this many tokens
     pack: bool = False      # whole examples packed greedily into rows instead of one example per row
     passes: int = 1         # train data written this many times, pass k drawn with seed + k
@@ -77,6 +82,10 @@ class FimConfig:
         if isinstance(self.window_tokens, bool) or not isinstance(self.window_tokens, int) or not (
                 self.window_tokens == 0 or self.window_tokens >= 8):
             raise DataError(f"window_tokens must be 0 (a row's worth) or an integer >= 8, got {self.window_tokens!r}")
+        if isinstance(self.line_lines, bool) or not isinstance(self.line_lines, int) or self.line_lines < 0:
+            raise DataError(f"line_lines must be an integer >= 0, got {self.line_lines!r}")
+        if self.line_lines and not self.line_rate:
+            raise DataError(f"line_lines {self.line_lines} needs line_rate > 0: it shapes the line-cut middles")
         if isinstance(self.passes, bool) or not isinstance(self.passes, int) or self.passes < 1:
             raise DataError(f"passes must be an integer >= 1, got {self.passes!r}")
         if not isinstance(self.pack, bool):
@@ -188,7 +197,11 @@ def fim_example(tok: Tokenizer, window: str, rng: random.Random, config: FimConf
         return FimExample("plain", tok.encode(window, bos=True, eos=ends_file), prefix=window)
     if config.line_rate > 0 and rng.random() < config.line_rate:
         starts = line_starts(window)
-        i, j = sorted((rng.choice(starts), rng.choice(starts)))
+        if config.line_lines:
+            first = rng.randrange(len(starts) - 1) if len(starts) > 1 else 0
+            i, j = starts[first], starts[min(first + rng.randint(1, config.line_lines), len(starts) - 1)]
+        else:
+            i, j = sorted((rng.choice(starts), rng.choice(starts)))
     else:
         i, j = sorted((rng.randint(0, len(window)), rng.randint(0, len(window))))
     prefix, middle, suffix = window[:i], window[i:j], window[j:]

@@ -143,6 +143,18 @@ def _tokenizer_texts(files, max_chars: int) -> list[str]:
     return texts
 
 
+def heldout_loss_rows(tok, held_files, recipe: Recipe) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The padded held-out FIM rows whose loss training reports: `recipe.heldout_rows` of them, an even spread
+    over the held-out files' rows (not their first rows only)."""
+    from .mindrecord_io import pad_row
+
+    row_length = recipe.train.seq_length + 1
+    rows = fim_rows(tok, [(f.path, f.text) for f in held_files], row_length, recipe.fim, FimCounts())
+    picked = [pad_row(ids, labels, row_length, tok.eos_id) for ids, labels in rows]
+    index = np.linspace(0, len(picked) - 1, min(recipe.heldout_rows, len(picked))).round().astype(int)
+    return [picked[i] for i in sorted(set(index.tolist()))]
+
+
 def run_recipe(recipe_path: str | Path, out: str | Path, *, progress: bool = True) -> Path:
     """Run (or continue) the recipe into OUT; returns OUT/model."""
     from codefill.model.checkpoint import load_model_dir, save_model_dir
@@ -150,7 +162,7 @@ def run_recipe(recipe_path: str | Path, out: str | Path, *, progress: bool = Tru
     from codefill.model.tokenizer import Tokenizer
     from codefill.model.tokenizer_training import train_sentencepiece
 
-    from .mindrecord_io import pad_row, write_rows
+    from .mindrecord_io import write_rows
     from .tokenize_data import tokenize_fim
     from .trainer import train
 
@@ -198,12 +210,7 @@ def run_recipe(recipe_path: str | Path, out: str | Path, *, progress: bool = Tru
                                sources=recipe.sources, overwrite=True)
         _log("\n" + summary.report())
     if not held_data.exists():
-        counts = FimCounts()
-        rows = fim_rows(tok, [(f.path, f.text) for f in held_files], row_length, recipe.fim, counts)
-        picked = [pad_row(ids, labels, row_length, tok.eos_id) for ids, labels in rows]
-        # An even spread over the held-out files, not their first rows only.
-        index = np.linspace(0, len(picked) - 1, min(recipe.heldout_rows, len(picked))).round().astype(int)
-        write_rows(held_data, [picked[i] for i in sorted(set(index.tolist()))], overwrite=True,
+        write_rows(held_data, heldout_loss_rows(tok, held_files, recipe), overwrite=True,
                    description=f"codefill held-out FIM rows of {row_length} tokens")
 
     run_dir = out / "run"

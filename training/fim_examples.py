@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from codefill.model.fim import infilling_prompt_tokens
 from codefill.model.tokenizer import Tokenizer
@@ -244,3 +244,12 @@ def fim_rows(tok: Tokenizer, sources: Iterable[tuple[str, str]], row_length: int
             row.extend(example.ids)
     if row:
         yield row, list(row)
+
+
+def fim_pass_rows(tok: Tokenizer, sources: Iterable[tuple[str, str]], row_length: int, config: FimConfig,
+                  counts: FimCounts | None = None) -> Iterator[tuple[list[int], list[int]]]:
+    """The rows of every pass of `config.passes`: pass k is fim_rows with seed + k, so each pass cuts the same
+    files at other points. One pass streams `sources`; more read them into memory once."""
+    sources = sources if config.passes == 1 else list(sources)
+    for k in range(config.passes):
+        yield from fim_rows(tok, sources, row_length, replace(config, seed=config.seed + k), counts)

@@ -16,7 +16,7 @@ writes the held-out files' paths to OUT's stem + ".heldout.json" (see `held_out_
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ from codefill.model.checkpoint import model_dir_tokenizer_path
 from codefill.model.tokenizer import Tokenizer
 
 from .data_error import DataError
-from .fim_examples import FimConfig, FimCounts, fim_rows
+from .fim_examples import FimConfig, FimCounts, fim_pass_rows
 from .instruct_examples import InstructCounts, instruct_rows
 from .json_files import read_json, write_json_atomic
 from .mindrecord_io import output_paths, pad_row, write_rows
@@ -142,14 +142,8 @@ def tokenize_fim(model_dir: str | Path, input_dir: str | Path, output: str | Pat
             else:
                 yield f.path, f.text
 
-    if fim.passes == 1:
-        rows = fim_rows(tok, train_texts(), row_length, fim, summary.counts)
-    else:   # the files are read once; each pass draws its own examples from them
-        texts = list(train_texts())
-        rows = (row for k in range(fim.passes)
-                for row in fim_rows(tok, texts, row_length, replace(fim, seed=fim.seed + k),
-                                    summary.counts))
-    _write(output, rows, row_length, tok, summary, overwrite)
+    _write(output, fim_pass_rows(tok, train_texts(), row_length, fim, summary.counts), row_length, tok, summary,
+           overwrite)
     summary.held_out_list = write_json_atomic(
         held_out_path,
         {"root": str(Path(input_dir).resolve()), "held_out_fraction": sources.held_out_fraction, "files": held_out},

@@ -23,7 +23,7 @@ from codefill.model.config import LlamaConfig
 from codefill.model.tokenizer import Tokenizer
 from codefill.model.weights import hf_name_map
 from codefill.training.fim_eval import FimEvalConfig, task_prompt
-from codefill.training.fim_examples import fim_rows
+from codefill.training.fim_examples import fim_pass_rows
 from codefill.training.mindrecord_io import IGNORE_INDEX, pad_row
 from codefill.training.recipe import heldout_loss_rows, load_recipe
 from codefill.training.source_files import iter_source_files
@@ -60,10 +60,7 @@ for name, (path, overrides) in VARIANTS.items():
     recipe = load_recipe(path)
     fim = replace(recipe.fim, **overrides)
     train_files, _ = files_of(recipe)
-    rows = [row for k in range(fim.passes)  # as tokenize_fim writes its passes
-            for row in fim_rows(tok, [(f.path, f.text) for f in train_files], row_length,
-                                replace(fim, seed=fim.seed + k))]
-    ids, mask = packed(rows, row_length)
+    ids, mask = packed(fim_pass_rows(tok, [(f.path, f.text) for f in train_files], row_length, fim), row_length)
     np.savez_compressed(OUT / f"{name}.npz", train_ids=ids, train_mask=mask, heldout_ids=held_ids,
                         heldout_mask=held_mask)
     print(name, "train rows", ids.shape, "held-out rows", held_ids.shape, flush=True)

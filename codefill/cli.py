@@ -263,12 +263,13 @@ def cmd_eval_infill(args: argparse.Namespace) -> None:
         if given:
             raise CliError(f"--recipe {args.recipe} sets the held-out files; drop {', '.join(given)}")
         held = infilling.HeldOutConfig.of_recipe(load_recipe(args.recipe), fim)
-    elif args.source is not None:
-        held = infilling.HeldOutConfig.of_source(
-            args.source, fim, held_out_fraction=0.05 if args.held_out_fraction is None else args.held_out_fraction,
-            extensions=tuple(e for e in (".py" if args.extensions is None else args.extensions).split(",") if e)
-            or None,
-            exclude=tuple(e for e in (args.exclude or "").split(",") if e))
+    elif args.source is not None:  # flags not given keep of_source's defaults
+        given = {"exclude": tuple(e for e in (args.exclude or "").split(",") if e)}
+        if args.held_out_fraction is not None:
+            given["held_out_fraction"] = args.held_out_fraction
+        if args.extensions is not None:
+            given["extensions"] = tuple(e for e in args.extensions.split(",") if e) or None
+        held = infilling.HeldOutConfig.of_source(args.source, fim, **given)
     summary = infilling.run(Path(args.model), Path(args.out), config, held_out=held, baseline=args.baseline,
                             humaneval=not args.no_humaneval, endpoint=args.endpoint)
     print(infilling.report(summary))

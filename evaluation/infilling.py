@@ -17,15 +17,21 @@ solution lines after it; the tests are never shown. The model's greedy middle (u
     exact match  the middle equals the hidden span, compared as training/fim_eval.py does (trailing whitespace
                  of each line and trailing blank lines ignored), plus the mean edit similarity
 
-Single-line tasks are scored twice from the same greedy answers: as generated ("single"), and cut after their
-first line break that follows some text ("single_eol"), which is what the language server's single-line
-suggestions show (its stop-at-end-of-line rule). The first is the papers' protocol and measures the raw model,
-whose middle may run past the line before it emits <EOT>; the second measures the served product.
+Every task is also scored "served" ("single_served", "multi_served"): its answer passed through the language
+server's own post-processing (lsp/postprocess.fit, below), which is what an editor shows at that cursor, and
+single-line tasks once more cut after their first line break that follows some text ("single_eol"), the
+one-line rule alone. As generated is the papers' protocol and measures the raw model, whose middle may run
+past the span before it emits <EOT>; the others measure the product.
 
 Held-out FIM uses training/fim_eval.py unchanged: tasks of 1-3 whole lines cut from the held-out files of a
 directory or repository (the same by-file split as `codefill data tokenize --mode fim`), exact match and edit
-similarity. Both kinds of task go through one `complete(prompt_ids, max_new, stop_ids)` function, so the
-n-gram baseline (ngram_baseline.py) is scored on exactly the same prompts as the model.
+similarity. These too are scored twice from the same answers: as generated, and "served". The served answer
+is what `fit` makes of it at the task's cursor: lines inserted above the code that follows (the first line, or
+up to where the model itself writes that code or emits <EOT>), or a block on a blank line, cut at the block's end
+and where it repeats the suffix; no suggestion scores as an empty answer.
+
+Both kinds of task go through one `complete(prompt_ids, max_new, stop_ids)` function, so the n-gram baseline
+(ngram_baseline.py) is scored on exactly the same prompts, and through the same post-processing, as the model.
 """
 
 from __future__ import annotations
@@ -157,6 +163,7 @@ def humaneval_infilling(complete: Complete, tok, config: InfillConfig, *, max_se
         scores = [(mode, score)]
         if mode == "single":
             scores.append(("single_eol", FimScore([_to_end_of_line(r) for r in score.results])))
+        scores.append((f"{mode}_served", FimScore([as_served(r) for r in score.results])))
         for name, s in scores:
             programs = [filled_program(by_id[r.task.path], r.task, r.prediction) for r in s.results]
             executed = run_many(programs, config.limits, workers=config.workers)
@@ -182,6 +189,16 @@ def _to_end_of_line(r: FimResult) -> FimResult:
     cut = end_of_line(r.prediction)
     return FimResult(r.task, cut, exact_match(cut, r.task.middle), edit_similarity(cut, r.task.middle),
                      r.stopped or cut != r.prediction)
+
+
+def as_served(r: FimResult) -> FimResult:
+    """The answer as the language server would show it at the task's cursor (no suggestion: empty)."""
+    from codefill.lsp.postprocess import fit
+
+    fitted = fit(r.task.prefix, r.task.suffix, r.prediction, ended=r.stopped)
+    shown = fitted.text if fitted is not None else ""
+    return FimResult(r.task, shown, exact_match(shown, r.task.middle), edit_similarity(shown, r.task.middle),
+                     r.stopped)
 
 
 def _with_progress(complete: Complete, label: str, total: int, enabled: bool) -> Complete:
@@ -320,13 +337,18 @@ def _score(complete: Complete, tok, max_seq_len: int, what: str, name: str, mode
         fim_cfg = replace(held_out.fim, max_seq_len=min(held_out.fim.max_seq_len, max_seq_len), spm=config.spm)
         tasks, paths = heldout_tasks(held_out.root(), held_out.files, fim_cfg)
         score = evaluate(tasks, tok, _with_progress(complete, "held-out FIM", len(tasks), progress), fim_cfg)
+        served = FimScore([as_served(r) for r in score.results])
         summary["held_out_fim"] = {"source": held_out.source, "files": len(paths), "tasks": score.n,
                                    "exact_match": score.exact_match, "exact_matches": score.exact_matches,
                                    "edit_similarity": score.edit_similarity,
+                                   "served": {"exact_match": served.exact_match,
+                                              "exact_matches": served.exact_matches,
+                                              "edit_similarity": served.edit_similarity},
                                    "config": asdict(fim_cfg)}
-        rows += [{"mode": "held_out", "path": r.task.path, "line": r.task.line, "middle": r.task.middle,
-                  "prediction": r.prediction, "exact": r.exact, "similarity": round(r.similarity, 4),
-                  "stopped": r.stopped} for r in score.results]
+        for mode, s in (("held_out", score), ("held_out_served", served)):
+            rows += [{"mode": mode, "path": r.task.path, "line": r.task.line, "middle": r.task.middle,
+                      "prediction": r.prediction, "exact": r.exact, "similarity": round(r.similarity, 4),
+                      "stopped": r.stopped} for r in s.results]
     write_report(out_dir, name, summary, rows)
     return summary
 
@@ -334,11 +356,15 @@ def _score(complete: Complete, tok, max_seq_len: int, what: str, name: str, mode
 def report(summary: dict) -> str:
     lines = [f"{summary['evaluated']}, {summary['config']['layout']} prompts, greedy"]
     for mode, m in summary.get("humaneval_infilling", {}).items():
-        label = "single-line (cut at end of line)" if mode == "single_eol" else f"{mode}-line"
+        label = {"single_eol": "single-line (cut at end of line)", "single_served": "single-line (as served)",
+                 "multi_served": "multi-line (as served)"}.get(mode, f"{mode}-line")
         lines.append(f"  HumanEval {label} infilling: pass@1 {m['pass@1']:.1%} ({m['passed']}/{m['tasks']}), "
                      f"exact match {m['exact_match']:.1%}, edit similarity {m['edit_similarity']:.3f}")
     h = summary.get("held_out_fim")
     if h:
         lines.append(f"  held-out FIM ({h['source']}, {h['files']} files): exact match {h['exact_match']:.1%} "
                      f"({h['exact_matches']}/{h['tasks']}), edit similarity {h['edit_similarity']:.3f}")
+        s = h["served"]
+        lines.append(f"  held-out FIM as served (lsp postprocessing): exact match {s['exact_match']:.1%} "
+                     f"({s['exact_matches']}/{h['tasks']}), edit similarity {s['edit_similarity']:.3f}")
     return "\n".join(lines)

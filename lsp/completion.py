@@ -7,7 +7,8 @@
          "retu" + "rn" is a sequence it rarely saw in training); the healed text is stripped from the answer
       -> lsp/prompt.py build_prompt (exact token budget, context chunks first, SPM by default)
       -> worker: greedy tokens until <EOT> or a stop rule the worker applies itself (stop_at_eol for a
-         single-line cursor, dedent_column for a block), so it stops as soon as the answer is complete
+         single-line cursor, dedent_column for a block, the code after the cursor as a stop string for lines
+         inserted above it), so it stops as soon as the answer is complete
       -> lsp/postprocess.py fit (scope, de-duplication, auto-closed brackets, trimming)
       -> Suggestion(text, replace_after, mean_logprob)
 
@@ -30,7 +31,7 @@ from codefill.model.fim import cut_middle
 from codefill.model.sampling import SamplingConfig
 from codefill.model.tokenizer import Tokenizer
 
-from .postprocess import BLOCK_OPENERS, _indent, cursor_lines, fit, wants_multiline
+from .postprocess import BLOCK_OPENERS, _indent, cursor_lines, fit, inserts_lines, wants_multiline
 from .prompt import Chunk, PromptConfig, build_prompt
 from .settings import Settings
 
@@ -81,9 +82,12 @@ def partial_identifier(prefix: str, suffix: str) -> str:
 
 def stop_rules(prefix: str, suffix: str, multiline: bool) -> StopRules:
     """The rules the worker applies so it stops where `fit` would cut anyway."""
+    before, after = cursor_lines(prefix, suffix)
+    if not multiline and inserts_lines(prefix, suffix):
+        # lines above the code after the cursor end where the model starts a line with that code
+        return StopRules(stop_strings=("\n" + before + after.rstrip(),))
     if not multiline:
         return StopRules(stop_at_eol=True)
-    before, _ = cursor_lines(prefix, suffix)
     base = _indent(before)
     opens = before.strip().endswith(BLOCK_OPENERS)
     # fit's scope rule: a line dedenting below the cursor line's indent (to it, after a block opener) ends it
@@ -127,7 +131,8 @@ class Completer:
             if not text.startswith(heal):  # the worker must honour required_prefix; refuse rather than garble
                 return Generated(None, finished.n_prompt, finished.n_reused, "healing-mismatch")
             text = text[len(heal):]
-        fitted = fit(prefix, suffix, text, multiline)
+        ended = finished.finish_reason in (FinishReason.STOP, FinishReason.STOP_STRING)
+        fitted = fit(prefix, suffix, text, multiline, ended=ended)
         suggestion = None if fitted is None else Suggestion(fitted.text, fitted.replace_after, mean)
         return Generated(suggestion, finished.n_prompt, finished.n_reused, finished.finish_reason.name)
 

@@ -4,10 +4,15 @@ The model returns whatever it produced until <EOT> or a token limit. Shown as is
 block being written, repeats the lines that already follow the cursor, or closes a bracket the editor has
 already auto-closed. The rules, applied in this order (each has golden tests in tests/test_postprocess.py):
 
-1. single line or multi-line: a cursor with code after it on the same line, or after a code line that
-   opens nothing, gets one line; a blank line or the end of a block opener (`:`, `{`, `(`, `[`) gets several;
+1. single line, lines inserted, or a block: a cursor with code on both sides of it, or after a code line that
+   opens nothing, gets the rest of one line; a blank line or the end of a block opener (`:`, `{`, `(`, `[`)
+   gets several lines; a cursor with code after it and only indentation before it (the start of a line)
+   gets whole lines inserted above that code: the middle's lines up to the one where the model writes that
+   code itself, or all of them when the model ended its middle (<EOT>), else only the first; each inserted
+   line ends with a line break, and the cursor's indentation is repeated so the code keeps its column;
 2. indentation scope: a multi-line middle stops before the first line that dedents out of the cursor's
-   block (below the cursor line's indent, or to it when the cursor line opens a block);
+   block (below the cursor line's indent, or to it when the cursor line opens a block; on a blank line,
+   below the column where the middle's first line of text starts, if that is further right);
 3. duplicates: the middle stops where it starts repeating the lines that follow the cursor, and a middle
    that only repeats the rest of the cursor line is dropped;
 4. brackets: closing brackets and quotes at the end of the middle that are already in the text after the
@@ -52,11 +57,38 @@ def wants_multiline(prefix: str, suffix: str) -> bool:
     return not code or code.endswith(BLOCK_OPENERS)
 
 
+def inserts_lines(prefix: str, suffix: str) -> bool:
+    """Rule 1: is the cursor at the start of a line of code (only indentation before it), so that a
+    suggestion is whole lines inserted above that code rather than text joined to it?"""
+    before, after = cursor_lines(prefix, suffix)
+    return not before.strip() and bool(after.strip())
+
+
+def _lines_above(middle: str, before: str, after: str, ended: bool) -> Fitted | None:
+    """Rule 1, lines inserted above the code after the cursor (rule 5's trimming applied to each line)."""
+    lines = middle.split("\n")
+    code = after.strip()
+    for i, line in enumerate(lines):
+        if line.strip() == code:  # the model has reached the code that follows: its middle ends here
+            lines, ended = lines[:i], True
+            break
+    lines = [line.rstrip() for line in (lines if ended else lines[:1])]
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        return None
+    return Fitted(text="\n".join(lines) + "\n" + before, replace_after=0)
+
+
 def _scope_cut(middle: str, before: str) -> str:
     """Rule 2: keep the lines of a multi-line middle that stay inside the cursor's block."""
     base = _indent(before)  # on a blank line, the cursor's column
     opens = before.strip().endswith(BLOCK_OPENERS)
     lines = middle.split("\n")
+    if not before.strip():  # on a blank line the block is the one the middle's first line of text is in
+        first = next((k for k, line in enumerate(lines) if line.strip()), None)
+        if first is not None:
+            base = max(base, _indent(lines[first]) + (len(before) if first == 0 else 0))
     kept = [lines[0]]
     for line in lines[1:]:
         if line.strip():
@@ -106,12 +138,16 @@ def _closing_tail(middle: str, after: str) -> int:
     return best
 
 
-def fit(prefix: str, suffix: str, middle: str, multiline: bool | None = None) -> Fitted | None:
-    """The suggestion to show for `middle` at a cursor between `prefix` and `suffix`, or None."""
+def fit(prefix: str, suffix: str, middle: str, multiline: bool | None = None, ended: bool = False
+        ) -> Fitted | None:
+    """The suggestion to show for `middle` at a cursor between `prefix` and `suffix`, or None. `ended`: the
+    model ended the middle itself (<EOT>, or a worker stop where it began writing the code after the cursor)."""
     before, after = cursor_lines(prefix, suffix)
     if multiline is None:
         multiline = wants_multiline(prefix, suffix)
     text = middle.replace("\r\n", "\n")
+    if not multiline and inserts_lines(prefix, suffix):
+        return _lines_above(text, before, after, ended)
     if not multiline:
         # A middle that starts with a newline at a mid-line cursor has nothing for this line.
         text = text.split("\n", 1)[0]

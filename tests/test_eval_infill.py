@@ -9,13 +9,13 @@ import pytest
 
 from codefill.evaluation.eval_error import EvalError
 from codefill.evaluation.humaneval import load_problems
-from codefill.evaluation.infilling import (InfillConfig, end_of_line, filled_program, humaneval_infilling,
-                                           humaneval_tasks, solution_spans, spread)
+from codefill.evaluation.infilling import (InfillConfig, as_served, end_of_line, filled_program,
+                                           humaneval_infilling, humaneval_tasks, solution_spans, spread)
 from codefill.evaluation.ngram_baseline import NgramBaseline
 from codefill.evaluation.sandbox import run_many
 from codefill.model.fim import decode_middle, infilling_prompt_tokens
 from codefill.model.tokenizer import Tokenizer
-from codefill.training.fim_eval import FimEvalConfig, task_prompt
+from codefill.training.fim_eval import FimEvalConfig, FimResult, FimTask, task_prompt
 from helpers import make_tiny_model_dir, run_codefill
 
 
@@ -106,10 +106,10 @@ def test_an_oracle_scores_full_marks_and_a_wrong_answer_does_not(tok):
 
     results, rows = humaneval_infilling(lambda p, n, s: answers[tuple(p)], tok, config, max_seq_len=2048,
                                         problems=problems, progress=False)
-    assert [r.mode for r in results] == ["single", "single_eol", "multi"]
+    assert [r.mode for r in results] == ["single", "single_eol", "single_served", "multi", "multi_served"]
     for r in results:
         assert r.tasks == 8 and r.passed == 8 and r.score.exact_matches == 8, r.summary()
-    assert len(rows) == 24 and all(row["status"] == "passed" for row in rows)
+    assert len(rows) == 40 and all(row["status"] == "passed" for row in rows)
 
     results, _ = humaneval_infilling(lambda p, n, s: tok.encode_infilling("    pass\n") + [tok.eot_id], tok,
                                      config, max_seq_len=2048, problems=problems, progress=False)
@@ -160,20 +160,28 @@ def test_eval_infill_command_for_model_and_baseline(tiny, source_dir, tmp_path):
     done = run_codefill("eval", "infill", "--model", tiny, *common)
     assert "single-line infilling: pass@1" in done.stdout and "held-out FIM" in done.stdout
     summary = json.loads((tmp_path / "infill.json").read_text())
-    assert set(summary["humaneval_infilling"]) == {"single", "single_eol", "multi"}
+    assert set(summary["humaneval_infilling"]) == {"single", "single_eol", "single_served", "multi", "multi_served"}
     for m in summary["humaneval_infilling"].values():
         assert m["tasks"] == 3 and 0.0 <= m["pass@1"] <= 1.0 and 0.0 <= m["edit_similarity"] <= 1.0
     held = summary["held_out_fim"]
     assert held["tasks"] == 6 and held["files"] >= 2
+    served = held["served"]
+    assert 0 <= served["exact_matches"] <= 6 and 0.0 <= served["edit_similarity"] <= 1.0
+    assert "held-out FIM as served" in done.stdout
     rows = [json.loads(line) for line in (tmp_path / "infill_tasks.jsonl").read_text().splitlines()]
-    assert len(rows) == 3 + 3 + 3 + 6
+    assert len(rows) == 3 * 5 + 6 + 6
+    raw = [r for r in rows if r["mode"] == "held_out"]
+    shown = [r for r in rows if r["mode"] == "held_out_served"]
+    assert [(r["path"], r["line"]) for r in shown] == [(r["path"], r["line"]) for r in raw]
+    assert sum(r["exact"] for r in shown) == served["exact_matches"]
 
     done = run_codefill("eval", "infill", "--model", tiny, "--baseline", "ngram", "--no-humaneval", *common)
     base = json.loads((tmp_path / "infill_ngram.json").read_text())
     assert base["held_out_fim"]["tasks"] == 6 and "n-gram baseline" in base["evaluated"]
     # the baseline is scored on the same tasks as the model
     base_rows = [json.loads(line) for line in (tmp_path / "infill_ngram_tasks.jsonl").read_text().splitlines()]
-    assert [(r["path"], r["line"]) for r in base_rows] == [(r["path"], r["line"]) for r in rows if r["mode"] == "held_out"]
+    assert ([(r["path"], r["line"]) for r in base_rows if r["mode"] == "held_out"]
+            == [(r["path"], r["line"]) for r in raw])
 
 
 def test_eval_infill_on_a_recipes_held_out_files(tiny, source_dir, tmp_path):
@@ -240,7 +248,7 @@ def test_eval_through_workers_gives_the_in_process_answers(tiny, tiny_worker, so
     run_codefill("eval", "infill", "--model", tiny, *common, "--endpoint", tiny_worker, "--out", tmp_path / "served")
     local = (tmp_path / "local" / "infill_tasks.jsonl").read_text().splitlines()
     served = (tmp_path / "served" / "infill_tasks.jsonl").read_text().splitlines()
-    assert len(local) == 3 + 3 + 3 + 4 and served == local
+    assert len(local) == 3 * 5 + 4 + 4 and served == local
     assert "served at" in json.loads((tmp_path / "served" / "infill.json").read_text())["evaluated"]
 
     he = ["--limit", "2", "--max-new-tokens", "12"]
@@ -264,9 +272,32 @@ def test_single_line_answers_are_also_scored_cut_at_the_end_of_the_line(tok):
     rambling = tok.encode_infilling("    \n    return 1\n    return 2\n") + [tok.eot_id]
     results, rows = humaneval_infilling(lambda p, n, s: rambling, tok, InfillConfig(modes=("single",), limit=2),
                                         max_seq_len=2048, problems=problems, progress=False)
-    assert [r.mode for r in results] == ["single", "single_eol"]
+    assert [r.mode for r in results] == ["single", "single_eol", "single_served"]
     by_mode = {m: [r["prediction"] for r in rows if r["mode"] == m] for m in ("single", "single_eol")}
     assert by_mode["single"] == ["    \n    return 1\n    return 2\n"] * 2
     # the blank first line is kept, the cut comes after the first line with text on it
     assert by_mode["single_eol"] == ["    \n    return 1\n"] * 2
     assert end_of_line("  x = 1\n  y\n") == "  x = 1\n" and end_of_line("\n\n") == "\n\n"
+
+
+def test_held_out_answers_are_also_scored_as_the_server_shows_them():
+    def scored(prefix, middle, suffix, prediction):
+        shown = as_served(FimResult(FimTask("f.py", 3, prefix, middle, suffix), prediction, False, 0.0, False))
+        return shown.prediction, shown.exact
+
+    prefix = "def f(xs):\n    total = 0\n"
+    # the cursor stands at the start of a line of code: lines are inserted above it, the first one only when
+    # the model did not say where its middle ends, up to that line of code when it wrote it
+    assert scored(prefix, "    n = len(xs)\n", "    return total\n", "    n = len(xs)\n    n = 0\n    n = 1\n") == (
+        "    n = len(xs)\n", True)
+    two = "    n = len(xs)\n    m = 2\n"
+    assert scored(prefix, two, "    return total\n", two + "    return total\n    x") == (two, True)
+    # on a blank line the server shows a block: it stops where the answer leaves the block or repeats the suffix
+    block = "    for x in xs:\n        total += x\n"
+    assert scored(prefix, block, "\n    return total\n",
+                  block + "    return total\n") == (block.rstrip("\n"), True)
+    body = "for x in xs:\n        total += x\n"  # the cursor is indented on its blank line
+    assert scored(prefix + "    ", body, "\n    return total\n", body + "def g():\n    pass\n") == (
+        body.rstrip("\n"), True)
+    # an answer that only repeats the rest of the line is no suggestion: scored as empty
+    assert scored("x = (", "1)\n", ")\n", ")") == ("", False)

@@ -261,6 +261,25 @@ async def test_stop_rules_are_sent_to_the_worker(tiny_dir, fake, tmp_path):
         assert not fake.requests[-1].stop_at_eol and fake.requests[-1].dedent_column == 8
         await ask(client, uri, 1, 9)  # after "if x:": the block's lines must be indented deeper than 4
         assert fake.requests[-1].dedent_column == 5
+        for col in (0, 4):  # the start of a code line: lines above it, ending where the model writes that line
+            await ask(client, uri, 3, col)
+            r = fake.requests[-1]
+            assert r.stop_strings == ["\n    y = f(x)"] and not r.stop_at_eol and r.dedent_column == 0
+    finally:
+        await client.shutdown_session()
+
+
+@ASYNC
+async def test_lines_inserted_above_a_code_line_end_with_a_line_break(tiny_dir, fake, tmp_path):
+    fake.reply = "    y = x + 1\n    z = y\n    return z\n"
+    client = await connect(tiny_dir, fake, tmp_path, options={"cache_size": 0})
+    try:
+        uri = "file:///work/above.py"
+        open_doc(client, uri, "def f(x):\n    return z\n")
+        [item] = (await ask(client, uri, 1, 0)).items
+        # up to the line the model wrote that is already there; accepting it leaves "    return z" intact
+        assert item.insert_text == "    y = x + 1\n    z = y\n"
+        assert item.range.start == item.range.end == types.Position(1, 0)
     finally:
         await client.shutdown_session()
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from codefill.lsp.postprocess import Fitted, fit, wants_multiline
+from codefill.lsp.postprocess import Fitted, fit, inserts_lines, wants_multiline
 
 
 @pytest.mark.parametrize("prefix,suffix,multi", [
@@ -25,6 +25,15 @@ def test_rule2_stops_at_dedent_out_of_the_block():
     prefix = "def mean(values):\n    "
     middle = "total = sum(values)\n    return total / len(values)\n\ndef median(values):\n    pass"
     assert fit(prefix, "\n", middle).text == "total = sum(values)\n    return total / len(values)"
+
+
+def test_rule2_on_a_blank_line_the_block_is_the_first_lines():
+    # the cursor at column 0 of a blank line inside a function: the middle's own indentation sets the block
+    middle = "    return total\n\ndef median(values):\n    pass"
+    assert fit("def mean(values):\n    total = sum(values)\n", "\n", middle).text == "    return total"
+    # a middle that starts at the cursor's column keeps the lines at that column, as before
+    middle = "def median(values):\n    return sorted(values)[0]\n\ndef mode(values):"
+    assert fit("x = 1\n", "\n", middle).text == middle
 
 
 def test_rule2_block_opener_keeps_only_deeper_lines():
@@ -77,3 +86,36 @@ def test_rule6_mid_line_middle_starting_with_newline_is_no_suggestion():
 
 def test_crlf_documents():
     assert fit("def f():\r\n    ", "\r\n", "x = 1\r\n    return x\r\n").text == "x = 1\n    return x"
+
+
+# --- rule 1, lines inserted above the code after the cursor ------------------------------------------------
+
+BODY_PREFIX = "def f(xs):\n    total = 0\n"
+
+
+@pytest.mark.parametrize("prefix,suffix,inserts", [
+    (BODY_PREFIX, "    return total\n", True),           # column 0 of a code line
+    (BODY_PREFIX + "    ", "return total\n", True),       # in its indentation
+    (BODY_PREFIX + "    ", "\n", False),                  # a blank line: a block instead
+    ("x = foo(", ")\n", False),                           # code before the cursor: the rest of the line
+])
+def test_rule1_the_start_of_a_code_line_inserts_lines(prefix, suffix, inserts):
+    assert inserts_lines(prefix, suffix) is inserts
+    assert not (inserts and wants_multiline(prefix, suffix))
+
+
+def test_rule1_inserted_lines_end_with_a_line_break_and_keep_the_codes_column():
+    # the first line only: the model did not say where its middle ends
+    assert fit(BODY_PREFIX, "    return total\n", "    n = len(xs)\n    m = 1\n    k = 2") == Fitted("    n = len(xs)\n", 0)
+    # in the indentation, the indentation is repeated after the break: "    return total" stays as it was
+    assert fit(BODY_PREFIX + "    ", "return total\n", "n = len(xs)\n    m = 1") == Fitted("n = len(xs)\n    ", 0)
+
+
+def test_rule1_inserted_lines_run_to_where_the_model_writes_the_following_code():
+    middle = "    n = len(xs)\n    for x in xs:\n        total += x\n    return total\n\ndef g():\n"
+    assert fit(BODY_PREFIX, "    return total\n", middle).text == "    n = len(xs)\n    for x in xs:\n        total += x\n"
+    # ... or to <EOT>, or to the worker's stop before that code (trailing blank lines and whitespace trimmed)
+    assert fit(BODY_PREFIX, "    return total\n", "    n = 1  \n    m = 2\n\n", ended=True).text == "    n = 1\n    m = 2\n"
+    # a middle that starts with the following code itself suggests nothing; nor does a blank one
+    assert fit(BODY_PREFIX, "    return total\n", "    return total\n    x = 1") is None
+    assert fit(BODY_PREFIX, "    return total\n", "\n\n", ended=True) is None

@@ -19,7 +19,8 @@ infilling_prompt_tokens(tok, prefix, suffix, spm=True), is a token prefix of the
 falls on a token boundary. Only the suffix and (in PSM) the middle lose SentencePiece's implicit leading
 space, as in the paper and Meta's inference code.
 
-Five options depart from the paper, all off by default (the bundled recipe's data does not use them):
+Five options depart from the paper, all off by default; the bundled recipe (recipes/codefill-stdlib.toml)
+uses all five:
 
   - line_rate: that share of infilling examples draws its two cut points among the window's line starts
     (offset 0, every offset after a newline, and the end) instead of among all characters, so the middle is

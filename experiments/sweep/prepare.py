@@ -31,7 +31,7 @@ from codefill.training.source_files import iter_source_files
 HERE = Path(__file__).parent
 OUT = HERE / "carry"
 BUNDLED = Path("models/codefill-stdlib")
-V2, V3, V4 = "recipes/codefill-stdlib.toml", "recipes/codefill-stdlib-v3.toml", "recipes/codefill-stdlib-v4.toml"
+V2, V3, V4 = "recipes/codefill-stdlib-v2.toml", "recipes/codefill-stdlib-v3.toml", "recipes/codefill-stdlib.toml"
 # name -> (recipe, overrides of its [fim] section)
 VARIANTS = {"v2": (V2, {}), "v3": (V3, {}), "v4": (V3, {"line_lines": 3}), "v4b": (V4, {})}
 

@@ -35,6 +35,7 @@ for path in sys.argv[1:]:
         s = infilling._score(complete, tok, 1024, f"replica {name} {r['config']}", "infill", "replica",
                              Path("eval_results/sweep") / name, InfillConfig(modes=("single",)), held, True, False)
         one, eol, h = s["humaneval_infilling"]["single"], s["humaneval_infilling"]["single_eol"], s["held_out_fim"]
+        served = s["humaneval_infilling"]["single_served"]
         results[name] = {
             "config": r["config"], "parameters": r["params"], "train_s_gpu": r["train_s"],
             "held_out_loss": round(r["held_out_loss"], 4),
@@ -42,9 +43,13 @@ for path in sys.argv[1:]:
             "single_pass": one["pass@1"], "single_eol_pass": eol["pass@1"], "single_eol_exact": eol["exact_match"],
             "single_eol_similarity": round(eol["edit_similarity"], 4), "single_stopped_with_eot": one["stopped_with_eot"],
             "held_out_exact": h["exact_match"], "held_out_similarity": round(h["edit_similarity"], 4),
-            "held_out_stopped": r["eot"]["held"]}
+            "held_out_stopped": r["eot"]["held"], "single_served_pass": served["pass@1"],
+            "single_served_exact": served["exact_match"], "held_out_served_exact": h["served"]["exact_match"],
+            "held_out_served_similarity": round(h["served"]["edit_similarity"], 4)}
         RESULTS.write_text(json.dumps(results, indent=1) + "\n")
         print(f"{name:34s} held-out loss {r['held_out_loss']:.3f}  single: pass {100 * one['pass@1']:.1f}%, "
               f"cut at EOL {100 * eol['pass@1']:.1f}%, exact {100 * eol['exact_match']:.1f}%, "
               f"similarity {eol['edit_similarity']:.3f}, <EOT> {one['stopped_with_eot']}  "
-              f"held-out: exact {100 * h['exact_match']:.1f}%, similarity {h['edit_similarity']:.3f}", flush=True)
+              f"held-out: exact {100 * h['exact_match']:.1f}%, similarity {h['edit_similarity']:.3f}; as served: "
+              f"single pass {100 * served['pass@1']:.1f}%, held-out exact {100 * h['served']['exact_match']:.1f}%, "
+              f"similarity {h['served']['edit_similarity']:.3f}", flush=True)

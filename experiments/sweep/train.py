@@ -7,6 +7,7 @@ evaluation prompt (stored as ids; sweep/replay.py scores them with codefill's ow
 
     python sweep/train.py NAME [key=value ...]        e.g. lr=2e-3 end_lr=2e-4 data=v3 steps=1300
     python sweep/train.py NAME weights=models/codefill-stdlib/model.safetensors steps=0   (evaluate a model)
+    python sweep/train.py NAME weights=... steps=150 lr=2e-4 end_lr=2e-5 eot_weight=10   (continue one)
 """
 import json
 import math
@@ -25,7 +26,8 @@ CARRY = HERE / "carry"
 OUT = Path(os.environ.get("OUT", HERE / "out"))
 DEFAULTS = dict(data="v3", steps=1300, batch=8, lr=1e-3, end_lr=1e-4, warmup=0.05, wd=0.1, beta1=0.9, beta2=0.95,
                 eps=1e-8, clip=1.0, seed=0, init_seed=0, std=0.02, eval_every=100, weights="",
-                dim=256, layers=6, heads=4, kv_heads=2, ffn=768, gen_batch=96, gen_limit=0)
+                dim=256, layers=6, heads=4, kv_heads=2, ffn=768, gen_batch=96, gen_limit=0, eot_weight=1.0,
+                gen_sets="single,held")
 
 
 def parse(argv):
@@ -61,11 +63,14 @@ def load_rows(name, part, dev):
     return ids, torch.from_numpy(mask).to(dev)
 
 
-def loss_of(model, ids, mask):
+def loss_of(model, ids, mask, eot=None, eot_weight=1.0):
+    """Mean loss over the scored positions; with eot_weight != 1, positions whose target is <EOT> count
+    that many times (the normaliser stays the number of scored positions)."""
     logits = model(input_ids=ids[:, :-1]).logits.float()
-    target, m = ids[:, 1:], mask[:, 1:]
+    target, m = ids[:, 1:], mask[:, 1:].float()
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
-    return (nll * m.reshape(-1)).sum() / m.sum().clamp(min=1)
+    w = m if eot_weight == 1.0 else m * (1.0 + (eot_weight - 1.0) * (target == eot).float())
+    return (nll * w.reshape(-1)).sum() / m.sum().clamp(min=1)
 
 
 @torch.no_grad()
@@ -155,13 +160,14 @@ def main():
     no_decay = [p for n, p in model.named_parameters() if "norm" in n]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": c["wd"]}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=c["lr"], betas=(c["beta1"], c["beta2"]), eps=c["eps"], fused=dev == "cuda")
+    eot_id = json.loads((CARRY / "prompts.json").read_text())["eot"]
     curve, t0 = [], time.time()
     model.train()
     for step in range(c["steps"]):
         for gr in opt.param_groups:
             gr["lr"] = cosine_lr(c, step)
         rows = torch.from_numpy(batch_rows(len(train_ids), step, c["batch"], c["seed"])).to(dev)
-        loss = loss_of(model, train_ids[rows], train_mask[rows])
+        loss = loss_of(model, train_ids[rows], train_mask[rows], eot_id, c["eot_weight"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), c["clip"])
@@ -178,7 +184,7 @@ def main():
     t1 = time.time()
     lim = c["gen_limit"] or None
     result["generated"] = {k: greedy(model, prompts[k][:lim], prompts["max_new"][k], stops, prompts["eos"], dev,
-                                     c["gen_batch"]) for k in ("single", "held")}
+                                     c["gen_batch"]) for k in c["gen_sets"].split(",")}
     result["gen_s"] = round(time.time() - t1, 1)
     result["eot"] = {k: sum(1 for g in v if g and g[-1] in stops) for k, v in result["generated"].items()}
     print(name, "held", result["held_out_loss"], "eot", result["eot"], "train_s", result["train_s"],

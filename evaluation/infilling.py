@@ -41,6 +41,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from codefill.lsp.postprocess import fit
 from codefill.training.fim_eval import (Complete, FimEvalConfig, FimResult, FimScore, FimTask, edit_similarity,
                                         evaluate, exact_match)
 from codefill.training.source_files import (STDLIB, STDLIB_EXCLUDE, SourceConfig, iter_source_files,
@@ -193,8 +194,6 @@ def _to_end_of_line(r: FimResult) -> FimResult:
 
 def as_served(r: FimResult) -> FimResult:
     """The answer as the language server would show it at the task's cursor (no suggestion: empty)."""
-    from codefill.lsp.postprocess import fit
-
     fitted = fit(r.task.prefix, r.task.suffix, r.prediction, ended=r.stopped)
     shown = fitted.text if fitted is not None else ""
     return FimResult(r.task, shown, exact_match(shown, r.task.middle), edit_similarity(shown, r.task.middle),

@@ -63,11 +63,11 @@ def _decode_rate(step_tokens) -> float:
 
 
 def _bench_codefill(cfg, weights, prompts, reps: int) -> dict:
-    from codefill.model.generate import Generator
+    from codefill.inference_workers.runner import Runner
     from codefill.model.sampling import SamplingConfig
 
     t = time.perf_counter()
-    gen = Generator(cfg, weights, max_seq_len=max(PREFILL_LENGTHS), max_batch=1)
+    gen = Runner(cfg, weights, max_seq_len=max(PREFILL_LENGTHS), max_batch=1)
     build_s = time.perf_counter() - t
 
     short = prompts[DECODE_PROMPT][:8]

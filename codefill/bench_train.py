@@ -53,30 +53,18 @@ def run(out_dir: str | Path, preset: str = "small", seq_length: int = 256, micro
     from mindspore import Tensor
 
     from codefill.model.config import preset as get_preset
-    from codefill.model.generate import configure_mindspore
-    from codefill.model.llama import Transformer, load_weights, weight_parameters
+    from codefill.model.device import configure_mindspore
     from codefill.model.tiny import random_weights
-    from codefill.model.weights import expected_shapes
-    from codefill.training.lora import init_adapters
     from codefill.training.optimizer import Optimizer
     from codefill.training.train_config import PRESETS, LoraConfig
-    from codefill.training.train_network import language_model_loss
+    from codefill.training.trainer import training_network
 
     configure_mindspore()
     arch = arch if arch is not None else get_preset(preset)
     cfg = replace(PRESETS["lora" if lora else "full"], seq_length=seq_length, micro_batch=micro_batch,
                   grad_accum=grad_accum, max_steps=steps + 1, lora=LoraConfig(dropout=0.0) if lora else None)
-    model = Transformer(arch, max_batch=1, max_seq_len=seq_length)
-    load_weights(model, random_weights(arch))
-    adapters = init_adapters(expected_shapes(arch), arch.n_layers, cfg.lora, 0) if lora else None
-    net = language_model_loss(model, cfg.lora, adapters)
-    weights = weight_parameters(model)
-    if lora:
-        for p in weights.values():
-            p.requires_grad = False
-        trained = {p.name: p for _, p in net.parameters_and_names() if p.name.endswith((".lora_a", ".lora_b"))}
-    else:
-        trained = weights
+    network = training_network(arch, random_weights(arch), replace(cfg, seed=0))
+    net, trained = network.loss_net, network.trained
     opt = Optimizer(net, trained, cfg)
     rng = np.random.default_rng(0)
     x = rng.integers(0, arch.vocab_size, (micro_batch, seq_length), dtype=np.int32)

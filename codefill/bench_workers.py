@@ -194,7 +194,8 @@ def run(out_dir: str | Path, model_dir: str | Path | None = None, preset: str = 
         context_tokens: int = 1500, max_new_tokens: int = 24, keystrokes: int = 40, cold_keystrokes: int = 10,
         accept_keystrokes: int = 16, typists: tuple[int, ...] = (4, 8), typist_keystrokes: int = 10,
         max_batch: int = 8, max_seq_len: int = 2048) -> dict:
-    from codefill.inference_workers.client import WorkerClient, spawn_worker, stop_worker
+    from codefill.inference_workers.client import WorkerClient
+    from codefill.inference_workers.startup import spawn_worker, stop_worker
     from codefill.inference_workers.engine import EngineConfig
     from codefill.model.checkpoint import TOKENIZER_NAME
     from codefill.model.tokenizer import Tokenizer

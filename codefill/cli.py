@@ -30,13 +30,13 @@ def _boundary_errors() -> tuple[type[BaseException], ...]:
         ("codefill.model.checkpoint", "CheckpointError"),
         ("codefill.evaluation.eval_error", "EvalError"),
         ("codefill.model.tokenizer", "TokenizerError"),
-        ("codefill.model.generate", "GenerationError"),
+        ("codefill.inference_workers.runner", "GenerationError"),
         ("codefill.model.sampling", "SamplingError"),
         ("codefill.inference_workers.protocol", "WireError"),
         ("codefill.inference_workers.client", "WorkerError"),
         ("codefill.training.data_error", "DataError"),
         ("codefill.training.train_error", "TrainError"),
-        ("codefill.inference_workers.tp", "TensorParallelError"),
+        ("codefill.inference_workers.sharding", "TensorParallelError"),
         ("codefill.lsp.settings", "SettingsError"),
         ("codefill.lsp.transport", "TransportError"),
     ]:
@@ -87,15 +87,15 @@ def _run(args: argparse.Namespace, prompt: list[int], stop_ids: frozenset[int]) 
         out = generate_with_workers(Path(args.model), args.tp, prompt, args.max_new_tokens, _sampling(args),
                                     stop_ids=sorted(stop_ids), max_seq_len=max_seq_len)
         return [t for t, _ in out]
-    from codefill.model.generate import Generator
+    from codefill.inference_workers.runner import Runner
 
-    gen = Generator.from_model_dir(Path(args.model), max_seq_len=max_seq_len, max_batch=1)
+    gen = Runner.from_model_dir(Path(args.model), max_seq_len=max_seq_len, max_batch=1)
     return [t for t, _ in gen.generate(prompt, args.max_new_tokens, _sampling(args), stop_ids=stop_ids)]
 
 
 def _tokenizer(model_dir: str):
     """The tokenizer of a MODEL_DIR or of a directory written by `codefill split`."""
-    from codefill.inference_workers.tp import tokenizer_path
+    from codefill.inference_workers.sharding import tokenizer_path
     from codefill.model.tokenizer import Tokenizer
 
     return Tokenizer(tokenizer_path(Path(model_dir)))
@@ -212,7 +212,7 @@ def cmd_workers(args: argparse.Namespace) -> None:
 
 
 def cmd_split(args: argparse.Namespace) -> None:
-    from codefill.inference_workers.tp import split_model_dir
+    from codefill.inference_workers.sharding import split_model_dir
 
     out = split_model_dir(Path(args.model), args.tp, Path(args.output), overwrite=args.overwrite)
     print(f"wrote {args.tp} tensor-parallel shards to {out}")
@@ -427,7 +427,7 @@ def _refresh(args: argparse.Namespace, cfg, out: Path) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
-    from codefill.training.merge_shards import merge_split_dir
+    from codefill.inference_workers.sharding import merge_split_dir
 
     out = merge_split_dir(Path(args.input), Path(args.output), overwrite=args.overwrite)
     print(f"merged tensor-parallel shards of {args.input} into {out}")

@@ -232,14 +232,14 @@ def decode_continuation(tok, ids: Sequence[int]) -> str:
 
 
 def model_completer(model_dir: str | Path, config: HumanEvalConfig) -> Complete:
-    """A `Complete` over a MODEL_DIR: an in-process batch-1 Generator with a cache of min(max_seq_len, 2048)."""
+    """A `Complete` over a MODEL_DIR: an in-process batch-1 Runner with a cache of min(max_seq_len, 2048)."""
+    from codefill.inference_workers.runner import Runner
     from codefill.model.checkpoint import load_model_dir
-    from codefill.model.generate import Generator
     from codefill.model.sampling import SamplingConfig
     from codefill.model.tokenizer import Tokenizer
 
     files = load_model_dir(model_dir)
-    gen = Generator(files.config, files.weights, max_seq_len=min(files.config.max_seq_len, MAX_SEQ_LEN), max_batch=1)
+    gen = Runner(files.config, files.weights, max_seq_len=min(files.config.max_seq_len, MAX_SEQ_LEN), max_batch=1)
     tok = Tokenizer(files.tokenizer_path)
     stop_ids = frozenset({tok.eos_id})
     top_p = config.top_p if config.temperature > 0 else 1.0

@@ -317,9 +317,9 @@ def run(model_dir: str | Path, out_dir: str | Path, config: InfillConfig = Infil
         complete, name = model.complete, "infill_ngram"
         what = f"n-gram baseline ({model.n_tokens:,} train tokens of {held_out.source}, tokenizer of {model_dir})"
     else:
-        from codefill.model.generate import Generator
+        from codefill.inference_workers.runner import Runner
 
-        complete = generator_complete(Generator(files.config, files.weights, max_seq_len=max_seq_len, max_batch=1))
+        complete = generator_complete(Runner(files.config, files.weights, max_seq_len=max_seq_len, max_batch=1))
         name, what = "infill", str(model_dir)
     return _score(complete, tok, max_seq_len, what, name, model_dir, out_dir, config, held_out, humaneval, progress)
 

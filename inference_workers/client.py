@@ -1,4 +1,4 @@
-"""Talking to an inference worker: spawn it, wait for it, stream tokens from it, cancel, ping.
+"""Talking to an inference worker: stream tokens from it, cancel, ping (startup.py spawns one).
 
 Two clients share one reply-checking core (`_Replies`):
 
@@ -21,12 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -358,95 +352,3 @@ class AsyncWorkerClient:
                     return msg
         finally:
             del self._queues[nonce]
-
-
-# --- spawning ---------------------------------------------------------------------------------------------
-
-_OWNED_DIRS: dict[int, Path] = {}  # worker pid -> the temp dir spawn_worker made for it (socket, logs)
-
-
-def spawn_worker(model_dir: str | Path, endpoint: str | None = None, *, timeout_s: float = 300.0,
-                 max_seq_len: int | None = None, max_batch: int | None = None,
-                 engine: Any = None) -> tuple[subprocess.Popen, str]:
-    """Start `python -m codefill.inference_workers.worker` and wait until it is serving.
-
-    endpoint None: a private ipc:// socket in a new temp directory (mode 0700, so only this user can
-    connect). Returns (process, the endpoint it actually bound). The worker's stdout and stderr go to
-    worker.log in that directory, never to ours: a language server's stdout is its JSON-RPC channel.
-    Raises WorkerError with the child's error, traceback or log tail if it exits or is not ready in time.
-    Stop it with `stop_worker(process)`. max_batch: cache slots (the worker's default when None); engine: an
-    engine.EngineConfig, passed as command-line flags.
-    """
-    tmp = Path(tempfile.mkdtemp(prefix="codefill-worker-"))
-    endpoint = endpoint or f"ipc://{tmp / 'worker.sock'}"
-    try:
-        check_endpoint(endpoint)
-    except WireError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise WorkerError(str(e)) from e
-    ready_file, log_path = tmp / "ready.json", tmp / "worker.log"
-    cmd = [sys.executable, "-m", "codefill.inference_workers.worker", "--model", str(model_dir),
-           "--endpoint", endpoint, "--ready-file", str(ready_file), "--parent-pid", str(os.getpid())]
-    if max_seq_len is not None:
-        cmd += ["--max-seq-len", str(max_seq_len)]
-    if max_batch is not None:
-        cmd += ["--max-batch", str(max_batch)]
-    if engine is not None:
-        cmd += ["--max-queue", str(engine.max_queue), "--prefill-chunk", str(engine.prefill_chunk),
-                "--step-timeout", str(engine.step_timeout_s), "--drain-timeout", str(engine.drain_timeout_s)]
-        cmd += [] if engine.prefix_reuse else ["--no-prefix-reuse"]
-        cmd += [] if engine.inflight_extension else ["--no-inflight-extension"]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-    _OWNED_DIRS[process.pid] = tmp
-
-    def fail(why: str) -> WorkerError:
-        detail = ""
-        if ready_file.exists():
-            status = json.loads(ready_file.read_text())
-            detail = status.get("traceback") or status.get("error", "")
-        if not detail:
-            detail = "log tail:\n" + _tail(log_path)
-        stop_worker(process)
-        return WorkerError(f"worker for model {model_dir} {why}:\n{detail}")
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if ready_file.exists():
-            status = json.loads(ready_file.read_text())
-            if status.get("status") == "ready":
-                return process, status["endpoint"]
-            raise fail(f"failed to start: {status.get('error')}")
-        if process.poll() is not None:
-            raise fail(f"exited with status {process.returncode} before it was ready")
-        if time.monotonic() > deadline:
-            raise fail(f"was not ready within {timeout_s} s")
-        time.sleep(0.05)
-
-
-def stop_worker(process: subprocess.Popen, timeout_s: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL after timeout_s; removes the temp directory spawn_worker made for it."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    tmp = _OWNED_DIRS.pop(process.pid, None)
-    if tmp is not None:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def worker_log(process: subprocess.Popen) -> Path | None:
-    """The log file of a worker started by spawn_worker (None once it is stopped)."""
-    tmp = _OWNED_DIRS.get(process.pid)
-    return tmp / "worker.log" if tmp is not None else None
-
-
-def _tail(path: Path, n_bytes: int = 4000) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        return f"(cannot read {path}: {e})"
-    return data[-n_bytes:].decode("utf-8", "replace")

@@ -1,8 +1,8 @@
 """The serving engine on rank 0: a queue, cache slots, and one model step at a time.
 
 It knows nothing about sockets or text: requests come in as `GenerateRequest`s with the client's routing
-identity, and every reply goes out through `emit(identity, message)`. Models are driven only through a
-`ModelRunner` (runner.py), so the same engine serves a local model and a tensor-parallel one.
+identity, and every reply goes out through `emit(identity, message)`. The model is driven only through
+`runner.Runner` (prefill, decode_step, reload), the same class at any tensor-parallel size.
 
 One iteration (`step`), all scheduling decided under the lock, model calls made outside it:
 

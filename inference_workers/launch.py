@@ -5,7 +5,7 @@
     ... WorkerClient(workers.endpoint) ...
     workers.stop()
 
-The TP size is checked against the model's config (tp.check_model_dir_for_tp) before msrun starts, so a size
+The TP size is checked against the model's config (sharding.check_model_dir_for_tp) before msrun starts, so a size
 that does not divide the heads, KV heads, FFN or vocabulary never starts a rank.
 
 msrun starts the ranks with whichever `python` comes first on PATH, so the launcher puts this interpreter's
@@ -42,13 +42,14 @@ from pathlib import Path
 from codefill.inference_workers.client import WorkerError
 from codefill.inference_workers.protocol import WireError
 from codefill.inference_workers.security import ServerKeys, check_bind
-from codefill.inference_workers.tp import TensorParallelError, check_model_dir_for_tp
+from codefill.inference_workers.sharding import TensorParallelError, check_model_dir_for_tp
+from codefill.inference_workers.startup import SERVING_SLOTS, rank_arguments
 
 RANKS_SCRIPT = Path(__file__).with_name("ranks.py")
 POLL_S = 0.2
 
 
-class LaunchError(WorkerError):
+class LaunchError(WorkerError):  # a WorkerError, so a CodefillError too
     """Ranks that could not start or that failed; the message names the rank and carries its traceback."""
 
 
@@ -65,7 +66,7 @@ def default_threads(local_ranks: int) -> int:
 
 def msrun_env(local_ranks: int) -> dict[str, str]:
     env = dict(os.environ)
-    env["CODEFILL_LOCAL_RANKS"] = str(local_ranks)  # ranks.pin_cores splits this host's cores by it
+    env["CODEFILL_LOCAL_RANKS"] = str(local_ranks)  # startup.pin_cores splits this host's cores by it
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env.setdefault("GLOG_v", "3")  # MindSpore's C++ log: errors only, so rank logs show tracebacks clearly
     return env
@@ -190,7 +191,7 @@ def start_job(script: str | Path, script_args: list[str], tp: int, *, run_dir: P
 def start_workers(model_dir: str | Path, tp: int, endpoint: str | None = None, *, master_addr: str = "127.0.0.1",
                   master_port: int | None = None, nnodes: int = 1, node_rank: int = 0,
                   log_dir: str | Path | None = None, ready_timeout_s: float = 600.0, max_seq_len: int | None = None,
-                  max_batch: int = 1, threads: int | None = None, allow_remote: bool = False,
+                  max_batch: int = SERVING_SLOTS, threads: int | None = None, allow_remote: bool = False,
                   keys: ServerKeys | None = None) -> Job:
     """Validate, start msrun on ranks.py, and return once rank 0 serves (`job.endpoint`) or, on a node other
     than 0, once its ranks have joined. Raises TensorParallelError before starting anything if `tp` does
@@ -206,16 +207,11 @@ def start_workers(model_dir: str | Path, tp: int, endpoint: str | None = None, *
     run_dir = Path(tempfile.mkdtemp(prefix="codefill-workers-"))  # mode 0700: a private ipc:// socket
     endpoint = endpoint or f"ipc://{run_dir / 'worker.sock'}"
     ready_file = run_dir / "ready.json"
-    args = ["--model", str(Path(model_dir).absolute()), "--tp", str(tp), "--endpoint", endpoint,
-            "--ready-file", str(ready_file), "--run-dir", str(run_dir),
-            "--max-batch", str(max_batch), "--threads", str(threads or default_threads(tp // nnodes))]
-    if max_seq_len is not None:
-        args += ["--max-seq-len", str(max_seq_len)]
-    if allow_remote:
-        args.append("--allow-remote")
-    if keys is not None:
-        args += ["--curve-secret-key", str(Path(keys.secret_key_file).absolute()),
-                 "--curve-authorized-clients", str(Path(keys.authorized_clients).absolute())]
+    args = rank_arguments(model_dir, tp, endpoint, ready_file=ready_file, run_dir=run_dir, max_batch=max_batch,
+                          threads=threads or default_threads(tp // nnodes), max_seq_len=max_seq_len,
+                          allow_remote=allow_remote,
+                          curve_secret_key=keys.secret_key_file if keys is not None else None,
+                          curve_authorized_clients=keys.authorized_clients if keys is not None else None)
     job = start_job(RANKS_SCRIPT, args, tp, run_dir=run_dir, log_dir=Path(log_dir) if log_dir else None,
                     master_addr=master_addr, master_port=master_port, nnodes=nnodes, node_rank=node_rank)
     job.owns_run_dir = True
@@ -249,7 +245,7 @@ def start_workers(model_dir: str | Path, tp: int, endpoint: str | None = None, *
 def run_workers(model_dir: str | Path, tp: int, endpoint: str | None = None, *, master_addr: str = "127.0.0.1",
                 master_port: int | None = None, nnodes: int = 1, node_rank: int = 0,
                 log_dir: str | Path | None = None, ready_timeout_s: float = 600.0, stop_timeout_s: float = 30.0,
-                max_seq_len: int | None = None, max_batch: int = 1, threads: int | None = None,
+                max_seq_len: int | None = None, max_batch: int = SERVING_SLOTS, threads: int | None = None,
                 allow_remote: bool = False, keys: ServerKeys | None = None) -> int:
     """`codefill workers`: start, print the endpoint, supervise until SIGTERM/SIGINT (then drain and stop: 0)
     or a rank failure (LaunchError with its traceback; the CLI exits non-zero)."""
@@ -278,7 +274,7 @@ def generate_with_workers(model_dir: str | Path, tp: int, prompt_ids: list[int],
                           sampling=None, stop_ids=(), *, max_seq_len: int | None = None,
                           ready_timeout_s: float = 600.0, request_timeout_s: float = 300.0) -> list[tuple[int, float]]:
     """`codefill generate/infill --tp N`: start N ranks, run one request through rank 0's socket, stop them.
-    Returns (token id, log-prob) pairs, as Generator.generate yields them; `sampling` as WorkerClient takes it."""
+    Returns (token id, log-prob) pairs, as Runner.generate yields them; `sampling` as WorkerClient takes it."""
     from codefill.inference_workers.client import WorkerClient
 
     job = start_workers(model_dir, tp, max_seq_len=max_seq_len or len(prompt_ids) + max_new_tokens, max_batch=1,

@@ -1,86 +1,329 @@
-"""What the serving engine drives: one model, many cache slots, token ids in, logits out.
+"""The one runner: a model (the plain Transformer, or one rank's tensor-parallel shard of it) with its static
+KV cache and two compiled graphs, token ids in, logits out. A single worker is the tensor-parallel path
+with world size 1.
 
-The engine (`engine.py`, on rank 0) decides which sequences prefill and decode at each step; a runner
-executes that on the model. `LocalRunner` runs it in this process on a plain `Generator`. The tensor-parallel
-runner (`tp.py`) has the same methods: it hands each call to the other ranks, which run the same step on
-their shards, and returns rank 0's logits (identical on every rank after the all-reduces).
+The engine (`engine.py`, on rank 0) decides which sequences prefill and decode at each step; the runner runs
+that on the model. It checks every request, owns the defaults (context length, cache slots), chunks long
+prefills and builds the cache indices. On rank 0 of several ranks it announces each chunk and step to the
+others first (coordination.py), which run the same step on their shards through the same class
+(`coordination.follow`); the collectives inside the graphs keep them in step, and the logits are identical
+on every rank. The one-process commands (`generate`, `infill`, `eval`) use it with world size 1.
+
+Two compiled MindSpore graphs share one Transformer and its cache:
+
+- prefill: one slot, T new tokens at positions start_pos .. start_pos+T-1 -> logits of the last one. T is a
+  dynamic dimension (`Cell.set_inputs` with `None`), so one graph serves every prompt length; prompts longer
+  than PREFILL_CHUNK are prefilled in chunks through it, which bounds the [KV, T*R, K] scores tensor;
+- decode: one token for every slot at once ([max_batch, 1], each row with its own position; row i is cache
+  slot i, an idle slot is given position `max_seq_len`, the scratch column) -> logits [max_batch, V]. Its
+  shapes are static.
+
+Neither graph recompiles per token or per prompt length (`compiled_graphs()` counts; the tests check it).
+Why dynamic T and chunks rather than length buckets is measured in docs/benchmarks/.
 
 Cache slots are the unit of memory: slot s holds the keys/values of one sequence, positions 0..len-1. What a
-slot holds is the engine's bookkeeping; a runner only writes where it is told. Prefill onto a slot from
+slot holds is the engine's bookkeeping; the runner only writes where it is told. Prefill onto a slot from
 `start_pos` > 0 reuses the cached prefix; rolling a slot back is just prefilling from an earlier position,
 since entries past a row's position are never attended to.
 
-`reload(model_dir)` replaces the weights in place, between steps (the engine calls it only when no request
-is active, and forgets every cached slot afterwards). It loads and checks everything before touching a
-single parameter, so a corrupt or mismatched directory raises a ValueError (CheckpointError, WeightError,
-TensorParallelError) and the old weights keep serving. `Parameter.set_data` keeps the compiled graphs: they
-read the parameters, so neither graph is recompiled.
+`reload(model_dir)` replaces the weights in place, between steps, in two phases on every rank (stage, then
+commit or discard; coordination.py): everything is loaded and checked before a single parameter changes, so
+a corrupt or mismatched directory raises (CheckpointError, WeightError, TensorParallelError) and the old
+weights keep serving. `Parameter.set_data` keeps the compiled graphs: neither is recompiled.
+
+Not thread-safe: call it from one thread at a time (the engine's model thread).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Iterator, Sequence
+from dataclasses import fields
+from pathlib import Path
 
 import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn
+
+from codefill.errors import CodefillError
+from codefill.model import llama
+from codefill.model.checkpoint import CheckpointError
+from codefill.model.config import LlamaConfig
+from codefill.model.device import configure_mindspore
+from codefill.model.sampling import SamplingConfig, log_softmax, sample
+
+from .coordination import (
+    OP_COMMIT,
+    OP_DECODE,
+    OP_DISCARD,
+    OP_PREFILL,
+    OP_STAGE,
+    OP_STOP,
+    PREFILL_CHUNK,
+    LocalChannel,
+    encode_path,
+    reload_failures,
+    reload_status,
+)
+from .sharding import TensorParallelError, load_rank_weights, shard_shapes, shard_transformer
+
+DEFAULT_MAX_SEQ_LEN = 2048  # positions per cache slot when not given (fewer if the model was trained for fewer)
+DEFAULT_MAX_BATCH = 1  # cache slots when not given
 
 
-class ModelRunner(Protocol):
-    max_batch: int  # cache slots; decode_step takes one row per slot
-    max_seq_len: int  # positions per slot
-    vocab_size: int
-    idle_position: int  # the position to pass for a slot that has no sequence in a decode step
-
-    def prefill(self, ids: Sequence[int], slot: int, start_pos: int) -> np.ndarray:
-        """Write ids at positions start_pos.. of `slot`; logits [vocab] of the last one."""
-
-    def decode_step(self, tokens: Sequence[int], positions: Sequence[int]) -> np.ndarray:
-        """tokens[i] at positions[i] in slot i for every slot -> logits [max_batch, vocab]."""
-
-    def reload(self, model_dir: str) -> str:
-        """Switch to the weights of `model_dir` (same architecture), or raise ValueError and change nothing.
-        Returns a one-line description of what now serves."""
-
-    def close(self) -> None:
-        """Release the model (and, for tensor parallelism, tell the other ranks to stop)."""
+class GenerationError(CodefillError, ValueError):
+    """A request the runner cannot run; the message carries the offending values."""
 
 
-def check_same_architecture(serving, new, where: str) -> None:
+class _Prefill(nn.Cell):
+    def __init__(self, model):
+        super().__init__(auto_prefix=False)  # keep the Transformer's parameter names, shared by both graphs
+        self.model = model
+
+    def construct(self, tokens, positions, cache_idx, slots, key_positions):
+        return self.model(tokens, positions, cache_idx, slots, key_positions)
+
+
+class _Decode(nn.Cell):
+    def __init__(self, model):
+        super().__init__(auto_prefix=False)
+        self.model = model
+
+    def construct(self, tokens, positions, cache_idx):
+        return self.model(tokens, positions, cache_idx, None, None)  # row i is slot i, whole cache: no copy
+
+
+def check_ids(ids: Sequence[int], vocab_size: int) -> np.ndarray:
+    """ids as int32 [T], or GenerationError naming the first bad one."""
+    arr = np.asarray(ids)
+    if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
+        raise GenerationError(f"token ids must be a non-empty 1-D sequence of integers, got shape {arr.shape} "
+                              f"dtype {arr.dtype}")
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = int(arr[(arr < 0) | (arr >= vocab_size)][0])
+        raise GenerationError(f"token id {bad} out of range [0, {vocab_size})")
+    return arr.astype(np.int32)
+
+
+def check_same_architecture(serving: LlamaConfig, new: LlamaConfig, where: str) -> None:
     """Raise CheckpointError unless the LlamaConfig `new` (read from `where`) equals the serving one."""
-    from dataclasses import fields
-
-    from codefill.model.checkpoint import CheckpointError
-
     if new != serving:
         diff = [f"{f.name} {getattr(new, f.name)!r} (serving {getattr(serving, f.name)!r})" for f in fields(serving)
                 if getattr(new, f.name) != getattr(serving, f.name)]
         raise CheckpointError(f"{where} has another architecture than the serving model: {', '.join(diff)}")
 
 
-class LocalRunner:
-    """A ModelRunner over one in-process Generator (TP=1)."""
+def default_max_seq_len(config: LlamaConfig) -> int:
+    return min(DEFAULT_MAX_SEQ_LEN, config.max_seq_len)
 
-    def __init__(self, generator):
-        self.generator = generator
-        self.max_batch = generator.max_batch
-        self.max_seq_len = generator.max_seq_len
-        self.vocab_size = generator.config.vocab_size
-        self.idle_position = generator.idle_position
 
-    def prefill(self, ids: Sequence[int], slot: int, start_pos: int) -> np.ndarray:
-        return self.generator.prefill(ids, slot=slot, start_pos=start_pos)
+class Runner:
+    """One rank's model, cache and graphs (see the module docstring). `weights`: this rank's shard (the whole
+    model at world 1). `channel`: coordination.Channel on a rank of several, else None."""
+
+    def __init__(self, config: LlamaConfig, weights: dict[str, np.ndarray], *, max_seq_len: int | None = None,
+                 max_batch: int = DEFAULT_MAX_BATCH, rank: int = 0, world: int = 1, channel=None):
+        max_seq_len = default_max_seq_len(config) if max_seq_len is None else max_seq_len
+        if not 0 < max_seq_len <= config.max_seq_len:
+            raise GenerationError(f"max_seq_len {max_seq_len} must be in [1, {config.max_seq_len}] "
+                                  f"(the positions this model was trained for)")
+        if max_batch < 1:
+            raise GenerationError(f"max_batch must be >= 1, got {max_batch}")
+        if (channel is None) != (world == 1):
+            raise TensorParallelError(f"a channel is needed exactly when there are other ranks (world {world})")
+        configure_mindspore()
+        self.config, self.rank, self.world = config, rank, world
+        self.max_seq_len, self.max_batch = max_seq_len, max_batch
+        self.vocab_size = config.vocab_size
+        self.idle_position = max_seq_len  # the scratch cache column: for a slot with no sequence in a decode step
+        self.prefill_chunk = PREFILL_CHUNK
+        self.channel = channel if channel is not None else LocalChannel()
+        self.kv_heads = config.n_kv_heads // world  # the KV heads this rank's cache holds
+        self.model = llama.Transformer(config, max_batch=max_batch, max_seq_len=max_seq_len)
+        shard_transformer(self.model, rank, world)
+        self._shapes = shard_shapes(config, world)
+        llama.load_weights(self.model, weights, self._shapes)
+        self._prefill, self._decode = self._graphs()
+        self._staged: dict[str, np.ndarray] | None = None  # a reload's shard, between stage and commit
+        self._stage_error: Exception | None = None
+        self.closed = False
+        self.busy = False  # inside a step: set while the ranks may be inside a collective
+
+    @classmethod
+    def from_model_dir(cls, path: str | Path, *, max_seq_len: int | None = None, max_batch: int = DEFAULT_MAX_BATCH,
+                       rank: int = 0, world: int = 1, channel=None) -> "Runner":
+        """This rank's shard of a MODEL_DIR or split directory; max_seq_len None: the default for the model."""
+        config, weights = load_rank_weights(path, rank, world)
+        return cls(config, weights, max_seq_len=max_seq_len, max_batch=max_batch, rank=rank, world=world,
+                   channel=channel)
+
+    def _graphs(self) -> tuple[_Prefill, _Decode]:
+        i32, kv, mb = ms.int32, self.kv_heads, self.max_batch
+        prefill, decode = _Prefill(self.model), _Decode(self.model)
+        prefill.set_inputs(Tensor(shape=[1, None], dtype=i32), Tensor(shape=[1, None], dtype=i32),
+                           Tensor(shape=[1, None, kv, 3], dtype=i32), Tensor(shape=[1], dtype=i32),
+                           Tensor(shape=[None], dtype=i32))
+        decode.set_inputs(Tensor(shape=[mb, 1], dtype=i32), Tensor(shape=[mb, 1], dtype=i32),
+                          Tensor(shape=[mb, 1, kv, 3], dtype=i32))
+        return prefill, decode
+
+    def compiled_graphs(self) -> dict[str, int]:
+        """Graphs compiled so far per entry point: 1 each once warm; more would be a recompile."""
+        return {"prefill": len(self._prefill.compile_cache), "decode": len(self._decode.compile_cache)}
+
+    # --- checked entry points (rank 0) ------------------------------------------------------------------
+
+    def prefill(self, ids: Sequence[int], slot: int = 0, start_pos: int = 0) -> np.ndarray:
+        """Run `ids` at positions start_pos.. into cache slot `slot`; logits [V] of the last one.
+
+        Positions before start_pos must already hold this sequence's keys/values (an earlier prefill or
+        decode of the same slot): that is prefix reuse.
+        """
+        ids = check_ids(ids, self.vocab_size)
+        if not 0 <= slot < self.max_batch:
+            raise GenerationError(f"slot {slot} out of range [0, {self.max_batch})")
+        if start_pos < 0 or start_pos + len(ids) > self.max_seq_len:
+            raise GenerationError(f"prefill of {len(ids)} tokens at start_pos {start_pos} does not fit the cache "
+                                  f"(max_seq_len {self.max_seq_len})")
+        self.busy = True
+        for begin in range(0, len(ids), self.prefill_chunk):
+            chunk = ids[begin:begin + self.prefill_chunk]
+            self._announce(OP_PREFILL, len(chunk), slot, start_pos + begin, chunk)
+            logits = self.run_prefill_chunk(chunk, slot, start_pos + begin)
+        self.busy = False
+        return logits
 
     def decode_step(self, tokens: Sequence[int], positions: Sequence[int]) -> np.ndarray:
-        return self.generator.decode_step(tokens, positions)
+        """One token per slot: tokens[i] at positions[i] in slot i -> logits [max_batch, V].
 
-    def reload(self, model_dir: str) -> str:
-        from codefill.model.checkpoint import load_model_dir
-        from codefill.model.llama import load_weights
+        An idle slot takes position `idle_position` (any valid token id); its logits are meaningless.
+        """
+        tokens = check_ids(tokens, self.vocab_size)
+        pos = np.asarray(positions, dtype=np.int64)
+        if tokens.shape != (self.max_batch,) or pos.shape != (self.max_batch,):
+            raise GenerationError(f"decode_step takes one token and position per slot ({self.max_batch}), got "
+                                  f"{tokens.shape[0]} tokens and positions of shape {pos.shape}")
+        if pos.min() < 0 or pos.max() > self.max_seq_len:
+            raise GenerationError(f"decode positions {pos.tolist()} out of range [0, {self.max_seq_len}]")
+        pos = pos.astype(np.int32)
+        self.busy = True
+        self._announce(OP_DECODE, self.max_batch, 0, 0, np.concatenate([tokens, pos]))
+        logits = self.run_decode(tokens, pos)
+        self.busy = False
+        return logits
 
-        files = load_model_dir(model_dir)  # strict: format, names, shapes, dtype, vocabulary
-        check_same_architecture(self.generator.config, files.config, str(model_dir))
-        load_weights(self.generator.model, files.weights)  # checks every tensor before setting any
-        return f"serving {model_dir} ({files.stored_dtype}, {len(files.weights)} tensors)"
+    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
+                 stop_ids: frozenset[int] = frozenset()) -> Iterator[tuple[int, float]]:
+        """Batch-1 generation in slot 0: yield (token id, log-prob under the unmodified softmax) one at a time.
+
+        A token in `stop_ids` is yielded and then generation ends. The cache must hold the prompt and every
+        generated token but the last (which is never fed back): len(prompt) + max_new_tokens - 1 <= max_seq_len.
+        The request is checked here, before the returned iterator runs anything.
+        """
+        prompt = check_ids(prompt_ids, self.vocab_size)
+        if max_new_tokens < 0:
+            raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if len(prompt) + max(max_new_tokens - 1, 0) > self.max_seq_len:
+            raise GenerationError(f"prompt of {len(prompt)} tokens + max_new_tokens {max_new_tokens} does not fit "
+                                  f"the KV cache (max_seq_len {self.max_seq_len})")
+        return self._generate(prompt, max_new_tokens, sampling, frozenset(stop_ids))
+
+    def _generate(self, prompt: np.ndarray, max_new_tokens: int, sampling: SamplingConfig,
+                  stop_ids: frozenset[int]) -> Iterator[tuple[int, float]]:
+        if max_new_tokens == 0:
+            return
+        rng = None if sampling.greedy else sampling.rng()
+        logits = self.prefill(prompt, slot=0, start_pos=0)
+        tokens = [0] * self.max_batch  # slot 0 decodes; the other slots, if any, sit idle
+        positions = [self.idle_position] * self.max_batch
+        positions[0] = len(prompt)
+        for i in range(max_new_tokens):
+            token = sample(logits, sampling, rng)
+            yield token, float(log_softmax(logits)[token])
+            if token in stop_ids or i == max_new_tokens - 1:
+                return
+            tokens[0] = token
+            logits = self.decode_step(tokens, positions)[0]
+            positions[0] += 1
+
+    def reload(self, model_dir: str | Path) -> str:
+        """Switch every rank to the weights of `model_dir` (same architecture), or raise and change none.
+        Returns a one-line description of what now serves."""
+        path = str(model_dir)
+        n, payload = encode_path(path, self.channel.payload_capacity)
+        self.busy = True
+        self._announce(OP_STAGE, n, 0, 0, payload)
+        statuses = self.channel.gather(reload_status(self.stage(path)))
+        failures = reload_failures(statuses)
+        if failures:
+            self._announce(OP_DISCARD)
+            self.discard()
+            self.busy = False
+            if self.world == 1:  # the error as it was raised, not wrapped in a rank report
+                raise self._stage_error
+            raise TensorParallelError(f"not switched to {path}: {'; '.join(failures)}")
+        self._announce(OP_COMMIT)
+        self.commit()
+        self.busy = False
+        return f"serving {path} on {self.world} rank(s)"
+
+    def warm_up(self) -> None:
+        """Compile both graphs on every rank, writing only the scratch column of slot 0."""
+        one = np.zeros(1, np.int32)
+        self._announce(OP_PREFILL, 1, 0, self.idle_position, one)
+        self.run_prefill_chunk(one, 0, self.idle_position)
+        idle = np.full(self.max_batch, self.idle_position, np.int32)
+        tokens = np.zeros(self.max_batch, np.int32)
+        self._announce(OP_DECODE, self.max_batch, 0, 0, np.concatenate([tokens, idle]))
+        self.run_decode(tokens, idle)
 
     def close(self) -> None:
-        pass
+        """Tell the other ranks to return from `follow`. Idempotent."""
+        if not self.closed:
+            self._announce(OP_STOP)
+            self.closed = True
+
+    def _announce(self, op: int, n: int = 0, slot: int = 0, start_pos: int = 0, payload=None) -> None:
+        if self.closed:
+            raise TensorParallelError("the runner is closed; the other ranks have stopped")
+        self.channel.announce(op, n, slot, start_pos, payload)
+
+    # --- unchecked steps: what every rank runs ----------------------------------------------------------
+
+    def run_prefill_chunk(self, ids: np.ndarray, slot: int, first: int) -> np.ndarray:
+        """ids int32 [T] (T <= prefill_chunk) at positions first.. of `slot` -> logits [V] of the last one."""
+        positions = np.arange(first, first + len(ids), dtype=np.int32)[None]  # [1, T]
+        idx = llama.cache_index(np.array([slot]), positions, self.kv_heads)  # [1, T, KV, 3]
+        key_positions = np.arange(first + len(ids), dtype=np.int32)  # attend to the cache up to here
+        logits = self._prefill(Tensor(np.asarray(ids, np.int32)[None]), Tensor(positions), Tensor(idx),
+                               Tensor(np.array([slot], np.int32)), Tensor(key_positions))
+        return logits.asnumpy()[0]
+
+    def run_decode(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """tokens, positions int32 [max_batch] -> logits [max_batch, V]."""
+        pos = np.asarray(positions, np.int32)[:, None]  # [B, 1]
+        idx = llama.cache_index(np.arange(self.max_batch), pos, self.kv_heads)
+        return self._decode(Tensor(np.asarray(tokens, np.int32)[:, None]), Tensor(pos), Tensor(idx)).asnumpy()
+
+    def stage(self, model_dir: str) -> str | None:
+        """Load this rank's shard of `model_dir` beside the live weights, checked. Returns None, or the error
+        as text (a follower must stay alive; rank 0 re-raises it)."""
+        self._staged, self._stage_error = None, None
+        try:
+            cfg, weights = load_rank_weights(model_dir, self.rank, self.world)
+            where = str(model_dir) if self.world == 1 else f"{model_dir} (rank {self.rank} of {self.world})"
+            check_same_architecture(self.config, cfg, where)
+        except Exception as e:  # noqa: BLE001 - any load failure is a refusal; the live weights are untouched
+            self._stage_error = e
+            return f"{type(e).__name__}: {e}"
+        self._staged = weights
+        return None
+
+    def commit(self) -> None:
+        staged, self._staged = self._staged, None
+        if staged is None:
+            raise TensorParallelError(f"rank {self.rank}: commit without staged weights")
+        llama.load_weights(self.model, staged, self._shapes)
+
+    def discard(self) -> None:
+        self._staged = None

@@ -2,8 +2,8 @@
 
     python -m codefill.inference_workers.worker --model DIR --endpoint ipc:///tmp/x/worker.sock
 
-`serve(runner, endpoint, ...)` is the whole worker around any ModelRunner: the single-process worker
-(`main`, a LocalRunner on a Generator) and rank 0 of a tensor-parallel group both call it. Two threads:
+`serve(runner, endpoint, ...)` is the whole worker around a runner.Runner: the single-process worker
+(`main`, a Runner of world size 1) and rank 0 of a tensor-parallel group both call it. Two threads:
 
 - the socket loop (the caller's thread) owns the socket: it decodes each frame against the message types it
   handles, dispatches through a table, answers Ping itself, and sends whatever the engine emitted;
@@ -28,13 +28,11 @@ before that raised.
 from __future__ import annotations
 
 import collections
-import json
 import os
 import signal
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -54,22 +52,10 @@ from codefill.inference_workers.protocol import (
     encode,
 )
 from codefill.inference_workers.security import ServerKeys, check_bind, secure_server
+from codefill.inference_workers.startup import SERVING_SLOTS, report_error, write_ready_file
 
 _POLL_MS = 100  # longest wait of the socket loop: watchdog, drain and parent checks run at least this often
 _MAX_FRAMES_PER_TURN = 256  # frames read before the loop flushes replies and checks the watchdog again
-
-
-def _write_ready_file(path: Path, status: dict[str, Any]) -> None:
-    # Write then rename, so the parent never reads half a file.
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(status))
-    os.replace(tmp, path)
-
-
-def _report_error(ready_file: str | Path | None, e: BaseException) -> None:
-    if ready_file is not None:
-        _write_ready_file(Path(ready_file), {"status": "error", "error": f"{type(e).__name__}: {e}",
-                                             "traceback": traceback.format_exc()})
 
 
 class _Outbox:
@@ -112,7 +98,7 @@ def serve(runner: Any, endpoint: str, *, table: Sequence[bytes] | None = None,
           allow_remote: bool = False, keys: ServerKeys | None = None) -> None:
     """Bind `endpoint`, serve requests on `runner` until SIGTERM, `stop_event` or the parent's death.
 
-    runner: a ModelRunner (runner.py); serve does not close it. table: token id -> bytes for text stop rules
+    runner: a runner.Runner (rank 0 of its ranks); serve does not close it. table: token id -> bytes for text stop rules
     (`stops.token_bytes_of_model_dir`); None refuses requests that use them. ready_file: see the module
     docstring. parent_pid: return when this process is no longer our parent. SIGTERM is handled only when
     serve runs in the main thread; otherwise set `stop_event`. Both drain (see the module docstring).
@@ -137,7 +123,7 @@ def serve(runner: Any, endpoint: str, *, table: Sequence[bytes] | None = None,
             outbox = _Outbox()
             engine = Engine(runner, config, table, outbox.put)
         except Exception as e:
-            _report_error(ready_file, e)
+            report_error(ready_file, e)
             raise
         if threading.current_thread() is threading.main_thread():
             def on_term(signum, frame):
@@ -147,7 +133,7 @@ def serve(runner: Any, endpoint: str, *, table: Sequence[bytes] | None = None,
             old_handler = signal.signal(signal.SIGTERM, on_term)
         engine.start()
         if ready_file is not None:
-            _write_ready_file(Path(ready_file), {"status": "ready", "endpoint": bound, "pid": os.getpid()})
+            write_ready_file(ready_file, {"status": "ready", "endpoint": bound, "pid": os.getpid()})
         print(f"codefill worker {os.getpid()} ready on {bound} ({runner.max_batch} slots x {runner.max_seq_len})",
               file=sys.stderr, flush=True)
         _SocketLoop(sock, engine, outbox, config, parent_pid, term, stop_event).run()
@@ -240,27 +226,24 @@ class _SocketLoop:
 
 
 def main(model_dir: str | Path, endpoint: str, ready_file: str | Path | None = None, *,
-         max_seq_len: int | None = None, max_batch: int = 4, parent_pid: int | None = None,
+         max_seq_len: int | None = None, max_batch: int = SERVING_SLOTS, parent_pid: int | None = None,
          config: EngineConfig = EngineConfig(), allow_remote: bool = False, keys: ServerKeys | None = None) -> None:
-    """The single-process worker: load `model_dir` on a LocalRunner with `max_batch` cache slots, serve it.
+    """The single-process worker: load `model_dir` on a Runner of world size 1 with `max_batch` cache slots,
+    serve it.
 
-    max_seq_len: positions per slot (prompt + new tokens); None leaves Generator's default.
+    max_seq_len: positions per slot (prompt + new tokens); None leaves the runner's default.
     parent_pid: exit when this process is no longer our parent (set by spawn_worker, so that a crashed
     language server does not leave a worker holding the model in memory).
     """
     try:
         check_bind(endpoint, allow_remote, keys)  # before loading anything
-        from codefill.inference_workers.runner import LocalRunner
+        from codefill.inference_workers.runner import Runner
         from codefill.inference_workers.stops import token_bytes_of_model_dir
-        from codefill.model.generate import Generator
 
-        kwargs: dict[str, Any] = {"max_batch": max_batch}
-        if max_seq_len is not None:
-            kwargs["max_seq_len"] = max_seq_len
-        runner = LocalRunner(Generator.from_model_dir(Path(model_dir), **kwargs))
+        runner = Runner.from_model_dir(model_dir, max_seq_len=max_seq_len, max_batch=max_batch)
         table = token_bytes_of_model_dir(model_dir)
     except Exception as e:
-        _report_error(ready_file, e)
+        report_error(ready_file, e)
         raise
     try:
         serve(runner, endpoint, table=table, config=config, ready_file=ready_file, parent_pid=parent_pid,

@@ -4,7 +4,7 @@ Three ways to get a worker, tried in this order:
 
 - `endpoint` (a setting or `--endpoint`): a worker someone else runs; the server only connects;
 - `tp > 1`: N tensor-parallel ranks under msrun (`inference_workers.launch.start_workers`), owned by us;
-- otherwise one worker process on the model directory (`client.spawn_worker`), owned by us.
+- otherwise one worker process on the model directory (`startup.spawn_worker`), owned by us.
 
 States: starting -> up <-> down. A request that fails (the worker is silent past the timeout, refuses,
 or a worker we own has exited) turns the link down: the failing request gets an error response, the user
@@ -23,7 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from codefill.inference_workers.client import AsyncWorkerClient, WorkerError, spawn_worker, stop_worker, worker_log
+from codefill.inference_workers.client import AsyncWorkerClient, WorkerError
+from codefill.inference_workers.startup import spawn_worker, stop_worker, worker_log
 
 from .settings import Settings
 

@@ -1,12 +1,21 @@
 """A plain MindSpore Llama / Code Llama: RMSNorm, half-split rotary, grouped-query attention, SwiGLU, output head.
 
-No parallelism lives here; `inference_workers/` shards a model built by this file. Parameter names are the
-codefill names of `weights.expected_shapes` (`layers.3.attention.wq.weight`), so `load_weights` fills a model
-from a dict of numpy arrays by name and refuses anything missing, extra or mis-shaped.
+This is the one definition of the model. It has two forwards, built from the same layers:
+
+- **cached** (serving): `model(tokens, positions, cache_idx, slots, key_positions)` writes the new keys/values
+  into the static KV cache and returns the logits of each row's last position, [B, V];
+- **all positions, no cache** (training, evaluation of a loss): `model(tokens, positions)` attends over the
+  row's own tokens and returns logits for every position, [B, T, V].
+
+No parallelism or adapters live here. Transforms swap child Cells of a built model, keeping parameter names:
+`inference_workers/sharding.py` cuts it into a tensor-parallel shard (for serving and training alike), and
+`training/lora.py` wraps projections with LoRA adapters. Parameter names are the codefill names of
+`weights.expected_shapes` (`layers.3.attention.wq.weight`), so `load_weights` fills a model from a dict of
+numpy arrays by name and refuses anything missing, extra or mis-shaped.
 
 The KV cache is static (gpt-fast style): every layer owns `cache_k` / `cache_v` Parameters of shape
 [max_batch, n_kv_heads, max_seq_len + 1, head_dim], preallocated once and updated in place with
-`scatter_nd_update`. A forward pass writes the new keys/values at their positions, then attends over the whole
+`scatter_nd_update`. A cached forward writes the new keys/values at their positions, then attends over the
 cache row with a position mask (key j is visible to a query at position p iff j <= p), so
 
 - prefill of only the new tokens of a prompt onto an existing cache (prefix reuse) is `start_pos > 0`,
@@ -16,7 +25,7 @@ cache row with a position mask (key j is visible to a query at position p iff j 
 Column `max_seq_len` of the cache is scratch: a decode row whose slot is idle is given that position, so it
 writes there and its logits are ignored (all of the cache stays finite, so no NaN can leak into a live row).
 
-Shapes in comments: B batch rows, T new tokens, S = max_seq_len + 1 cache columns, H query heads,
+Shapes in comments: B batch rows, T new tokens, S = max_seq_len + 1 cache columns, K keys read, H query heads,
 KV key/value heads, R = H // KV, D head_dim, V vocab.
 """
 
@@ -27,11 +36,13 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
+from codefill.errors import CodefillError
+
 from .config import LlamaConfig
 from .weights import expected_shapes
 
 
-class WeightError(ValueError):
+class WeightError(CodefillError, ValueError):
     """Weights that do not fit the model; the message names the tensor and its shapes."""
 
 
@@ -61,6 +72,10 @@ class Embedding(nn.Cell):
         return ops.gather(self.weight, tokens, 0)  # [B, T] -> [B, T, dim]
 
 
+def rms_norm(x, weight, eps: float):
+    return x * ops.rsqrt((x * x).mean(-1, keep_dims=True) + eps) * weight
+
+
 class RMSNorm(nn.Cell):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -68,7 +83,7 @@ class RMSNorm(nn.Cell):
         self.eps = eps
 
     def construct(self, x):
-        return x * ops.rsqrt((x * x).mean(-1, keep_dims=True) + self.eps) * self.weight
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rotary_tables(head_dim: int, n_positions: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
@@ -90,6 +105,9 @@ def apply_rotary(x, cos, sin):
 
 
 class Attention(nn.Cell):
+    """Grouped-query attention. `n_heads` / `n_kv_heads` are this Cell's own heads: all of them in the plain
+    model, a rank's share in a tensor-parallel shard (sharding.py sets them; R and D never change)."""
+
     def __init__(self, cfg: LlamaConfig, max_batch: int, max_seq_len: int):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -98,32 +116,32 @@ class Attention(nn.Cell):
         self.wk = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
         self.wv = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
         self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim)
-        # [max_batch, KV, S, D]: heads before positions so attention reads the cache without a transpose.
-        cache_shape = (max_batch, cfg.n_kv_heads, max_seq_len + 1, cfg.head_dim)
-        self.cache_k = Parameter(Tensor(np.zeros(cache_shape, np.float32)), name="cache_k", requires_grad=False)
-        self.cache_v = Parameter(Tensor(np.zeros(cache_shape, np.float32)), name="cache_v", requires_grad=False)
+        self.cache_k, self.cache_v = kv_cache(max_batch, cfg.n_kv_heads, max_seq_len, cfg.head_dim)
         self.scale = 1.0 / float(np.sqrt(cfg.head_dim))
         self.scores_matmul = ops.BatchMatMul(transpose_b=True)  # q @ k^T without materialising k^T
 
-    def construct(self, x, cos, sin, cache_idx, mask, slots, key_positions):
-        # x [B, T, dim]; cache_idx [B, T, KV, 3] of (slot, kv head, position); mask [B, 1, T*R, K].
-        # Which keys are read: slots [B] (cache row of each batch row) and key_positions [K] (cache columns),
-        # or both None for the whole cache with row i = slot i (decode: no copy of the cache at all).
+    def construct(self, x, cos, sin, mask, cache_idx, slots, key_positions):
+        # x [B, T, dim]; mask [B, 1, T*R, K]. cache_idx [B, T, KV, 3] of (slot, kv head, position), or None:
+        # no cache, the keys are the T new positions themselves (the training forward). With a cache, which
+        # keys are read: slots [B] (cache row of each batch row) and key_positions [K] (cache columns), or
+        # both None for the whole cache with row i = slot i (decode: no copy of the cache at all).
         b, t = x.shape[0], x.shape[1]
         q = self.wq(x).reshape(b, t, self.n_heads, self.head_dim)
         k = self.wk(x).reshape(b, t, self.n_kv_heads, self.head_dim)
         v = self.wv(x).reshape(b, t, self.n_kv_heads, self.head_dim)
         q = apply_rotary(q, cos, sin) * self.scale  # scaling q is T*H*D multiplies, scaling scores T*H*K
         k = apply_rotary(k, cos, sin)
-
-        # Write the new keys/values in place; updates [B, T, KV, D] land at cache[slot, kv, pos].
-        ops.scatter_nd_update(self.cache_k, cache_idx, k)
-        ops.scatter_nd_update(self.cache_v, cache_idx, v)
-        if slots is None:
-            keys, values = self.cache_k, self.cache_v  # [B, KV, S, D]
-        else:  # [B, KV, K, D]: only the columns up to the last new position, so prefill cost follows its length
-            keys = ops.gather(ops.gather(self.cache_k, slots, 0), key_positions, 2)
-            values = ops.gather(ops.gather(self.cache_v, slots, 0), key_positions, 2)
+        if cache_idx is None:
+            keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, T, D]
+        else:
+            # Write the new keys/values in place; updates [B, T, KV, D] land at cache[slot, kv, pos].
+            ops.scatter_nd_update(self.cache_k, cache_idx, k)
+            ops.scatter_nd_update(self.cache_v, cache_idx, v)
+            if slots is None:
+                keys, values = self.cache_k, self.cache_v  # [B, KV, S, D]
+            else:  # [B, KV, K, D]: only the columns up to the last new position, so prefill cost follows its length
+                keys = ops.gather(ops.gather(self.cache_k, slots, 0), key_positions, 2)
+                values = ops.gather(ops.gather(self.cache_v, slots, 0), key_positions, 2)
 
         # Grouped-query attention without copying K/V per query head: query head h = kv * R + r uses kv head
         # h // R (Hugging Face's repeat_kv), so rows (t, r) of [B, KV, T*R, D] go against kv head `kv` in one
@@ -134,6 +152,14 @@ class Attention(nn.Cell):
         out = ops.matmul(ops.softmax(scores, -1), values)  # [B, KV, T*R, D]
         out = out.reshape(b, self.n_kv_heads, t, self.n_rep, self.head_dim).transpose(0, 2, 1, 3, 4)
         return self.wo(out.reshape(b, t, self.n_heads * self.head_dim))  # [B, T, KV, R, D] -> [B, T, dim]
+
+
+def kv_cache(max_batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int) -> tuple[Parameter, Parameter]:
+    """Zeroed cache_k, cache_v [max_batch, KV, max_seq_len + 1, D]: heads before positions so attention reads
+    the cache without a transpose; the last column is the scratch column."""
+    shape = (max_batch, n_kv_heads, max_seq_len + 1, head_dim)
+    return (Parameter(Tensor(np.zeros(shape, np.float32)), name="cache_k", requires_grad=False),
+            Parameter(Tensor(np.zeros(shape, np.float32)), name="cache_v", requires_grad=False))
 
 
 class FeedForward(nn.Cell):
@@ -157,19 +183,22 @@ class TransformerBlock(nn.Cell):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
 
-    def construct(self, x, cos, sin, cache_idx, mask, slots, key_positions):
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache_idx, mask, slots, key_positions)
+    def construct(self, x, cos, sin, mask, cache_idx, slots, key_positions):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache_idx, slots, key_positions)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
 class Transformer(nn.Cell):
-    """Token ids in, logits of the last position of each row out, with the static KV cache updated in place.
+    """Token ids in, logits out; all inputs int32.
 
-    `construct(tokens [B, T], positions [B, T], cache_idx [B, T, KV, 3], slots [B] | None,
-    key_positions [K] | None) -> logits [B, V]`, all int32. Positions lie in [0, max_seq_len]; `max_seq_len`
-    itself is the scratch column. With slots and key_positions, row b reads cache row slots[b], columns
-    key_positions (prefill: 0 .. its last position); with None, row i reads all of slot i (decode).
-    Callers build the index arrays with `cache_index` (generate.py does).
+    Cached forward: `(tokens [B, T], positions [B, T], cache_idx [B, T, KV, 3], slots [B] | None,
+    key_positions [K] | None) -> logits [B, V]` of each row's last position, with the static KV cache updated
+    in place. Positions lie in [0, max_seq_len]; `max_seq_len` itself is the scratch column. With slots and
+    key_positions, row b reads cache row slots[b], columns key_positions (prefill: 0 .. its last position);
+    with None, row i reads all of slot i (decode). Callers build the index arrays with `cache_index`.
+
+    All-position forward: `(tokens [B, T], positions [B, T]) -> logits [B, T, V]`, causal over each row's own
+    positions, the cache neither read nor written.
     """
 
     def __init__(self, cfg: LlamaConfig, max_batch: int = 1, max_seq_len: int = 2048):
@@ -183,7 +212,7 @@ class Transformer(nn.Cell):
         self.rope_cos, self.rope_sin = Tensor(cos), Tensor(sin)  # [S, D] constants, not weights
         self.key_positions = Tensor(np.arange(max_seq_len + 1, dtype=np.int32))  # [S]
 
-    def construct(self, tokens, positions, cache_idx, slots, key_positions):
+    def construct(self, tokens, positions, cache_idx=None, slots=None, key_positions=None):
         x = self.tok_embeddings(tokens)  # [B, T, dim]
         cos = ops.gather(self.rope_cos, positions, 0).expand_dims(2)  # [B, T, 1, D]
         sin = ops.gather(self.rope_sin, positions, 0).expand_dims(2)
@@ -191,12 +220,19 @@ class Transformer(nn.Cell):
         # Rows in attention's (t, r) order: [B, T] -> [B, T*R] query positions.
         b, t = positions.shape[0], positions.shape[1]
         query_pos = ops.tile(positions.expand_dims(-1), (1, 1, self.config.n_rep)).reshape(b, -1, 1)
-        keys = self.key_positions if key_positions is None else key_positions
-        visible = keys.reshape(1, 1, -1) <= query_pos  # [B, T*R, K]
+        if cache_idx is None:
+            key_pos = positions.reshape(b, 1, t)  # [B, 1, T]: the row's own positions
+        elif key_positions is None:
+            key_pos = self.key_positions.reshape(1, 1, -1)  # [1, 1, S]: the whole cache row
+        else:
+            key_pos = key_positions.reshape(1, 1, -1)  # [1, 1, K]
+        visible = key_pos <= query_pos  # [B, T*R, K]
         zeros = ops.zeros_like(visible.astype(ms.float32))
         mask = ops.select(visible, zeros, zeros - 1e30).expand_dims(1)  # [B, 1, T*R, K]
         for layer in self.layers:
-            x = layer(x, cos, sin, cache_idx, mask, slots, key_positions)
+            x = layer(x, cos, sin, mask, cache_idx, slots, key_positions)
+        if cache_idx is None:
+            return self.output(self.norm(x))  # every position: [B, T, V]
         return self.output(self.norm(x[:, -1]))  # only the last position's logits: [B, V]
 
 
@@ -211,18 +247,21 @@ def cache_index(slots: np.ndarray, positions: np.ndarray, n_kv_heads: int) -> np
 
 
 def weight_parameters(model: Transformer) -> dict[str, Parameter]:
-    """The model's weights by codefill name (the KV cache is state, not weights, and is left out)."""
-    return {name: p for name, p in model.parameters_and_names() if not name.rsplit(".", 1)[-1].startswith("cache_")}
+    """The model's weights by codefill name: the tensors of `expected_shapes`, whatever transforms added
+    beside them (the KV cache is state, LoRA adapters are trained separately)."""
+    names = expected_shapes(model.config)
+    return {name: p for name, p in model.parameters_and_names() if name in names}
 
 
-def load_weights(model: Transformer, weights: dict[str, np.ndarray]) -> None:
+def load_weights(model: Transformer, weights: dict[str, np.ndarray],
+                 shapes: dict[str, tuple[int, ...]] | None = None) -> None:
     """Copy a {codefill name: array} dict into the model, strictly: any missing, extra or mis-shaped tensor
-    raises WeightError naming it, before a single parameter is changed."""
+    raises WeightError naming it, before a single parameter is changed. `shapes`: the shapes expected (a
+    tensor-parallel shard's, from sharding.shard_shapes); default the whole model's."""
     params = weight_parameters(model)
-    expected = expected_shapes(model.config)
-    if set(params) != set(expected):  # a bug in this file, not in the weights
-        raise WeightError(f"model parameters differ from weights.expected_shapes: "
-                          f"{sorted(set(params) ^ set(expected))}")
+    expected = expected_shapes(model.config) if shapes is None else shapes
+    if set(params) != set(expected):  # a bug in this file or a transform, not in the weights
+        raise WeightError(f"model parameters differ from the expected tensors: {sorted(set(params) ^ set(expected))[:8]}")
     missing = sorted(set(expected) - set(weights))
     extra = sorted(set(weights) - set(expected))
     if missing or extra:
@@ -230,7 +269,8 @@ def load_weights(model: Transformer, weights: dict[str, np.ndarray]) -> None:
                           f" ({len(missing)}), unexpected {extra[:8]}{'...' if len(extra) > 8 else ''} ({len(extra)})")
     for name, shape in expected.items():
         got = tuple(np.shape(weights[name]))
-        if got != shape:
-            raise WeightError(f"tensor {name} has shape {got}, the model expects {shape}")
+        if got != shape or tuple(params[name].shape) != shape:
+            raise WeightError(f"tensor {name} has shape {got}, the model expects {shape} "
+                              f"(parameter {tuple(params[name].shape)})")
     for name, p in params.items():
         p.set_data(Tensor(np.ascontiguousarray(weights[name], dtype=np.float32)))

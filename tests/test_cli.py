@@ -32,9 +32,9 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def generator(model_dir):
-    from codefill.model.generate import Generator
+    from codefill.inference_workers.runner import Runner
 
-    return Generator.from_model_dir(model_dir, max_seq_len=256, max_batch=1)
+    return Runner.from_model_dir(model_dir, max_seq_len=256, max_batch=1)
 
 
 def greedy(generator, prompt, n, stop):

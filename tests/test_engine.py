@@ -1,4 +1,4 @@
-"""The serving engine on a real tiny model (LocalRunner over a compiled Generator), stepped in the test's thread.
+"""The serving engine on a real tiny model (a Runner of world size 1), stepped in the test's thread.
 
 Every reuse path must give what a cold run gives: prefix reuse and rollback the same logits as a cold
 prefill; in-flight extension and batched decode the same tokens as a fresh solo request. Scheduling (cancel,
@@ -16,7 +16,6 @@ import pytest
 
 from codefill.inference_workers.engine import Engine, EngineConfig
 from codefill.inference_workers.protocol import ErrorReply, Finished, FinishReason, GenerateRequest, Token
-from codefill.inference_workers.runner import LocalRunner
 from codefill.inference_workers.stops import StopRuleError, StopState, token_bytes_of_model_dir
 from helpers import make_tiny_model_dir
 
@@ -36,9 +35,9 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runner(tiny_dir):
-    from codefill.model.generate import Generator
+    from codefill.inference_workers.runner import Runner
 
-    return LocalRunner(Generator.from_model_dir(tiny_dir, max_seq_len=MAX_SEQ_LEN, max_batch=MAX_BATCH))
+    return Runner.from_model_dir(tiny_dir, max_seq_len=MAX_SEQ_LEN, max_batch=MAX_BATCH)
 
 
 @pytest.fixture(scope="module")
@@ -224,10 +223,10 @@ def test_more_requests_than_slots_queue_and_all_finish(runner):
 
 
 def test_sampled_request_matches_generator(runner, tiny_dir):
-    from codefill.model.generate import Generator
+    from codefill.inference_workers.runner import Runner
     from codefill.model.sampling import SamplingConfig
 
-    gen = Generator.from_model_dir(tiny_dir, max_seq_len=MAX_SEQ_LEN, max_batch=1)
+    gen = Runner.from_model_dir(tiny_dir, max_seq_len=MAX_SEQ_LEN, max_batch=1)
     cfg = SamplingConfig(temperature=0.8, top_k=50, top_p=0.9, seed=3)
     expected = [t for t, _ in gen.generate(PROMPTS[0], 10, cfg)]
     engine, replies = make_engine(runner)

@@ -234,7 +234,7 @@ def test_eval_humaneval_command_on_a_tiny_model(tiny, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_worker(tiny):
-    from codefill.inference_workers.client import spawn_worker, stop_worker
+    from codefill.inference_workers.startup import spawn_worker, stop_worker
 
     process, endpoint = spawn_worker(tiny, max_batch=2, timeout_s=300)
     yield endpoint

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from codefill.model.config import LlamaConfig
-from codefill.model.generate import GenerationError, Generator
+from codefill.inference_workers.runner import GenerationError, Runner
 from codefill.model.llama import Transformer, WeightError, load_weights
 from codefill.model.sampling import SamplingConfig, SamplingError, log_softmax, sample
 from codefill.model.weights import expected_shapes
@@ -27,11 +27,11 @@ def random_weights(cfg: LlamaConfig, seed: int = 0, std: float = 0.1) -> dict[st
 
 
 @pytest.fixture(scope="module")
-def gen() -> Generator:
-    return Generator(CFG, random_weights(CFG), max_seq_len=96)
+def gen() -> Runner:
+    return Runner(CFG, random_weights(CFG), max_seq_len=96)
 
 
-def reference_logits(gen: Generator, ids: list[int]) -> np.ndarray:
+def reference_logits(gen: Runner, ids: list[int]) -> np.ndarray:
     """Logits after `ids`, by a fresh prefill (not through the decode graph)."""
     return gen.prefill(ids)
 
@@ -152,9 +152,9 @@ def test_bad_requests_raise_at_call_time(gen, prompt, n, fragment):
 
 def test_generator_config_errors():
     with pytest.raises(GenerationError, match="max_seq_len 512 must be in \\[1, 256\\]"):
-        Generator(CFG, random_weights(CFG), max_seq_len=512)
+        Runner(CFG, random_weights(CFG), max_seq_len=512)
     with pytest.raises(GenerationError, match="max_batch must be >= 1, got 0"):
-        Generator(CFG, random_weights(CFG), max_seq_len=32, max_batch=0)
+        Runner(CFG, random_weights(CFG), max_seq_len=32, max_batch=0)
 
 
 def test_decode_step_checks_its_arguments(gen):
@@ -207,7 +207,7 @@ def test_from_model_dir_defaults_to_the_models_own_context_when_it_is_short(tmp_
     files = load_model_dir(tiny)
     short = save_model_dir(tmp_path / "short", dataclasses.replace(files.config, max_seq_len=256), files.weights,
                            files.tokenizer_path)
-    assert Generator.from_model_dir(short).max_seq_len == 256
-    assert Generator.from_model_dir(tiny).max_seq_len == 2048
+    assert Runner.from_model_dir(short).max_seq_len == 256
+    assert Runner.from_model_dir(tiny).max_seq_len == 2048
     with pytest.raises(GenerationError, match=r"max_seq_len 512 must be in \[1, 256\]"):
-        Generator.from_model_dir(short, max_seq_len=512)
+        Runner.from_model_dir(short, max_seq_len=512)

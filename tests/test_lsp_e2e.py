@@ -2,7 +2,7 @@
 which drives a real worker subprocess on a tiny model.
 
 The completion text must equal what the in-process path gives for the same prefix and suffix: the
-Generator's greedy tokens on lsp/prompt.py's SPM prompt (path header, same budget), decoded and passed
+Runner's greedy tokens on lsp/prompt.py's SPM prompt (path header, same budget), decoded and passed
 through lsp/postprocess.py's `fit`. The server is started without cross-file context and without token
 healing, so the expectation depends only on the document. A cursor after an emoji proves positions are read
 in UTF-16 code units (and UTF-32, when the client asks for it), not as Python str indices.
@@ -23,7 +23,7 @@ import pytest_asyncio
 from lsprotocol import types
 from pytest_lsp import ClientServerConfig, LanguageClient
 
-from codefill.inference_workers.client import spawn_worker, stop_worker
+from codefill.inference_workers.startup import spawn_worker, stop_worker
 from helpers import make_tiny_model_dir
 
 MAX_SEQ_LEN = 512  # the worker's and the reference's context: equal, so the graphs compute the same sums
@@ -66,16 +66,16 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def expected_middle(tiny_dir):
-    """The in-process path, for the same model: prompt ids -> Generator greedy -> decode_middle."""
+    """The in-process path, for the same model: prompt ids -> Runner greedy -> decode_middle."""
     from codefill.model.checkpoint import TOKENIZER_NAME
     from codefill.model.fim import decode_middle, infilling_prompt_tokens
-    from codefill.model.generate import Generator
+    from codefill.inference_workers.runner import Runner
     from codefill.model.sampling import SamplingConfig
     from codefill.model.tokenizer import Tokenizer
     from codefill.lsp.prompt import PromptConfig, build_prompt
 
     tok = Tokenizer(tiny_dir / TOKENIZER_NAME)
-    gen = Generator.from_model_dir(tiny_dir, max_seq_len=MAX_SEQ_LEN, max_batch=1)
+    gen = Runner.from_model_dir(tiny_dir, max_seq_len=MAX_SEQ_LEN, max_batch=1)
 
     def middle(prefix: str, suffix: str, path: str | None = None) -> str:
         """The raw middle for `path` (None: the old PSM prompt without header, for the wrong-cut check)."""

@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from codefill.model.config import LlamaConfig  # noqa: E402
-from codefill.model.generate import GenerationError, Generator  # noqa: E402
+from codefill.inference_workers.runner import GenerationError, Runner  # noqa: E402
 from codefill.model.sampling import SamplingConfig  # noqa: E402
 from codefill.model.weights import hf_name_map  # noqa: E402
 
@@ -57,7 +57,7 @@ def pair(request):
     hf = hf_model(cfg, seed=len(request.param))
     state = hf.state_dict()
     weights = {ours: state[theirs].numpy().copy() for ours, theirs in hf_name_map(cfg).items()}
-    return cfg, hf, Generator(cfg, weights, max_seq_len=CACHE, max_batch=1)
+    return cfg, hf, Runner(cfg, weights, max_seq_len=CACHE, max_batch=1)
 
 
 def hf_logits(hf, ids) -> np.ndarray:
@@ -155,7 +155,7 @@ def test_batched_decode_rows_are_independent():
     hf = hf_model(cfg, seed=11)
     state = hf.state_dict()
     weights = {ours: state[theirs].numpy().copy() for ours, theirs in hf_name_map(cfg).items()}
-    gen = Generator(cfg, weights, max_seq_len=64, max_batch=2)
+    gen = Runner(cfg, weights, max_seq_len=64, max_batch=2)
     p0, p1 = random_prompt(cfg, 9, 12), random_prompt(cfg, 21, 13)
     gen.prefill(p0, slot=0)
     gen.prefill(p1, slot=1)

@@ -14,7 +14,8 @@ import subprocess
 import pytest
 import zmq
 
-from codefill.inference_workers.client import WorkerClient, WorkerError, spawn_worker, stop_worker
+from codefill.inference_workers.client import WorkerClient, WorkerError
+from codefill.inference_workers.startup import spawn_worker, stop_worker
 from codefill.inference_workers.protocol import (
     Finished,
     FinishReason,
@@ -134,9 +135,9 @@ def mismatched_dir(tmp_path_factory):
 
 
 def greedy_reference(model_dir, prompts, n):
-    from codefill.model.generate import Generator
+    from codefill.inference_workers.runner import Runner
 
-    gen = Generator.from_model_dir(model_dir, max_seq_len=MAX_SEQ_LEN, max_batch=1)
+    gen = Runner.from_model_dir(model_dir, max_seq_len=MAX_SEQ_LEN, max_batch=1)
     return [[t for t, _ in gen.generate(p, n)] for p in prompts]
 
 
@@ -173,12 +174,11 @@ class Replies:
 @pytest.fixture
 def engine_on_old(old_dir):
     from codefill.inference_workers.engine import Engine, EngineConfig
-    from codefill.inference_workers.runner import LocalRunner
-    from codefill.inference_workers.stops import token_bytes_of_model_dir
-    from codefill.model.generate import Generator
+        from codefill.inference_workers.stops import token_bytes_of_model_dir
+    from codefill.inference_workers.runner import Runner
 
     replies = Replies()
-    runner = LocalRunner(Generator.from_model_dir(old_dir, max_seq_len=MAX_SEQ_LEN, max_batch=MAX_BATCH))
+    runner = Runner.from_model_dir(old_dir, max_seq_len=MAX_SEQ_LEN, max_batch=MAX_BATCH)
     return Engine(runner, EngineConfig(), token_bytes_of_model_dir(old_dir), replies), replies
 
 
@@ -312,7 +312,7 @@ def test_worker_refuses_a_corrupt_or_mismatched_checkpoint_and_keeps_serving(wor
 
 
 def test_tp2_reload_switches_every_rank_or_none(tmp_path_factory, tmp_path):
-    from codefill.inference_workers import tp
+    from codefill.inference_workers import sharding as tp
     from codefill.inference_workers.launch import start_workers
 
     gqa_old = make_tiny_model_dir(tmp_path_factory, "tiny-gqa")

@@ -8,7 +8,6 @@ import pytest
 
 from codefill.inference_workers.engine import Engine, EngineConfig
 from codefill.inference_workers.protocol import GenerateRequest, WireError, decode, encode
-from codefill.inference_workers.runner import LocalRunner
 from codefill.inference_workers.stops import token_bytes_of_model_dir
 from codefill.model.tokenizer import Tokenizer
 from helpers import make_tiny_model_dir
@@ -24,9 +23,9 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runner(tiny_dir):
-    from codefill.model.generate import Generator
+    from codefill.inference_workers.runner import Runner
 
-    return LocalRunner(Generator.from_model_dir(tiny_dir, max_seq_len=128, max_batch=2))
+    return Runner.from_model_dir(tiny_dir, max_seq_len=128, max_batch=2)
 
 
 @pytest.fixture(scope="module")

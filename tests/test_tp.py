@@ -1,6 +1,6 @@
 """Tensor parallelism over real msrun ranks on CPU, on the tiny GQA model (8 query / 2 KV heads, FFN 172).
 
-TP=2 and TP=1 (through the same rank code) must give the single-process Generator's greedy tokens and
+TP=2 and TP=1 (through the same rank code) must give the single-process Runner's greedy tokens and
 logits; prefix reuse and rollback must give a cold prefill's logits; bad TP sizes are refused before any
 process starts; a split directory loads the same shards as cutting at load time; rank 0 serves over ZeroMQ;
 a rank that dies turns into a non-zero exit with its traceback, within seconds.
@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from codefill.inference_workers import launch, tp
+from codefill.inference_workers import launch
+from codefill.inference_workers import sharding as tp
 from codefill.inference_workers.client import WorkerClient, WorkerError
 from codefill.inference_workers.launch import LaunchError, start_job, start_workers
-from codefill.inference_workers.tp import TensorParallelError
+from codefill.inference_workers.sharding import TensorParallelError
 from helpers import make_tiny_model_dir
 
 DRIVER = Path(__file__).with_name("tp_driver.py")
@@ -45,9 +46,9 @@ def split_dir(gqa_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(gqa_dir):
     """The foundation's single-process path on the same weights."""
-    from codefill.model.generate import Generator
+    from codefill.inference_workers.runner import Runner
 
-    gen = Generator.from_model_dir(gqa_dir, max_seq_len=MAX_SEQ_LEN, max_batch=MAX_BATCH)
+    gen = Runner.from_model_dir(gqa_dir, max_seq_len=MAX_SEQ_LEN, max_batch=MAX_BATCH)
     first_logits = gen.prefill(PROMPT, slot=0, start_pos=0)
     tokens = [t for t, _ in gen.generate(PROMPT, NEW_TOKENS)]
     return {"tokens": tokens, "first_logits": first_logits}

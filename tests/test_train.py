@@ -64,26 +64,41 @@ def test_full_finetune_loss_decreases_and_writes_outputs(tiny_dir, data, tmp_pat
     assert len(complete_checkpoints(tmp_path / "run")) == PRESETS["tiny-test"].keep_last
 
 
+def all_position_logits(model, tokens: np.ndarray) -> np.ndarray:
+    """The one model's all-position forward (no cache), as the training loss runs it: [B, T, V]."""
+    from mindspore import Tensor
+
+    positions = np.tile(np.arange(tokens.shape[1], dtype=np.int32), (tokens.shape[0], 1))
+    return model(Tensor(tokens.astype(np.int32)), Tensor(positions)).asnumpy()
+
+
 def test_training_forward_equals_serving_forward(tiny_dir):
-    """All-position logits of the training graph, at the last position, equal the Generator's prefill."""
+    """All-position logits of the model's training forward equal the Runner's prefill at every length, and
+    the loss Cell is the cross-entropy of exactly those logits."""
     import mindspore as ms
     from mindspore import Tensor
 
+    from codefill.inference_workers.runner import Runner
     from codefill.model.checkpoint import load_model_dir
-    from codefill.model.generate import Generator
     from codefill.model.llama import Transformer, load_weights
-    from codefill.training.train_network import language_model_loss
+    from codefill.training.train_network import LanguageModelLoss
 
     files = load_model_dir(tiny_dir)
     model = Transformer(files.config, max_batch=1, max_seq_len=SEQ)
     load_weights(model, files.weights)
-    net = language_model_loss(model)
     prompt = [1, 17, 42, 99, 230, 7, 311, 64, 5, 9, 120, 33]
-    logits = net.logits(Tensor(np.array([prompt], np.int32)), Tensor(0.0, ms.float32)).asnumpy()
-    gen = Generator.from_model_dir(tiny_dir, max_seq_len=64, max_batch=1)
-    for k in (4, len(prompt)):
+    logits = all_position_logits(model, np.array([prompt]))
+    gen = Runner.from_model_dir(tiny_dir, max_seq_len=64, max_batch=1)
+    for k in (1, 4, len(prompt)):
         ref = gen.prefill(prompt[:k], slot=0, start_pos=0)
         np.testing.assert_allclose(logits[0, k - 1], np.asarray(ref).reshape(-1), rtol=1e-4, atol=1e-4)
+    labels = np.array([prompt[1:] + [-100]], np.int32)
+    loss = float(LanguageModelLoss(model)(Tensor(np.array([prompt], np.int32)), Tensor(labels),
+                                          Tensor(0.0, ms.float32)).asnumpy())
+    shifted = logits[0] - logits[0].max(-1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    expected = -sum(logp[i, t] for i, t in enumerate(prompt[1:]))
+    assert loss == pytest.approx(expected, rel=1e-4)
 
 
 def test_resume_gives_the_losses_of_an_uninterrupted_run(tiny_dir, data, tmp_path):
@@ -105,14 +120,10 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(tiny_dir, data, tmp_pat
 
 
 def test_lora_outputs_equal_the_merged_model(tiny_dir):
-    import mindspore as ms
-    from mindspore import Tensor
-
     from codefill.model.checkpoint import load_model_dir
-    from codefill.model.llama import Transformer, load_weights
+    from codefill.model.llama import Transformer, load_weights, weight_parameters
     from codefill.model.weights import expected_shapes
-    from codefill.training.lora import init_adapters, merge_adapters
-    from codefill.training.train_network import language_model_loss
+    from codefill.training.lora import apply_lora, init_adapters, merge_adapters
 
     files = load_model_dir(tiny_dir)
     lora = LoraConfig(rank=4, alpha=8.0, dropout=0.2, targets=("wq", "wk", "wv", "wo", "w1", "w2", "w3"))
@@ -120,16 +131,20 @@ def test_lora_outputs_equal_the_merged_model(tiny_dir):
     rng = np.random.default_rng(2)
     adapters = {n: (rng.normal(0, 0.05, a.shape).astype(np.float32) if n.endswith("lora_b") else a)
                 for n, a in adapters.items()}  # trained-looking B (an untrained B is zero)
-    tokens = Tensor(np.array([[1, 5, 9, 33, 120, 7, 64, 300]], np.int32))
-    zero = Tensor(0.0, ms.float32)  # evaluation: no dropout
+    tokens = np.array([[1, 5, 9, 33, 120, 7, 64, 300]])
 
-    model = Transformer(files.config, max_batch=1, max_seq_len=SEQ)
+    plain_model = Transformer(files.config, max_batch=1, max_seq_len=SEQ)
+    load_weights(plain_model, files.weights)
+    plain = all_position_logits(plain_model, tokens)
+    model = Transformer(files.config, max_batch=1, max_seq_len=SEQ)  # transforms come before the first compile
     load_weights(model, files.weights)
-    with_lora = language_model_loss(model, lora, adapters).logits(tokens, zero).asnumpy()
+    trained, seed = apply_lora(model, lora, adapters)  # the seed Parameter stays 0: evaluation, no dropout
+    assert sorted(trained) == sorted(adapters)
+    assert sorted(weight_parameters(model)) == sorted(expected_shapes(files.config))  # names kept
+    with_lora = all_position_logits(model, tokens)
     merged_model = Transformer(files.config, max_batch=1, max_seq_len=SEQ)
     load_weights(merged_model, merge_adapters(files.weights, adapters, files.config.n_layers, lora))
-    merged = language_model_loss(merged_model).logits(tokens, zero).asnumpy()
-    plain = language_model_loss(model).logits(tokens, zero).asnumpy()
+    merged = all_position_logits(merged_model, tokens)
     assert np.abs(with_lora - plain).max() > 1e-3  # the adapters matter
     np.testing.assert_allclose(with_lora, merged, rtol=1e-4, atol=1e-5)
 
@@ -151,14 +166,13 @@ def test_incomplete_or_corrupt_checkpoints_are_refused(tiny_dir, data, tmp_path)
 
 
 def test_split_then_merge_is_the_identity(tmp_path_factory, tmp_path):
-    from codefill.inference_workers.tp import split_model_dir
-    from codefill.training.merge_shards import merge_split_dir
+    from codefill.inference_workers.sharding import TensorParallelError, merge_split_dir, split_model_dir
 
     gqa = make_tiny_model_dir(tmp_path_factory, "tiny-gqa")
     split = split_model_dir(gqa, 2, tmp_path / "tp2")
     merged = merge_split_dir(split, tmp_path / "merged")
     assert (merged / "model.safetensors").read_bytes() == (gqa / "model.safetensors").read_bytes()
-    with pytest.raises(TrainError, match="not a tensor-parallel split"):
+    with pytest.raises(TensorParallelError, match="not a tensor-parallel split"):
         merge_split_dir(gqa, tmp_path / "again")
 
 

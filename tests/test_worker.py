@@ -1,6 +1,6 @@
 """A real worker subprocess on a tiny model, over real ZeroMQ sockets.
 
-The worker's greedy tokens must equal the in-process Generator's, alone and with other clients decoding in
+The worker's greedy tokens must equal the in-process Runner's, alone and with other clients decoding in
 the same batch; cancel, bad frames, failing requests, failing startups, overload, SIGTERM drain and a hung
 model (a fake runner under `serve` in a thread) are each driven through the real sockets.
 """
@@ -26,9 +26,8 @@ from codefill.inference_workers.client import (
     WorkerClient,
     WorkerError,
     WorkerOverloaded,
-    spawn_worker,
-    stop_worker,
 )
+from codefill.inference_workers.startup import spawn_worker, stop_worker
 from codefill.inference_workers.protocol import (
     MAX_FRAME_BYTES,
     ErrorReply,
@@ -55,11 +54,11 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(tiny_dir):
-    """The in-process path: the same Generator the worker runs, called directly."""
-    from codefill.model.generate import Generator
+    """The in-process path: the same Runner the worker runs, called directly."""
+    from codefill.inference_workers.runner import Runner
     from codefill.model.sampling import SamplingConfig
 
-    gen = Generator.from_model_dir(tiny_dir, max_seq_len=MAX_SEQ_LEN, max_batch=1)
+    gen = Runner.from_model_dir(tiny_dir, max_seq_len=MAX_SEQ_LEN, max_batch=1)
 
     def run(prompt, max_new_tokens, sampling=SamplingConfig(), stop_ids=frozenset()):
         return list(gen.generate(prompt, max_new_tokens, sampling, stop_ids=stop_ids))

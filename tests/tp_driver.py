@@ -1,4 +1,4 @@
-"""An msrun rank script for tests/test_tp.py: rank 0 drives the TensorParallelRunner directly (no sockets)
+"""An msrun rank script for tests/test_tp.py: rank 0 drives the runner directly (no sockets)
 through a fixed set of steps and saves every logits array to --out (.npz); the other ranks follow.
 
     msrun ... tests/tp_driver.py --model DIR --tp 2 --out OUT.npz --prompt 1,17,42 --new-tokens 8

@@ -217,7 +217,7 @@ def evaluate(tasks: Sequence[FimTask], tok: Tokenizer, complete: Complete,
 
 
 def generator_complete(generator) -> Complete:
-    """`complete` over an in-process model.generate.Generator (greedy, slot 0)."""
+    """`complete` over an in-process inference_workers.runner.Runner (greedy, slot 0)."""
     from codefill.model.sampling import SamplingConfig
 
     def complete(prompt: list[int], max_new_tokens: int, stop_ids: frozenset[int]) -> list[int]:
@@ -228,13 +228,13 @@ def generator_complete(generator) -> Complete:
 
 def evaluate_model_dir(model_dir: str | Path, tasks: Sequence[FimTask],
                        config: FimEvalConfig = FimEvalConfig()) -> FimScore:
-    """Greedy FIM score of a MODEL_DIR on `tasks`, on a batch-1 Generator built for the evaluation's context
+    """Greedy FIM score of a MODEL_DIR on `tasks`, on a batch-1 Runner built for the evaluation's context
     (max_seq_len capped at the model's own)."""
+    from codefill.inference_workers.runner import Runner
     from codefill.model.checkpoint import load_model_dir
-    from codefill.model.generate import Generator
 
     files = load_model_dir(model_dir)
     if config.max_seq_len > files.config.max_seq_len:
         config = replace(config, max_seq_len=files.config.max_seq_len)
-    generator = Generator(files.config, files.weights, max_seq_len=config.max_seq_len, max_batch=1)
+    generator = Runner(files.config, files.weights, max_seq_len=config.max_seq_len, max_batch=1)
     return evaluate(tasks, Tokenizer(files.tokenizer_path), generator_complete(generator), config)

@@ -1,5 +1,5 @@
 """Start `codefill train --dp N` or `--tp N` as N msrun ranks of train_rank.py and supervise them
-(inference_workers/launch). The TP size and what it is combined with are checked (tp_train.check_train_tp)
+(inference_workers/launch). The TP size and what it is combined with are checked (train_config.check_train_tp)
 before msrun starts, so a size that does not divide the heads, FFN or vocabulary never starts a rank."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def train_on_ranks(model_dir: str | Path, data: str | Path, out_dir: str | Path,
     from codefill.inference_workers.launch import _alive, start_job
     from codefill.model.checkpoint import CheckpointError, read_model_config
 
-    from .tp_train import check_train_tp
+    from .train_config import check_train_tp
 
     try:
         arch, _, _ = read_model_config(Path(model_dir))

@@ -5,9 +5,14 @@
 B starts at zero, so an untrained adapter is the base model exactly. Merged: W' = W + (alpha / r) * B @ A.
 Adapter tensors are named after the weight they adapt: `layers.0.attention.wq.lora_a` / `.lora_b`.
 
+`apply_lora` is a transform of the one model (`llama.Transformer`, see also `sharding.shard_transformer`): it
+swaps each targeted projection's `Linear` for a `LoraLinear` that keeps the same `weight` Parameter (frozen)
+and adds the adapter's two, so parameter names and the model's forward are unchanged.
+
 Dropout must replay exactly on resume, so it does not use MindSpore's stateful random ops: its mask is a
-hash of (element index, a per-step seed, a per-adapter constant), computed in the graph from the step's seed
-input. Same step, same mask, whether or not the run was interrupted.
+hash of (element index, a per-step seed, a per-adapter constant), computed in the graph from a seed Parameter
+shared by every adapter, which the loss Cell sets from its seed input (train_network.py). Same step, same
+mask, whether or not the run was interrupted.
 """
 
 from __future__ import annotations
@@ -15,6 +20,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, ops
+
+from codefill.model.llama import Linear
 
 from .train_config import LoraConfig
 from .train_error import TrainError
@@ -58,43 +67,57 @@ def merge_adapters(weights: Mapping[str, np.ndarray], adapters: Mapping[str, np.
     return merged
 
 
-def lora_cell_class():
-    """LoraLinear, defined on first use so that importing this module does not import MindSpore."""
-    import mindspore as ms
-    from mindspore import Parameter, Tensor, nn, ops
+class LoraLinear(Linear):
+    """W x + scale * B(A(dropout(x))), W the base Linear's own `weight` Parameter (shared, not copied)."""
 
-    class LoraLinear(nn.Cell):
-        """base(x) + scale * B(A(dropout(x))). `base` is the model's Linear, shared, not copied."""
+    def __init__(self, base: Linear, a: np.ndarray, b: np.ndarray, scale: float, dropout: float, salt: int,
+                 seed: Parameter):
+        super().__init__(a.shape[1], base.out_features)
+        self.weight = base.weight
+        self.lora_a = Parameter(Tensor(a), name="lora_a")
+        self.lora_b = Parameter(Tensor(b), name="lora_b")
+        self.seed = seed  # float32 scalar, shared by every adapter: 0 at evaluation (no dropout)
+        self.scale = scale
+        self.keep = 1.0 - dropout
+        self.use_dropout = dropout > 0
+        self.salt = float(salt % 9973) * 0.6180339887
 
-        def __init__(self, base, name: str, a: np.ndarray, b: np.ndarray, scale: float, dropout: float,
-                     salt: int):
-            super().__init__(auto_prefix=False)  # keep the base Linear's parameter name
-            self.base = base
-            self.lora_a = Parameter(Tensor(a), name=name + ".lora_a")
-            self.lora_b = Parameter(Tensor(b), name=name + ".lora_b")
-            self.scale = scale
-            self.keep = 1.0 - dropout
-            self.use_dropout = dropout > 0
-            self.salt = float(salt % 9973) * 0.6180339887
-            self.matmul = ops.MatMul(transpose_b=True)
-            self.out_features = base.out_features
+    def construct(self, x):
+        lead = x.shape[:-1]
+        h = x.reshape(-1, x.shape[-1])  # [N, in]
+        y = self.matmul(h, self.weight)  # [N, out]
+        if self.use_dropout:
+            n, d = h.shape[0], h.shape[1]
+            idx = ops.arange(0, n * d, dtype=ms.float32).reshape(n, d)
+            # A cheap hash in float32: frac(sin(i * c + seed + salt) * 43758.5453), uniform enough for
+            # dropout and identical on every replay of the same (step, micro-batch).
+            u = ops.sin(idx * 12.9898 + self.seed * 78.233 + self.salt) * 43758.5453
+            u = u - ops.floor(u)
+            keep = (u < self.keep).astype(ms.float32)
+            train = (self.seed != 0).astype(ms.float32)
+            h = h * (train * keep / self.keep + (1.0 - train))
+        delta = self.matmul(self.matmul(h, self.lora_a), self.lora_b)  # [N, r] -> [N, out]
+        return (y + self.scale * delta).reshape(lead + (self.out_features,))
 
-        def construct(self, x, seed):
-            # x [..., in]; seed: float32 scalar, 0 at evaluation (no dropout), else a per-micro-batch value.
-            y = self.base(x)
-            lead = x.shape[:-1]
-            h = x.reshape(-1, x.shape[-1])  # [N, in]
-            if self.use_dropout:
-                n, d = h.shape[0], h.shape[1]
-                idx = ops.arange(0, n * d, dtype=ms.float32).reshape(n, d)
-                # A cheap hash in float32: frac(sin(i * c + seed + salt) * 43758.5453), uniform enough for
-                # dropout and identical on every replay of the same (step, micro-batch).
-                u = ops.sin(idx * 12.9898 + seed * 78.233 + self.salt) * 43758.5453
-                u = u - ops.floor(u)
-                keep = (u < self.keep).astype(ms.float32)
-                train = (seed != 0).astype(ms.float32)  # evaluation passes seed 0: no dropout
-                h = h * (train * keep / self.keep + (1.0 - train))
-            delta = self.matmul(self.matmul(h, self.lora_a), self.lora_b)  # [N, r] -> [N, out]
-            return y + self.scale * delta.reshape(lead + (self.out_features,))
 
-    return LoraLinear
+def apply_lora(model, cfg: LoraConfig, adapters: Mapping[str, np.ndarray]) -> tuple[dict[str, Parameter], Parameter]:
+    """Wrap `model`'s targeted projections with adapters, in place. Returns ({adapter tensor name:
+    Parameter}, the shared dropout seed Parameter for train_network.LanguageModelLoss)."""
+    seed = Parameter(Tensor(0.0, ms.float32), name="lora_seed", requires_grad=False)
+    for i, layer in enumerate(model.layers):
+        for key in cfg.targets:
+            owner_path, attr = PROJECTION_PATHS[key].split(".")
+            owner = getattr(layer, owner_path)
+            name = f"layers.{i}.{PROJECTION_PATHS[key]}"
+            try:
+                a, b = adapters[name + ".lora_a"], adapters[name + ".lora_b"]
+            except KeyError as e:
+                raise TrainError(f"adapters lack {e.args[0]} (have {sorted(adapters)[:4]}...)") from None
+            salt = i * 7 + list(PROJECTION_PATHS).index(key) + 1
+            setattr(owner, attr, LoraLinear(getattr(owner, attr), a, b, cfg.scale, cfg.dropout, salt, seed))
+    trained = {}
+    for name, p in model.parameters_and_names():  # full paths again, as sharding does after a transform
+        if name.endswith((".lora_a", ".lora_b")):
+            p.name = name
+            trained[name] = p
+    return trained, seed

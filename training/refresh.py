@@ -71,7 +71,7 @@ def refresh(model_dir: str | Path, repo: str | Path, out: str | Path, cfg: Train
     if cfg.tp > 1:  # refuse what tensor-parallel training does not support before tokenizing and evaluating
         from codefill.model.checkpoint import read_model_config
 
-        from .tp_train import check_train_tp
+        from .train_config import check_train_tp
 
         check_train_tp(cfg, read_model_config(model_dir)[0])
     data = data_path(out)

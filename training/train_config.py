@@ -133,3 +133,25 @@ def cosine_lr(cfg: TrainConfig, step: int) -> float:
     span = max(1, cfg.max_steps - warm)
     progress = min(1.0, (step - warm) / span)
     return cfg.end_lr + 0.5 * (cfg.lr - cfg.end_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def check_train_tp(cfg: TrainConfig, arch) -> None:
+    """Raise TrainError unless `cfg.tp` ranks can train the architecture `arch` with this config: the launchers
+    call it before any rank starts. Not supported: --tp with --dp > 1 (it would need separate TP and DP
+    communication groups; every collective uses the world group) and --tp with LoRA (a replicated LoRA A on
+    a column-parallel projection receives only a partial gradient per rank and needs its own reduction)."""
+    from codefill.inference_workers.sharding import TensorParallelError, check_tp
+
+    if cfg.tp == 1:
+        return
+    if cfg.dp > 1:
+        raise TrainError(f"--tp {cfg.tp} with --dp {cfg.dp} is not supported: use tensor parallelism or data "
+                         f"parallelism, not both (dp 1 with tp {cfg.tp}, or tp 1 with dp {cfg.dp})")
+    if cfg.lora is not None:
+        raise TrainError(f"--tp {cfg.tp} trains the full model only; LoRA (rank {cfg.lora.rank}, targets "
+                         f"{','.join(cfg.lora.targets)}) with tensor parallelism is not supported: pass --full "
+                         f"(or --preset full), or train LoRA with --tp 1")
+    try:
+        check_tp(arch, cfg.tp)
+    except TensorParallelError as e:
+        raise TrainError(f"cannot train with --tp {cfg.tp}: {e}") from e

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 
@@ -26,8 +25,8 @@ def main() -> None:
 
     from mindspore.communication import get_group_size, get_rank, init
 
-    from codefill.model.generate import configure_mindspore
-
+    from codefill.inference_workers.startup import write_rank_file
+    from codefill.model.device import configure_mindspore
     from codefill.training.train_config import TrainConfig
     from codefill.training.trainer import train
 
@@ -35,9 +34,7 @@ def main() -> None:
     init()
     rank, world = get_rank(), get_group_size()
     if args.run_dir:
-        path = Path(args.run_dir) / f"rank-{rank}.json"
-        path.with_suffix(".tmp").write_text(json.dumps({"rank": rank, "pid": os.getpid()}))
-        os.replace(path.with_suffix(".tmp"), path)
+        write_rank_file(args.run_dir, rank)
     cfg = TrainConfig.from_dict(json.loads(args.config))
     result = train(args.model, args.data, args.output, cfg, held_out_data=args.held_out_data, resume=args.resume,
                    rank=rank, world=world, progress=rank == 0, stop_after=args.stop_after)

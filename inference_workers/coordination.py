@@ -40,6 +40,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from .sharding import TensorParallelError
+from .tp_cells import Collective
 
 PREFILL_CHUNK = 512  # tokens per prefill graph call; longer prompts are prefilled in chunks
 
@@ -56,15 +57,6 @@ class _Broadcast(nn.Cell):
 
     def construct(self, x):
         return self.broadcast((x,))[0]
-
-
-class _AllGather(nn.Cell):
-    def __init__(self):
-        super().__init__()
-        self.all_gather = ops.AllGather()
-
-    def construct(self, x):
-        return self.all_gather(x)
 
 
 class LocalChannel:
@@ -88,7 +80,7 @@ class Channel:
         self.size = HEADER + max(PREFILL_CHUNK, 2 * max_batch)
         self.payload_capacity = self.size - HEADER
         self._broadcast = _Broadcast()
-        self._gather: _AllGather | None = None  # built on first use: every rank reaches it after STAGE
+        self._gather: Collective | None = None  # built on first use: every rank reaches it after STAGE
 
     def announce(self, op: int, n: int = 0, slot: int = 0, start_pos: int = 0, payload=None) -> None:
         """Rank 0: send one step message and wait until it has left."""
@@ -106,7 +98,7 @@ class Channel:
     def gather(self, status: np.ndarray) -> np.ndarray:
         """Every rank's float32 [STATUS_LEN] report -> [world, STATUS_LEN] on every rank (a barrier)."""
         if self._gather is None:
-            self._gather = _AllGather()
+            self._gather = Collective(ops.AllGather())
         return self._gather(ms.Tensor(status.reshape(1, -1).astype(np.float32))).asnumpy()
 
 

@@ -34,6 +34,17 @@ from mindspore.common.initializer import initializer
 from codefill.model.llama import Linear, RMSNorm, rms_norm
 
 
+class Collective(nn.Cell):
+    """One collective primitive as a graph of its own (the step channel, barriers): `Collective(ops.AllGather())`."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+
+    def construct(self, x):
+        return self.op(x)
+
+
 class CopyToRanks(nn.Cell):
     """f: identity forward; the input gradient, a per-rank partial, is summed over the ranks."""
 

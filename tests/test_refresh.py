@@ -174,7 +174,7 @@ class Replies:
 @pytest.fixture
 def engine_on_old(old_dir):
     from codefill.inference_workers.engine import Engine, EngineConfig
-        from codefill.inference_workers.stops import token_bytes_of_model_dir
+    from codefill.inference_workers.stops import token_bytes_of_model_dir
     from codefill.inference_workers.runner import Runner
 
     replies = Replies()

@@ -47,17 +47,11 @@ def main() -> None:
 
 def _barrier() -> None:
     import numpy as np
-    from mindspore import Tensor, nn, ops
+    from mindspore import Tensor, ops
 
-    class Barrier(nn.Cell):
-        def __init__(self):
-            super().__init__()
-            self.all_reduce = ops.AllReduce()
+    from codefill.inference_workers.tp_cells import Collective
 
-        def construct(self, x):
-            return self.all_reduce(x)
-
-    Barrier()(Tensor(np.ones(1, np.float32))).asnumpy()
+    Collective(ops.AllReduce())(Tensor(np.ones(1, np.float32))).asnumpy()
 
 
 if __name__ == "__main__":

@@ -12,4 +12,8 @@ def configure_mindspore(device_target: str = "CPU") -> None:
     import mindspore as ms
 
     ms.set_context(mode=ms.GRAPH_MODE)
-    ms.set_device(device_target)
+    try:
+        ms.set_device(device_target)
+    except RuntimeError:  # already fixed (after `communication.init()` on a rank): only the same one is fine
+        if ms.get_context("device_target") != device_target:
+            raise

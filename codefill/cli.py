@@ -3,9 +3,9 @@
 Each subcommand parses its arguments here and calls one function in the package that owns the work. Heavy
 imports (MindSpore, torch) happen inside the subcommand, so `codefill --help` answers at once.
 
-Errors that cross a boundary (bad config, bad checkpoint, bad tokenizer, bad arguments, a failing worker)
-are printed as one `codefill: error: ...` line and exit with status 2; anything else is a bug and keeps its
-traceback.
+Errors that cross a boundary (bad config, bad checkpoint, bad tokenizer, bad arguments, a failing worker:
+every subclass of `codefill.errors.CodefillError`) are printed as one `codefill: error: ...` line and exit
+with status 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -15,34 +15,11 @@ import json
 import sys
 from pathlib import Path
 
+from codefill.errors import CodefillError
 
-class CliError(Exception):
+
+class CliError(CodefillError):
     """Bad command-line input; the message names the offending argument and value."""
-
-
-def _boundary_errors() -> tuple[type[BaseException], ...]:
-    """The error types that mean 'bad input or environment' rather than 'bug' (imported lazily)."""
-    errors: list[type[BaseException]] = [CliError]
-    from codefill.model.config import ConfigError
-
-    errors.append(ConfigError)
-    for module, name in [
-        ("codefill.model.checkpoint", "CheckpointError"),
-        ("codefill.evaluation.eval_error", "EvalError"),
-        ("codefill.model.tokenizer", "TokenizerError"),
-        ("codefill.model.generate", "GenerationError"),
-        ("codefill.model.sampling", "SamplingError"),
-        ("codefill.inference_workers.protocol", "WireError"),
-        ("codefill.inference_workers.client", "WorkerError"),
-        ("codefill.training.data_error", "DataError"),
-        ("codefill.training.train_error", "TrainError"),
-        ("codefill.inference_workers.tp", "TensorParallelError"),
-        ("codefill.lsp.settings", "SettingsError"),
-        ("codefill.lsp.transport", "TransportError"),
-    ]:
-        if module in sys.modules and hasattr(sys.modules[module], name):
-            errors.append(getattr(sys.modules[module], name))
-    return tuple(errors)
 
 
 # --- subcommands ----------------------------------------------------------------------------------------
@@ -154,13 +131,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="codefill-lsp %(levelname)s %(message)s")
     if args.tp is not None and args.endpoint is not None:
         raise CliError("--tp starts tensor-parallel workers; --endpoint uses running ones: give one of them")
-    from codefill.lsp.settings import SettingsError
-    from codefill.lsp.transport import TransportError
-
-    try:
-        code = serve_main(model_dir=Path(args.model), endpoint=args.endpoint, settings=settings, tcp=args.tcp)
-    except (SettingsError, TransportError) as e:
-        raise CliError(str(e)) from e
+    code = serve_main(model_dir=Path(args.model), endpoint=args.endpoint, settings=settings, tcp=args.tcp)
     if code:
         sys.exit(code)
 
@@ -678,11 +649,9 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except KeyboardInterrupt:
         return 130
-    except Exception as e:  # only boundary errors are turned into messages; others re-raise below
-        if isinstance(e, _boundary_errors()):
-            print(f"codefill: error: {e}", file=sys.stderr)
-            return 2
-        raise
+    except CodefillError as e:  # bad input or environment; anything else is a bug and keeps its traceback
+        print(f"codefill: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

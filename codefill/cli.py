@@ -405,15 +405,30 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
 
 # --- parser ---------------------------------------------------------------------------------------------
+# One builder per group of subcommands, called in the order `codefill --help` lists them; option sets that
+# several subcommands share are defined once, in the helpers below.
 
 
-def _sampling_args(p: argparse.ArgumentParser) -> None:
+def _model_arg(p: argparse.ArgumentParser, *, required: bool = True, metavar: str | None = "MODEL_DIR",
+               help: str | None = None) -> None:
+    p.add_argument("--model", required=required, metavar=metavar, help=help)
+
+
+def _generation_args(p: argparse.ArgumentParser) -> None:
+    """generate and infill: how many tokens, how they are sampled, the output, and where the model runs."""
     p.add_argument("--max-new-tokens", type=int, required=True)
     p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help='print {"ids": [...], "text": "..."} on the last line')
+    p.add_argument("--tp", type=int, help="run on N tensor-parallel worker ranks (msrun) instead of in-process")
+
+
+def _cache_args(p: argparse.ArgumentParser, *, max_seq_len_help: str, max_batch_help: str) -> None:
+    """worker and workers: the KV cache's slots."""
+    p.add_argument("--max-seq-len", type=int, help=max_seq_len_help)
+    p.add_argument("--max-batch", type=int, default=4, help=max_batch_help)
 
 
 def _remote_args(p: argparse.ArgumentParser) -> None:
@@ -423,15 +438,16 @@ def _remote_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--curve-authorized-clients", metavar="DIR", help="directory of client NAME.key files allowed in")
 
 
-def _eval_endpoint_arg(p: argparse.ArgumentParser) -> None:
+def _eval_run_args(p: argparse.ArgumentParser) -> None:
+    """eval humaneval and eval infill: the sandbox's parallelism, the report's directory, running workers."""
+    p.add_argument("--workers", type=int, default=2, help="sandboxed test processes at a time")
+    p.add_argument("--out", default="eval_results", metavar="DIR")
     p.add_argument("--endpoint", help="evaluate the workers serving MODEL_DIR there (e.g. `codefill workers --tp N`); "
                                       "MODEL_DIR then gives only the tokenizer")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="codefill", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_model_commands(sub: argparse._SubParsersAction) -> None:
+    """convert, generate, infill."""
     p = sub.add_parser("convert", help="convert between Hugging Face and codefill model directories")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--from-hf", metavar="HF_DIR")
@@ -440,29 +456,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("generate", help="continue a prompt")
-    p.add_argument("--model", required=True, metavar="MODEL_DIR")
+    _model_arg(p)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt", metavar="TEXT")
     g.add_argument("--prompt-ids", metavar="1,2,3")
-    _sampling_args(p)
-    p.add_argument("--tp", type=int, help="run on N tensor-parallel worker ranks (msrun) instead of in-process")
+    _generation_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("infill", help="fill in the middle between a prefix and a suffix")
-    p.add_argument("--model", required=True, metavar="MODEL_DIR")
+    _model_arg(p)
     p.add_argument("--prefix", required=True)
     p.add_argument("--suffix", required=True)
     p.add_argument("--spm", action="store_true", help="suffix-prefix-middle order (default prefix-suffix-middle)")
-    _sampling_args(p)
-    p.add_argument("--tp", type=int, help="run on N tensor-parallel worker ranks (msrun) instead of in-process")
+    _generation_args(p)
     p.set_defaults(func=cmd_infill)
 
+
+def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
+    """serve (the language server), worker and workers (inference), keys (for remote workers), split (shards)."""
     p = sub.add_parser("serve", help="run the language server")
     p.add_argument("--stdio", action="store_true", help="speak LSP over stdin/stdout (the default)")
     p.add_argument("--tcp", metavar="[HOST:]PORT", help="serve one LSP client on a loopback TCP port instead of stdio")
     p.add_argument("--tp", type=int, help="start N tensor-parallel worker ranks (msrun) instead of one worker")
-    p.add_argument("--model", metavar="MODEL_DIR", help="its tokenizer; and a worker on it unless --endpoint "
-                                                      "(default: the bundled model, models/codefill-stdlib)")
+    _model_arg(p, required=False, help="its tokenizer; and a worker on it unless --endpoint "
+                                       "(default: the bundled model, models/codefill-stdlib)")
     p.add_argument("--endpoint", help="a running worker's ZeroMQ endpoint (ipc://PATH or tcp://127.0.0.1:PORT)")
     p.add_argument("--max-new-tokens", type=int, help="longest middle, in tokens (default: lsp.server.Settings)")
     p.add_argument("--worker-max-seq-len", type=int, help="context length of the worker this server starts")
@@ -470,11 +487,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="run one inference worker (one process, TP=1) on a ZeroMQ endpoint")
-    p.add_argument("--model", required=True, metavar="MODEL_DIR")
+    _model_arg(p)
     p.add_argument("--endpoint", required=True, help="ipc://PATH or tcp://127.0.0.1:PORT (others: --allow-remote)")
     p.add_argument("--ready-file", help="where to write the ready/error status JSON")
-    p.add_argument("--max-seq-len", type=int, help="positions per cache slot (prompt + new tokens)")
-    p.add_argument("--max-batch", type=int, default=4, help="cache slots: requests decoded together (default 4)")
+    _cache_args(p, max_seq_len_help="positions per cache slot (prompt + new tokens)",
+                max_batch_help="cache slots: requests decoded together (default 4)")
     p.add_argument("--max-queue", type=int, help="waiting requests before OVERLOADED")
     p.add_argument("--prefill-chunk", type=int, help="prompt ids prefilled per engine iteration")
     p.add_argument("--step-timeout", type=float, help="seconds; a longer model call fails the worker (not ready)")
@@ -491,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("workers", help="run N tensor-parallel worker ranks with msrun behind one ZeroMQ endpoint")
-    p.add_argument("--model", required=True, help="a MODEL_DIR or a directory written by `codefill split`")
+    _model_arg(p, metavar=None, help="a MODEL_DIR or a directory written by `codefill split`")
     p.add_argument("--tp", type=int, required=True, help="tensor-parallel size: ranks in all")
     p.add_argument("--endpoint", help="ZeroMQ endpoint rank 0 binds (default: ipc:// in a private directory)")
     p.add_argument("--master-addr", default="127.0.0.1", help="msrun's master address (multi-node)")
@@ -499,19 +516,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nnodes", type=int, default=1, help="nodes in the job; each runs tp/nnodes ranks")
     p.add_argument("--node-rank", type=int, default=0, help="this node's index; rank 0 (the server) is on node 0")
     p.add_argument("--log-dir", help="msrun's log directory (default: in the private run directory)")
-    p.add_argument("--max-seq-len", type=int, help="positions per cache slot (default: 2048, or the model's own if fewer)")
-    p.add_argument("--max-batch", type=int, default=4, help="cache slots (concurrent sequences)")
+    _cache_args(p, max_seq_len_help="positions per cache slot (default: 2048, or the model's own if fewer)",
+                max_batch_help="cache slots (concurrent sequences)")
     p.add_argument("--threads", type=int, help="kernel threads per rank (default: cores / local ranks)")
     _remote_args(p)
     p.set_defaults(func=cmd_workers)
 
     p = sub.add_parser("split", help="pre-split a model into tensor-parallel shards, one file per rank")
-    p.add_argument("--model", required=True, metavar="MODEL_DIR")
+    _model_arg(p)
     p.add_argument("--tp", type=int, required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_split)
 
+
+def _add_new_model_commands(sub: argparse._SubParsersAction) -> None:
+    """init-tiny (random weights), recipe (trained from scratch), demo (a live completion from one)."""
     p = sub.add_parser("init-tiny", help="build an untrained tiny model directory (random weights) for demos")
     p.add_argument("--output", required=True)
     p.add_argument("--preset", default="tiny-test")
@@ -526,9 +546,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_recipe)
 
     p = sub.add_parser("demo", help="start the language server on a model and show a live completion")
-    p.add_argument("--model", metavar="MODEL_DIR", help="default: the bundled model, models/codefill-stdlib")
+    _model_arg(p, required=False, help="default: the bundled model, models/codefill-stdlib")
     p.set_defaults(func=cmd_demo)
 
+
+def _add_data_commands(sub: argparse._SubParsersAction) -> None:
+    """data alpaca, data tokenize."""
     data = sub.add_parser("data", help="prepare training data").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("alpaca", help="code-alpaca records -> conversations JSON (the seed's prompt template)")
     p.add_argument("--input", required=True, metavar="code_alpaca.json")
@@ -536,11 +559,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-invalid", action="store_true", help="skip malformed records instead of failing")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_data_alpaca)
+
     p = data.add_parser("tokenize", help="tokenize into MindRecord rows of seq_length+1 ids and labels")
     p.add_argument("--mode", required=True, choices=["instruct", "pretrain", "fim"],
                    help="instruct: conversations, prompt labels masked; pretrain: packed text; "
                         "fim: a source directory or git repository with fill-in-the-middle examples")
-    p.add_argument("--model", required=True, metavar="MODEL_DIR", help="whose tokenizer to use")
+    _model_arg(p, help="whose tokenizer to use")
     p.add_argument("--input", required=True, help="conversations JSON, text documents, or a source directory")
     p.add_argument("--output", required=True, metavar="OUT.mindrecord")
     p.add_argument("--seq-length", type=int, required=True)
@@ -560,8 +584,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extensions", help="fim: only these, e.g. .py,.js")
     p.set_defaults(func=cmd_data_tokenize)
 
+
+def _add_train_commands(sub: argparse._SubParsersAction) -> None:
+    """train (finetune or refresh)."""
     p = sub.add_parser("train", help="finetune a model (full or LoRA) on tokenized rows or on a repository (FIM)")
-    p.add_argument("--model", required=True, metavar="MODEL_DIR")
+    _model_arg(p)
     p.add_argument("--data", metavar="DATA.mindrecord", help="rows from `codefill data tokenize`")
     p.add_argument("--repo", metavar="PATH", help="refresh: FIM rows from this repository, LoRA by default")
     p.add_argument("--output", required=True, metavar="OUT")
@@ -589,10 +616,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-targets", help="comma-separated of wq,wk,wv,wo,w1,w2,w3")
     p.set_defaults(func=cmd_train)
 
+
+def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
+    """eval humaneval, eval infill."""
     evals = sub.add_parser("eval", help="measure a model: HumanEval pass@k, infilling, held-out FIM"
                            ).add_subparsers(dest="eval_command", required=True)
     p = evals.add_parser("humaneval", help="HumanEval pass@k (unbiased estimator), every sample run in a sandbox")
-    p.add_argument("--model", required=True, metavar="MODEL_DIR")
+    _model_arg(p)
     p.add_argument("--samples", type=int, default=1, help="samples per problem (n)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (then --samples must be 1)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus cut when sampling")
@@ -600,13 +630,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=384)
     p.add_argument("--limit", type=int, help="only the first N problems")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=2, help="sandboxed test processes at a time")
-    p.add_argument("--out", default="eval_results", metavar="DIR")
-    _eval_endpoint_arg(p)
+    _eval_run_args(p)
     p.set_defaults(func=cmd_eval_humaneval)
+
     p = evals.add_parser("infill", help="HumanEval single/multi-line infilling (tests run) and held-out FIM "
                                         "(exact match, edit similarity), for a model or the n-gram baseline")
-    p.add_argument("--model", required=True, metavar="MODEL_DIR", help="with --baseline: only its tokenizer is used")
+    _model_arg(p, help="with --baseline: only its tokenizer is used")
     p.add_argument("--baseline", choices=["ngram"], help="score the n-gram/copy baseline instead of the model")
     p.add_argument("--modes", default="single,multi", help="HumanEval infilling modes: single, multi")
     p.add_argument("--no-humaneval", action="store_true", help="held-out FIM only")
@@ -621,25 +650,40 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "trained MODEL_DIR: its source, filters and split")
     p.add_argument("--fim-tasks", type=int, default=256, help="held-out FIM tasks")
     p.add_argument("--fim-max-new-tokens", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2, help="sandboxed test processes at a time")
-    p.add_argument("--out", default="eval_results", metavar="DIR")
-    _eval_endpoint_arg(p)
+    _eval_run_args(p)
     p.set_defaults(func=cmd_eval_infill)
 
+
+def _add_merge_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge", help="merge tensor-parallel shards (a split directory) back into one MODEL_DIR")
     p.add_argument("--input", required=True, metavar="SPLIT_DIR")
     p.add_argument("--output", required=True, metavar="MODEL_DIR")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_merge)
 
+
+def _add_bench_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="run a benchmark and write its report")
     p.add_argument("what", choices=["model", "workers", "lsp", "train"])
     p.add_argument("--preset", default="small", help="architecture of the random-weight model benchmarked")
-    p.add_argument("--model", metavar="MODEL_DIR", help="workers/lsp: benchmark this model instead of a preset")
+    _model_arg(p, required=False, help="workers/lsp: benchmark this model instead of a preset")
     p.add_argument("--skip-tp", action="store_true", help="workers: skip part (a), TP=1 vs TP=2")
     p.add_argument("--recipe", metavar="RECIPE.toml", help="train: time the recipe's model and rows instead")
     p.add_argument("--out", default="bench_results")
     p.set_defaults(func=cmd_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="codefill", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_model_commands(sub)
+    _add_serve_commands(sub)
+    _add_new_model_commands(sub)
+    _add_data_commands(sub)
+    _add_train_commands(sub)
+    _add_eval_commands(sub)
+    _add_merge_command(sub)
+    _add_bench_command(sub)
     return parser
 
 

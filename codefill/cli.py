@@ -35,6 +35,19 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def _model_or_bundled(args: argparse.Namespace, why: str = "") -> Path:
+    """--model, or the bundled model when none is given (args.model is set to it); an install without the
+    bundled model gets an error saying to give --model, and `why` if given."""
+    if args.model is None:
+        from codefill.bundled import bundled_model_dir
+
+        if not (bundled_model_dir() / "config.json").exists():
+            raise CliError(f"give --model MODEL_DIR (the bundled model {bundled_model_dir()} is not in this "
+                           f"install){': ' + why if why else ''}")
+        args.model = str(bundled_model_dir())
+    return Path(args.model)
+
+
 def _parse_ids(text: str) -> list[int]:
     try:
         ids = [int(x) for x in text.replace(" ", "").split(",") if x]
@@ -70,12 +83,12 @@ def _run(args: argparse.Namespace, prompt: list[int], stop_ids: frozenset[int]) 
     return [t for t, _ in gen.generate(prompt, args.max_new_tokens, _sampling(args), stop_ids=stop_ids)]
 
 
-def _tokenizer(model_dir: str):
+def _tokenizer(model_dir: Path):
     """The tokenizer of a MODEL_DIR or of a directory written by `codefill split`."""
     from codefill.inference_workers.tp import tokenizer_path
     from codefill.model.tokenizer import Tokenizer
 
-    return Tokenizer(tokenizer_path(Path(model_dir)))
+    return Tokenizer(tokenizer_path(model_dir))
 
 
 def _emit(args: argparse.Namespace, ids: list[int], text: str) -> None:
@@ -86,7 +99,7 @@ def _emit(args: argparse.Namespace, ids: list[int], text: str) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    tok = _tokenizer(args.model)
+    tok = _tokenizer(_model_or_bundled(args))
     prompt = _parse_ids(args.prompt_ids) if args.prompt_ids is not None else tok.encode(args.prompt, bos=True)
     for i in prompt:
         if not 0 <= i < tok.vocab_size:
@@ -98,7 +111,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_infill(args: argparse.Namespace) -> None:
     from codefill.model.fim import decode_middle, infilling_prompt_tokens
 
-    tok = _tokenizer(args.model)
+    tok = _tokenizer(_model_or_bundled(args))
     prompt = infilling_prompt_tokens(tok, args.prefix, args.suffix, spm=args.spm)
     ids = _run(args, prompt, frozenset({tok.eot_id, tok.eos_id}))
     _emit(args, ids, decode_middle(tok, ids))
@@ -109,14 +122,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from codefill.lsp.server import Settings, main as serve_main
 
-    if args.model is None:
-        from codefill.bundled import bundled_model_dir
-
-        if not (bundled_model_dir() / "config.json").exists():
-            raise CliError(f"give --model MODEL_DIR (the bundled model {bundled_model_dir()} is not in this "
-                           f"install): the server tokenizes (workers see token ids only) and starts a worker on it "
-                           f"unless --endpoint names a running one")
-        args.model = str(bundled_model_dir())
+    _model_or_bundled(args, "the server tokenizes (workers see token ids only) and starts a worker on it unless "
+                            "--endpoint names a running one")
     given = {  # Settings field: (flag, value); unset flags keep the Settings default
         "max_new_tokens": ("--max-new-tokens", args.max_new_tokens),
         "request_timeout_s": ("--request-timeout", args.request_timeout),
@@ -213,7 +220,7 @@ def cmd_eval_humaneval(args: argparse.Namespace) -> None:
     config = humaneval.HumanEvalConfig(samples=args.samples, temperature=args.temperature, top_p=args.top_p,
                                        ks=tuple(int(k) for k in args.k.split(",")), max_new_tokens=args.max_new_tokens,
                                        limit=args.limit, seed=args.seed, workers=args.workers)
-    summary = humaneval.run(Path(args.model), config, Path(args.out), endpoint=args.endpoint)
+    summary = humaneval.run(_model_or_bundled(args), config, Path(args.out), endpoint=args.endpoint)
     print(humaneval.report(summary))
 
 
@@ -241,7 +248,7 @@ def cmd_eval_infill(args: argparse.Namespace) -> None:
         if args.extensions is not None:
             given["extensions"] = tuple(e for e in args.extensions.split(",") if e) or None
         held = infilling.HeldOutConfig.of_source(args.source, fim, **given)
-    summary = infilling.run(Path(args.model), Path(args.out), config, held_out=held, baseline=args.baseline,
+    summary = infilling.run(_model_or_bundled(args), Path(args.out), config, held_out=held, baseline=args.baseline,
                             humaneval=not args.no_humaneval, endpoint=args.endpoint)
     print(infilling.report(summary))
 
@@ -414,6 +421,12 @@ def _model_arg(p: argparse.ArgumentParser, *, required: bool = True, metavar: st
     p.add_argument("--model", required=required, metavar=metavar, help=help)
 
 
+def _bundled_model_arg(p: argparse.ArgumentParser, help: str | None = None) -> None:
+    """--model for the commands that take the bundled model without it (the command calls _model_or_bundled)."""
+    default = "default: the bundled model, models/codefill-stdlib"
+    _model_arg(p, required=False, help=f"{help} ({default})" if help else default)
+
+
 def _generation_args(p: argparse.ArgumentParser) -> None:
     """generate and infill: how many tokens, how they are sampled, the output, and where the model runs."""
     p.add_argument("--max-new-tokens", type=int, required=True)
@@ -456,7 +469,7 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("generate", help="continue a prompt")
-    _model_arg(p)
+    _bundled_model_arg(p)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt", metavar="TEXT")
     g.add_argument("--prompt-ids", metavar="1,2,3")
@@ -464,7 +477,7 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("infill", help="fill in the middle between a prefix and a suffix")
-    _model_arg(p)
+    _bundled_model_arg(p)
     p.add_argument("--prefix", required=True)
     p.add_argument("--suffix", required=True)
     p.add_argument("--spm", action="store_true", help="suffix-prefix-middle order (default prefix-suffix-middle)")
@@ -478,8 +491,7 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stdio", action="store_true", help="speak LSP over stdin/stdout (the default)")
     p.add_argument("--tcp", metavar="[HOST:]PORT", help="serve one LSP client on a loopback TCP port instead of stdio")
     p.add_argument("--tp", type=int, help="start N tensor-parallel worker ranks (msrun) instead of one worker")
-    _model_arg(p, required=False, help="its tokenizer; and a worker on it unless --endpoint "
-                                       "(default: the bundled model, models/codefill-stdlib)")
+    _bundled_model_arg(p, "its tokenizer; and a worker on it unless --endpoint")
     p.add_argument("--endpoint", help="a running worker's ZeroMQ endpoint (ipc://PATH or tcp://127.0.0.1:PORT)")
     p.add_argument("--max-new-tokens", type=int, help="longest middle, in tokens (default: lsp.server.Settings)")
     p.add_argument("--worker-max-seq-len", type=int, help="context length of the worker this server starts")
@@ -546,7 +558,7 @@ def _add_new_model_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_recipe)
 
     p = sub.add_parser("demo", help="start the language server on a model and show a live completion")
-    _model_arg(p, required=False, help="default: the bundled model, models/codefill-stdlib")
+    _bundled_model_arg(p)
     p.set_defaults(func=cmd_demo)
 
 
@@ -622,7 +634,7 @@ def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
     evals = sub.add_parser("eval", help="measure a model: HumanEval pass@k, infilling, held-out FIM"
                            ).add_subparsers(dest="eval_command", required=True)
     p = evals.add_parser("humaneval", help="HumanEval pass@k (unbiased estimator), every sample run in a sandbox")
-    _model_arg(p)
+    _bundled_model_arg(p)
     p.add_argument("--samples", type=int, default=1, help="samples per problem (n)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (then --samples must be 1)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus cut when sampling")
@@ -635,7 +647,7 @@ def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
 
     p = evals.add_parser("infill", help="HumanEval single/multi-line infilling (tests run) and held-out FIM "
                                         "(exact match, edit similarity), for a model or the n-gram baseline")
-    _model_arg(p, help="with --baseline: only its tokenizer is used")
+    _bundled_model_arg(p, "with --baseline: only its tokenizer is used")
     p.add_argument("--baseline", choices=["ngram"], help="score the n-gram/copy baseline instead of the model")
     p.add_argument("--modes", default="single,multi", help="HumanEval infilling modes: single, multi")
     p.add_argument("--no-humaneval", action="store_true", help="held-out FIM only")

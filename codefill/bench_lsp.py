@@ -30,6 +30,31 @@ from pathlib import Path
 from codefill.bench_workers import SOURCE_FILE, _model_dir, _percentile
 
 
+async def _unanswered(fut: asyncio.Future) -> int:
+    """1 if the request ended without an answer (cancelled by the server, or failed), else 0."""
+    try:
+        await fut
+    except Exception:
+        return 1
+    return 0
+
+
+def _summary(n_keys: int, interval_ms: float | None, latencies: list[float], cancelled: int, before, after) -> dict:
+    """One pass's row, from its latencies and the server's `codefill/stats` before and after it."""
+    model_calls = after.model_calls - before.model_calls
+    prefetches = after.prefetches - before.prefetches
+    hits = after.cache_hits - before.cache_hits
+    lookups = hits + after.cache_misses - before.cache_misses
+    return {
+        "keystrokes": n_keys, "interval_ms": interval_ms, "answered": len(latencies), "cancelled": cancelled,
+        "suggestion_ms_p50": round(_percentile(latencies, 50), 1) if latencies else None,
+        "suggestion_ms_p95": round(_percentile(latencies, 95), 1) if latencies else None,
+        "model_calls_per_keystroke": round(model_calls / n_keys, 3),
+        "prefetches_per_keystroke": round(prefetches / n_keys, 3),
+        "cache_hit_rate": round(hits / lookups, 3) if lookups else 0.0,
+    }
+
+
 async def _pass(model_dir: Path, text: str, cursor: int, n_keys: int, interval_ms: float | None,
                 options: dict, max_seq_len: int) -> dict:
     from lsprotocol import types
@@ -69,10 +94,7 @@ async def _pass(model_dir: Path, text: str, cursor: int, n_keys: int, interval_m
             if pending is not None and not pending[1].done():
                 client.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id=pending[0]))
             if pending is not None:
-                try:
-                    await pending[1]
-                except Exception:
-                    cancelled += 1
+                cancelled += await _unanswered(pending[1])
             version += 1
             client.text_document_did_change(types.DidChangeTextDocumentParams(
                 text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=version),
@@ -85,31 +107,14 @@ async def _pass(model_dir: Path, text: str, cursor: int, n_keys: int, interval_m
                                   or latencies.append((time.perf_counter() - sent) * 1000))
             pending = (msg_id, fut, sent)
             if interval_ms is None:
-                try:
-                    await fut
-                except Exception:
-                    cancelled += 1
+                cancelled += await _unanswered(fut)
                 pending = None
             else:
                 await asyncio.sleep(interval_ms / 1000)
         if pending is not None:
-            try:
-                await pending[1]
-            except Exception:
-                cancelled += 1
+            cancelled += await _unanswered(pending[1])
         after = await client.protocol.send_request_async("codefill/stats", {})
-        model_calls = after.model_calls - before.model_calls
-        prefetches = after.prefetches - before.prefetches
-        hits = after.cache_hits - before.cache_hits
-        lookups = hits + after.cache_misses - before.cache_misses
-        return {
-            "keystrokes": n_keys, "interval_ms": interval_ms, "answered": len(latencies), "cancelled": cancelled,
-            "suggestion_ms_p50": round(_percentile(latencies, 50), 1) if latencies else None,
-            "suggestion_ms_p95": round(_percentile(latencies, 95), 1) if latencies else None,
-            "model_calls_per_keystroke": round(model_calls / n_keys, 3),
-            "prefetches_per_keystroke": round(prefetches / n_keys, 3),
-            "cache_hit_rate": round(hits / lookups, 3) if lookups else 0.0,
-        }
+        return _summary(n_keys, interval_ms, latencies, cancelled, before, after)
     finally:
         try:
             await asyncio.wait_for(client.shutdown_async(None), 30)

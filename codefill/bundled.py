@@ -1,5 +1,5 @@
-"""The bundled model: `models/codefill-stdlib` in this repository, what `codefill serve` and `codefill demo`
-use when no --model is given.
+"""The bundled model: `models/codefill-stdlib` in this repository, what `codefill serve`, `demo`, `generate`,
+`infill` and `eval` use when no --model is given.
 
 It is the output of `codefill recipe recipes/codefill-stdlib.toml` (its model card is the README.md beside it): a
 small Code Llama-architecture model trained from scratch on the Python standard library. It lives in the source

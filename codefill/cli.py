@@ -3,9 +3,9 @@
 Each subcommand parses its arguments here and calls one function in the package that owns the work. Heavy
 imports (MindSpore, torch) happen inside the subcommand, so `codefill --help` answers at once.
 
-Errors that cross a boundary (bad config, bad checkpoint, bad tokenizer, bad arguments, a failing worker)
-are printed as one `codefill: error: ...` line and exit with status 2; anything else is a bug and keeps its
-traceback.
+Errors that cross a boundary (bad config, bad checkpoint, bad tokenizer, bad arguments, a failing worker:
+every subclass of `codefill.errors.CodefillError`) are printed as one `codefill: error: ...` line and exit
+with status 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -15,34 +15,11 @@ import json
 import sys
 from pathlib import Path
 
+from codefill.errors import CodefillError
 
-class CliError(Exception):
+
+class CliError(CodefillError):
     """Bad command-line input; the message names the offending argument and value."""
-
-
-def _boundary_errors() -> tuple[type[BaseException], ...]:
-    """The error types that mean 'bad input or environment' rather than 'bug' (imported lazily)."""
-    errors: list[type[BaseException]] = [CliError]
-    from codefill.model.config import ConfigError
-
-    errors.append(ConfigError)
-    for module, name in [
-        ("codefill.model.checkpoint", "CheckpointError"),
-        ("codefill.evaluation.eval_error", "EvalError"),
-        ("codefill.model.tokenizer", "TokenizerError"),
-        ("codefill.inference_workers.runner", "GenerationError"),
-        ("codefill.model.sampling", "SamplingError"),
-        ("codefill.inference_workers.protocol", "WireError"),
-        ("codefill.inference_workers.client", "WorkerError"),
-        ("codefill.training.data_error", "DataError"),
-        ("codefill.training.train_error", "TrainError"),
-        ("codefill.inference_workers.sharding", "TensorParallelError"),
-        ("codefill.lsp.settings", "SettingsError"),
-        ("codefill.lsp.transport", "TransportError"),
-    ]:
-        if module in sys.modules and hasattr(sys.modules[module], name):
-            errors.append(getattr(sys.modules[module], name))
-    return tuple(errors)
 
 
 # --- subcommands ----------------------------------------------------------------------------------------
@@ -56,6 +33,19 @@ def cmd_convert(args: argparse.Namespace) -> None:
     else:
         out = convert.model_dir_to_hf(Path(args.to_hf), Path(args.output))
     print(f"wrote {out}")
+
+
+def _model_or_bundled(args: argparse.Namespace, why: str = "") -> Path:
+    """--model, or the bundled model when none is given (args.model is set to it); an install without the
+    bundled model gets an error saying to give --model, and `why` if given."""
+    if args.model is None:
+        from codefill.bundled import bundled_model_dir
+
+        if not (bundled_model_dir() / "config.json").exists():
+            raise CliError(f"give --model MODEL_DIR (the bundled model {bundled_model_dir()} is not in this "
+                           f"install){': ' + why if why else ''}")
+        args.model = str(bundled_model_dir())
+    return Path(args.model)
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -93,12 +83,12 @@ def _run(args: argparse.Namespace, prompt: list[int], stop_ids: frozenset[int]) 
     return [t for t, _ in gen.generate(prompt, args.max_new_tokens, _sampling(args), stop_ids=stop_ids)]
 
 
-def _tokenizer(model_dir: str):
+def _tokenizer(model_dir: Path):
     """The tokenizer of a MODEL_DIR or of a directory written by `codefill split`."""
     from codefill.inference_workers.sharding import tokenizer_path
     from codefill.model.tokenizer import Tokenizer
 
-    return Tokenizer(tokenizer_path(Path(model_dir)))
+    return Tokenizer(tokenizer_path(model_dir))
 
 
 def _emit(args: argparse.Namespace, ids: list[int], text: str) -> None:
@@ -109,7 +99,7 @@ def _emit(args: argparse.Namespace, ids: list[int], text: str) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    tok = _tokenizer(args.model)
+    tok = _tokenizer(_model_or_bundled(args))
     prompt = _parse_ids(args.prompt_ids) if args.prompt_ids is not None else tok.encode(args.prompt, bos=True)
     for i in prompt:
         if not 0 <= i < tok.vocab_size:
@@ -121,7 +111,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_infill(args: argparse.Namespace) -> None:
     from codefill.model.fim import decode_middle, infilling_prompt_tokens
 
-    tok = _tokenizer(args.model)
+    tok = _tokenizer(_model_or_bundled(args))
     prompt = infilling_prompt_tokens(tok, args.prefix, args.suffix, spm=args.spm)
     ids = _run(args, prompt, frozenset({tok.eot_id, tok.eos_id}))
     _emit(args, ids, decode_middle(tok, ids))
@@ -132,14 +122,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from codefill.lsp.server import Settings, main as serve_main
 
-    if args.model is None:
-        from codefill.bundled import bundled_model_dir
-
-        if not (bundled_model_dir() / "config.json").exists():
-            raise CliError(f"give --model MODEL_DIR (the bundled model {bundled_model_dir()} is not in this "
-                           f"install): the server tokenizes (workers see token ids only) and starts a worker on it "
-                           f"unless --endpoint names a running one")
-        args.model = str(bundled_model_dir())
+    _model_or_bundled(args, "the server tokenizes (workers see token ids only) and starts a worker on it unless "
+                            "--endpoint names a running one")
     given = {  # Settings field: (flag, value); unset flags keep the Settings default
         "max_new_tokens": ("--max-new-tokens", args.max_new_tokens),
         "request_timeout_s": ("--request-timeout", args.request_timeout),
@@ -154,13 +138,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="codefill-lsp %(levelname)s %(message)s")
     if args.tp is not None and args.endpoint is not None:
         raise CliError("--tp starts tensor-parallel workers; --endpoint uses running ones: give one of them")
-    from codefill.lsp.settings import SettingsError
-    from codefill.lsp.transport import TransportError
-
-    try:
-        code = serve_main(model_dir=Path(args.model), endpoint=args.endpoint, settings=settings, tcp=args.tcp)
-    except (SettingsError, TransportError) as e:
-        raise CliError(str(e)) from e
+    code = serve_main(model_dir=Path(args.model), endpoint=args.endpoint, settings=settings, tcp=args.tcp)
     if code:
         sys.exit(code)
 
@@ -242,7 +220,7 @@ def cmd_eval_humaneval(args: argparse.Namespace) -> None:
     config = humaneval.HumanEvalConfig(samples=args.samples, temperature=args.temperature, top_p=args.top_p,
                                        ks=tuple(int(k) for k in args.k.split(",")), max_new_tokens=args.max_new_tokens,
                                        limit=args.limit, seed=args.seed, workers=args.workers)
-    summary = humaneval.run(Path(args.model), config, Path(args.out), endpoint=args.endpoint)
+    summary = humaneval.run(_model_or_bundled(args), config, Path(args.out), endpoint=args.endpoint)
     print(humaneval.report(summary))
 
 
@@ -270,7 +248,7 @@ def cmd_eval_infill(args: argparse.Namespace) -> None:
         if args.extensions is not None:
             given["extensions"] = tuple(e for e in args.extensions.split(",") if e) or None
         held = infilling.HeldOutConfig.of_source(args.source, fim, **given)
-    summary = infilling.run(Path(args.model), Path(args.out), config, held_out=held, baseline=args.baseline,
+    summary = infilling.run(_model_or_bundled(args), Path(args.out), config, held_out=held, baseline=args.baseline,
                             humaneval=not args.no_humaneval, endpoint=args.endpoint)
     print(infilling.report(summary))
 
@@ -434,15 +412,38 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
 
 # --- parser ---------------------------------------------------------------------------------------------
+# One builder per group of subcommands, called in the order `codefill --help` lists them; option sets that
+# several subcommands share are defined once, in the helpers below.
 
 
-def _sampling_args(p: argparse.ArgumentParser) -> None:
+def _model_arg(p: argparse.ArgumentParser, *, required: bool = True, metavar: str | None = "MODEL_DIR",
+               help: str | None = None) -> None:
+    p.add_argument("--model", required=required, metavar=metavar, help=help)
+
+
+def _bundled_model_arg(p: argparse.ArgumentParser, help: str | None = None) -> None:
+    """--model for the commands that take the bundled model without it (the command calls _model_or_bundled)."""
+    default = "default: the bundled model, models/codefill-stdlib"
+    _model_arg(p, required=False, help=f"{help} ({default})" if help else default)
+
+
+def _generation_args(p: argparse.ArgumentParser) -> None:
+    """generate and infill: how many tokens, how they are sampled, the output, and where the model runs."""
     p.add_argument("--max-new-tokens", type=int, required=True)
     p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help='print {"ids": [...], "text": "..."} on the last line')
+    p.add_argument("--tp", type=int, help="run on N tensor-parallel worker ranks (msrun) instead of in-process")
+
+
+def _cache_args(p: argparse.ArgumentParser, *, max_seq_len_help: str, max_batch_help: str) -> None:
+    """worker and workers: the KV cache's slots."""
+    from codefill.inference_workers.startup import SERVING_SLOTS  # the one default, shared with the launchers
+
+    p.add_argument("--max-seq-len", type=int, help=max_seq_len_help)
+    p.add_argument("--max-batch", type=int, default=SERVING_SLOTS, help=max_batch_help)
 
 
 def _remote_args(p: argparse.ArgumentParser) -> None:
@@ -452,15 +453,16 @@ def _remote_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--curve-authorized-clients", metavar="DIR", help="directory of client NAME.key files allowed in")
 
 
-def _eval_endpoint_arg(p: argparse.ArgumentParser) -> None:
+def _eval_run_args(p: argparse.ArgumentParser) -> None:
+    """eval humaneval and eval infill: the sandbox's parallelism, the report's directory, running workers."""
+    p.add_argument("--workers", type=int, default=2, help="sandboxed test processes at a time")
+    p.add_argument("--out", default="eval_results", metavar="DIR")
     p.add_argument("--endpoint", help="evaluate the workers serving MODEL_DIR there (e.g. `codefill workers --tp N`); "
                                       "MODEL_DIR then gives only the tokenizer")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="codefill", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_model_commands(sub: argparse._SubParsersAction) -> None:
+    """convert, generate, infill."""
     p = sub.add_parser("convert", help="convert between Hugging Face and codefill model directories")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--from-hf", metavar="HF_DIR")
@@ -469,29 +471,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("generate", help="continue a prompt")
-    p.add_argument("--model", required=True, metavar="MODEL_DIR")
+    _bundled_model_arg(p)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt", metavar="TEXT")
     g.add_argument("--prompt-ids", metavar="1,2,3")
-    _sampling_args(p)
-    p.add_argument("--tp", type=int, help="run on N tensor-parallel worker ranks (msrun) instead of in-process")
+    _generation_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("infill", help="fill in the middle between a prefix and a suffix")
-    p.add_argument("--model", required=True, metavar="MODEL_DIR")
+    _bundled_model_arg(p)
     p.add_argument("--prefix", required=True)
     p.add_argument("--suffix", required=True)
     p.add_argument("--spm", action="store_true", help="suffix-prefix-middle order (default prefix-suffix-middle)")
-    _sampling_args(p)
-    p.add_argument("--tp", type=int, help="run on N tensor-parallel worker ranks (msrun) instead of in-process")
+    _generation_args(p)
     p.set_defaults(func=cmd_infill)
 
+
+def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
+    """serve (the language server), worker and workers (inference), keys (for remote workers), split (shards)."""
     p = sub.add_parser("serve", help="run the language server")
     p.add_argument("--stdio", action="store_true", help="speak LSP over stdin/stdout (the default)")
     p.add_argument("--tcp", metavar="[HOST:]PORT", help="serve one LSP client on a loopback TCP port instead of stdio")
     p.add_argument("--tp", type=int, help="start N tensor-parallel worker ranks (msrun) instead of one worker")
-    p.add_argument("--model", metavar="MODEL_DIR", help="its tokenizer; and a worker on it unless --endpoint "
-                                                      "(default: the bundled model, models/codefill-stdlib)")
+    _bundled_model_arg(p, "its tokenizer; and a worker on it unless --endpoint")
     p.add_argument("--endpoint", help="a running worker's ZeroMQ endpoint (ipc://PATH or tcp://127.0.0.1:PORT)")
     p.add_argument("--max-new-tokens", type=int, help="longest middle, in tokens (default: lsp.server.Settings)")
     p.add_argument("--worker-max-seq-len", type=int, help="context length of the worker this server starts")
@@ -499,11 +501,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="run one inference worker (one process, TP=1) on a ZeroMQ endpoint")
-    p.add_argument("--model", required=True, metavar="MODEL_DIR")
+    _model_arg(p)
     p.add_argument("--endpoint", required=True, help="ipc://PATH or tcp://127.0.0.1:PORT (others: --allow-remote)")
     p.add_argument("--ready-file", help="where to write the ready/error status JSON")
-    p.add_argument("--max-seq-len", type=int, help="positions per cache slot (prompt + new tokens)")
-    p.add_argument("--max-batch", type=int, default=4, help="cache slots: requests decoded together (default 4)")
+    _cache_args(p, max_seq_len_help="positions per cache slot (prompt + new tokens)",
+                max_batch_help="cache slots: requests decoded together (default %(default)s)")
     p.add_argument("--max-queue", type=int, help="waiting requests before OVERLOADED")
     p.add_argument("--prefill-chunk", type=int, help="prompt ids prefilled per engine iteration")
     p.add_argument("--step-timeout", type=float, help="seconds; a longer model call fails the worker (not ready)")
@@ -520,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("workers", help="run N tensor-parallel worker ranks with msrun behind one ZeroMQ endpoint")
-    p.add_argument("--model", required=True, help="a MODEL_DIR or a directory written by `codefill split`")
+    _model_arg(p, metavar=None, help="a MODEL_DIR or a directory written by `codefill split`")
     p.add_argument("--tp", type=int, required=True, help="tensor-parallel size: ranks in all")
     p.add_argument("--endpoint", help="ZeroMQ endpoint rank 0 binds (default: ipc:// in a private directory)")
     p.add_argument("--master-addr", default="127.0.0.1", help="msrun's master address (multi-node)")
@@ -528,19 +530,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nnodes", type=int, default=1, help="nodes in the job; each runs tp/nnodes ranks")
     p.add_argument("--node-rank", type=int, default=0, help="this node's index; rank 0 (the server) is on node 0")
     p.add_argument("--log-dir", help="msrun's log directory (default: in the private run directory)")
-    p.add_argument("--max-seq-len", type=int, help="positions per cache slot (default: 2048, or the model's own if fewer)")
-    p.add_argument("--max-batch", type=int, default=4, help="cache slots (concurrent sequences)")
+    _cache_args(p, max_seq_len_help="positions per cache slot (default: 2048, or the model's own if fewer)",
+                max_batch_help="cache slots (concurrent sequences)")
     p.add_argument("--threads", type=int, help="kernel threads per rank (default: cores / local ranks)")
     _remote_args(p)
     p.set_defaults(func=cmd_workers)
 
     p = sub.add_parser("split", help="pre-split a model into tensor-parallel shards, one file per rank")
-    p.add_argument("--model", required=True, metavar="MODEL_DIR")
+    _model_arg(p)
     p.add_argument("--tp", type=int, required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_split)
 
+
+def _add_new_model_commands(sub: argparse._SubParsersAction) -> None:
+    """init-tiny (random weights), recipe (trained from scratch), demo (a live completion from one)."""
     p = sub.add_parser("init-tiny", help="build an untrained tiny model directory (random weights) for demos")
     p.add_argument("--output", required=True)
     p.add_argument("--preset", default="tiny-test")
@@ -555,9 +560,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_recipe)
 
     p = sub.add_parser("demo", help="start the language server on a model and show a live completion")
-    p.add_argument("--model", metavar="MODEL_DIR", help="default: the bundled model, models/codefill-stdlib")
+    _bundled_model_arg(p)
     p.set_defaults(func=cmd_demo)
 
+
+def _add_data_commands(sub: argparse._SubParsersAction) -> None:
+    """data alpaca, data tokenize."""
     data = sub.add_parser("data", help="prepare training data").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("alpaca", help="code-alpaca records -> conversations JSON (the seed's prompt template)")
     p.add_argument("--input", required=True, metavar="code_alpaca.json")
@@ -565,11 +573,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-invalid", action="store_true", help="skip malformed records instead of failing")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_data_alpaca)
+
     p = data.add_parser("tokenize", help="tokenize into MindRecord rows of seq_length+1 ids and labels")
     p.add_argument("--mode", required=True, choices=["instruct", "pretrain", "fim"],
                    help="instruct: conversations, prompt labels masked; pretrain: packed text; "
                         "fim: a source directory or git repository with fill-in-the-middle examples")
-    p.add_argument("--model", required=True, metavar="MODEL_DIR", help="whose tokenizer to use")
+    _model_arg(p, help="whose tokenizer to use")
     p.add_argument("--input", required=True, help="conversations JSON, text documents, or a source directory")
     p.add_argument("--output", required=True, metavar="OUT.mindrecord")
     p.add_argument("--seq-length", type=int, required=True)
@@ -589,8 +598,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extensions", help="fim: only these, e.g. .py,.js")
     p.set_defaults(func=cmd_data_tokenize)
 
+
+def _add_train_commands(sub: argparse._SubParsersAction) -> None:
+    """train (finetune or refresh)."""
     p = sub.add_parser("train", help="finetune a model (full or LoRA) on tokenized rows or on a repository (FIM)")
-    p.add_argument("--model", required=True, metavar="MODEL_DIR")
+    _model_arg(p)
     p.add_argument("--data", metavar="DATA.mindrecord", help="rows from `codefill data tokenize`")
     p.add_argument("--repo", metavar="PATH", help="refresh: FIM rows from this repository, LoRA by default")
     p.add_argument("--output", required=True, metavar="OUT")
@@ -618,10 +630,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-targets", help="comma-separated of wq,wk,wv,wo,w1,w2,w3")
     p.set_defaults(func=cmd_train)
 
+
+def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
+    """eval humaneval, eval infill."""
     evals = sub.add_parser("eval", help="measure a model: HumanEval pass@k, infilling, held-out FIM"
                            ).add_subparsers(dest="eval_command", required=True)
     p = evals.add_parser("humaneval", help="HumanEval pass@k (unbiased estimator), every sample run in a sandbox")
-    p.add_argument("--model", required=True, metavar="MODEL_DIR")
+    _bundled_model_arg(p)
     p.add_argument("--samples", type=int, default=1, help="samples per problem (n)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (then --samples must be 1)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus cut when sampling")
@@ -629,13 +644,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=384)
     p.add_argument("--limit", type=int, help="only the first N problems")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=2, help="sandboxed test processes at a time")
-    p.add_argument("--out", default="eval_results", metavar="DIR")
-    _eval_endpoint_arg(p)
+    _eval_run_args(p)
     p.set_defaults(func=cmd_eval_humaneval)
+
     p = evals.add_parser("infill", help="HumanEval single/multi-line infilling (tests run) and held-out FIM "
                                         "(exact match, edit similarity), for a model or the n-gram baseline")
-    p.add_argument("--model", required=True, metavar="MODEL_DIR", help="with --baseline: only its tokenizer is used")
+    _bundled_model_arg(p, "with --baseline: only its tokenizer is used")
     p.add_argument("--baseline", choices=["ngram"], help="score the n-gram/copy baseline instead of the model")
     p.add_argument("--modes", default="single,multi", help="HumanEval infilling modes: single, multi")
     p.add_argument("--no-humaneval", action="store_true", help="held-out FIM only")
@@ -650,25 +664,40 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "trained MODEL_DIR: its source, filters and split")
     p.add_argument("--fim-tasks", type=int, default=256, help="held-out FIM tasks")
     p.add_argument("--fim-max-new-tokens", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2, help="sandboxed test processes at a time")
-    p.add_argument("--out", default="eval_results", metavar="DIR")
-    _eval_endpoint_arg(p)
+    _eval_run_args(p)
     p.set_defaults(func=cmd_eval_infill)
 
+
+def _add_merge_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge", help="merge tensor-parallel shards (a split directory) back into one MODEL_DIR")
     p.add_argument("--input", required=True, metavar="SPLIT_DIR")
     p.add_argument("--output", required=True, metavar="MODEL_DIR")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_merge)
 
+
+def _add_bench_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="run a benchmark and write its report")
     p.add_argument("what", choices=["model", "workers", "lsp", "train"])
     p.add_argument("--preset", default="small", help="architecture of the random-weight model benchmarked")
-    p.add_argument("--model", metavar="MODEL_DIR", help="workers/lsp: benchmark this model instead of a preset")
+    _model_arg(p, required=False, help="workers/lsp: benchmark this model instead of a preset")
     p.add_argument("--skip-tp", action="store_true", help="workers: skip part (a), TP=1 vs TP=2")
     p.add_argument("--recipe", metavar="RECIPE.toml", help="train: time the recipe's model and rows instead")
     p.add_argument("--out", default="bench_results")
     p.set_defaults(func=cmd_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="codefill", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_model_commands(sub)
+    _add_serve_commands(sub)
+    _add_new_model_commands(sub)
+    _add_data_commands(sub)
+    _add_train_commands(sub)
+    _add_eval_commands(sub)
+    _add_merge_command(sub)
+    _add_bench_command(sub)
     return parser
 
 
@@ -678,11 +707,9 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except KeyboardInterrupt:
         return 130
-    except Exception as e:  # only boundary errors are turned into messages; others re-raise below
-        if isinstance(e, _boundary_errors()):
-            print(f"codefill: error: {e}", file=sys.stderr)
-            return 2
-        raise
+    except CodefillError as e:  # bad input or environment; anything else is a bug and keeps its traceback
+        print(f"codefill: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

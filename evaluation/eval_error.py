@@ -1,2 +1,5 @@
-class EvalError(Exception):
+from codefill.errors import CodefillError
+
+
+class EvalError(CodefillError):
     """Bad evaluation input or a broken evaluation environment; the message names the offending values."""

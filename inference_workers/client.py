@@ -31,6 +31,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from codefill.errors import CodefillError
 from codefill.inference_workers.protocol import (
     Cancel,
     ErrorReply,
@@ -52,7 +53,7 @@ from codefill.inference_workers.security import ClientKeys, secure_client
 REPLY_TYPES = (Token, Finished, ErrorReply, Pong, Reloaded)
 
 
-class WorkerError(RuntimeError):
+class WorkerError(CodefillError, RuntimeError):
     """A worker that cannot be started or reached, or that failed a request; the message says which and why."""
 
 

@@ -54,6 +54,8 @@ from typing import Any, ClassVar
 
 import msgpack
 
+from codefill.errors import CodefillError
+
 # A 16k-token prompt is ~80 KiB of msgpack; the cap only has to stop a runaway or hostile frame.
 MAX_FRAME_BYTES = 8 * 1024 * 1024
 MAX_TOKENS = 1 << 20  # per prompt, per stop list, per max_new_tokens
@@ -65,7 +67,7 @@ MAX_STOP_STRING_LEN = 256
 MAX_PATH_LEN = 4096  # ReloadWeights.model_dir (Linux PATH_MAX)
 
 
-class WireError(ValueError):
+class WireError(CodefillError, ValueError):
     """A frame or message that breaks this protocol; the message names the offending value."""
 
 

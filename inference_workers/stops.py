@@ -26,12 +26,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from codefill.errors import CodefillError
+
 from .protocol import FinishReason, GenerateRequest
 
 _BLANKS = b" \t"
 
 
-class StopRuleError(ValueError):
+class StopRuleError(CodefillError, ValueError):
     """A tokenizer file the table cannot be built from, or a text rule without a table; names the values."""
 
 

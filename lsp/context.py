@@ -11,8 +11,10 @@ from __future__ import annotations
 from lsprotocol import types
 from pygls.workspace import TextDocument
 
+from codefill.errors import CodefillError
 
-class ContextError(ValueError):
+
+class ContextError(CodefillError, ValueError):
     """A cursor that is not in the document; the message names the values."""
 
 

@@ -30,11 +30,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from codefill.errors import CodefillError
 from codefill.model.fim import infilling_prompt_tokens
 from codefill.model.tokenizer import Tokenizer
 
 
-class PromptError(ValueError):
+class PromptError(CodefillError, ValueError):
     """A prompt configuration or request that cannot be built; the message names the values."""
 
 

@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from codefill.errors import CodefillError
 
-class SettingsError(ValueError):
+
+class SettingsError(CodefillError, ValueError):
     """A setting that cannot be used; the message names the key and the value."""
 
 

@@ -20,11 +20,13 @@ import threading
 
 from pygls.io_ import run_async
 
+from codefill.errors import CodefillError
+
 logger = logging.getLogger(__name__)
 PARENT_POLL_S = 1.0
 
 
-class TransportError(ValueError):
+class TransportError(CodefillError, ValueError):
     """A transport that cannot be used; the message names the value."""
 
 

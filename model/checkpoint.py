@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from codefill.errors import CodefillError
+
 from .config import ConfigError, LlamaConfig
 from .safetensors_io import DTYPE_NAMES, SafetensorsError, dtype_name, from_float32, read_safetensors, \
     to_float32, write_safetensors
@@ -38,7 +40,7 @@ CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_NAME = "config.json", "model.safetensors", 
 _CONFIG_KEYS = {"format", "version", "architecture", "dtype", "note"}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CodefillError, ValueError):
     """A model directory or checkpoint that cannot be read or written as asked; names file and values."""
 
 

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from codefill.errors import CodefillError
 
-class ConfigError(ValueError):
+
+class ConfigError(CodefillError, ValueError):
     """A model config that codefill cannot run; the message names the offending key and value."""
 
 

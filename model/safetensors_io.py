@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from codefill.errors import CodefillError
+
 BFLOAT16 = np.dtype([("bfloat16", "<u2")])
 
 # safetensors dtype string <-> NumPy dtype, for the dtypes Llama weights come in.
@@ -38,7 +40,7 @@ _MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's limit; anythin
 INDEX_NAME = "model.safetensors.index.json"
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(CodefillError, ValueError):
     """A safetensors file or index that is malformed or inconsistent; the message names file and tensor."""
 
 

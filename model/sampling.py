@@ -16,8 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from codefill.errors import CodefillError
 
-class SamplingError(ValueError):
+
+class SamplingError(CodefillError, ValueError):
     """An invalid sampling setting; the message names it and its value."""
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from codefill.errors import CodefillError
+
 INFILLING_PIECES = {"prefix": "▁<PRE>", "suffix": "▁<SUF>", "middle": "▁<MID>", "eot": "▁<EOT>"}
 
 # Encoded in front of a string to absorb SentencePiece's dummy "▁"; any character that never merges with
@@ -28,7 +30,7 @@ INFILLING_PIECES = {"prefix": "▁<PRE>", "suffix": "▁<SUF>", "middle": "▁<M
 _SENTINEL = "☺"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(CodefillError, ValueError):
     """A tokenizer file or a request the tokenizer cannot serve; the message names the values."""
 
 

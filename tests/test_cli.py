@@ -123,6 +123,66 @@ def test_serve_without_model_takes_the_bundled_one_or_says_why(monkeypatch, tmp_
     assert "give --model MODEL_DIR" in err and str(tmp_path / "missing") in err
 
 
+@pytest.fixture(scope="module")
+def bundled_generator():
+    from codefill.bundled import bundled_model_dir
+    from codefill.model.generate import Generator
+
+    return Generator.from_model_dir(bundled_model_dir(), max_seq_len=256, max_batch=1)
+
+
+def test_generate_without_model_runs_the_bundled_one(bundled_generator):
+    from codefill.bundled import bundled_model_dir
+
+    tok = Tokenizer(bundled_model_dir() / "tokenizer.model")
+    out = last_json(codefill("generate", "--prompt", "import os\n", "--max-new-tokens", "2", "--json"))
+    assert out["ids"] == greedy(bundled_generator, tok.encode("import os\n", bos=True), 2, {tok.eos_id})
+    assert out["text"] == tok.decode([t for t in out["ids"] if t != tok.eos_id])
+
+
+def test_infill_without_model_runs_the_bundled_one(bundled_generator):
+    from codefill.bundled import bundled_model_dir
+
+    tok = Tokenizer(bundled_model_dir() / "tokenizer.model")
+    prefix, suffix = "def area(r):\n    return ", "\n"
+    out = last_json(codefill("infill", "--prefix", prefix, "--suffix", suffix, "--max-new-tokens", "2", "--json"))
+    prompt = infilling_prompt_tokens(tok, prefix, suffix)
+    assert out["ids"] == greedy(bundled_generator, prompt, 2, {tok.eot_id, tok.eos_id})
+
+
+@pytest.mark.parametrize("module,argv", [
+    ("humaneval", ["eval", "humaneval", "--limit", "1"]),
+    ("infilling", ["eval", "infill", "--limit", "1", "--no-humaneval"]),
+])
+def test_eval_without_model_evaluates_the_bundled_one(monkeypatch, tmp_path, capsys, module, argv):
+    """The evaluation itself is replaced (it takes minutes): what it is given is the bundled MODEL_DIR."""
+    import importlib
+
+    from codefill.bundled import bundled_model_dir
+    from codefill.cli import main
+
+    evaluation = importlib.import_module(f"codefill.evaluation.{module}")
+    given = []
+    monkeypatch.setattr(evaluation, "run", lambda model_dir, *args, **kwargs: given.append(model_dir) or {})
+    monkeypatch.setattr(evaluation, "report", lambda summary: "report")
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    assert given == [bundled_model_dir()] and (given[0] / "config.json").exists()
+    assert capsys.readouterr().out == "report\n"
+
+
+@pytest.mark.parametrize("argv", [["generate", "--prompt", "x", "--max-new-tokens", "2"],
+                                  ["infill", "--prefix", "a", "--suffix", "b", "--max-new-tokens", "2"],
+                                  ["eval", "humaneval"], ["eval", "infill"]])
+def test_without_model_and_without_the_bundled_one_says_to_give_model(monkeypatch, tmp_path, capsys, argv):
+    import codefill.bundled
+    from codefill.cli import main
+
+    monkeypatch.setattr(codefill.bundled, "bundled_model_dir", lambda: tmp_path / "missing")
+    assert main([*argv, *(["--out", str(tmp_path / "out")] if argv[0] == "eval" else [])]) == 2
+    err = capsys.readouterr().err
+    assert "give --model MODEL_DIR" in err and str(tmp_path / "missing") in err
+
+
 def test_data_alpaca_then_tokenize_instruct(model_dir, tmp_path):
     records = [{"instruction": "Add two numbers.", "input": "", "output": "def add(a, b):\n    return a + b"},
                {"instruction": "Reverse a list.", "input": "[1, 2]", "output": "xs[::-1]"}]

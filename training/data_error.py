@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from codefill.errors import CodefillError
 
-class DataError(ValueError):
+
+class DataError(CodefillError, ValueError):
     """Input that data preparation cannot use; the message names the file, record and offending value."""

@@ -13,7 +13,8 @@ Per pass: p50/p95 keystroke-to-suggestion (a request's send to its answer, over 
 requests cancelled, model calls per keystroke (the server's own count, prefetches listed apart) and the
 suggestion-cache hit rate, from `codefill/stats`. Random weights (`preset`, unless `model_dir` is given)
 never suggest what the file goes on with, so typed-ahead hits are rare here; with a real model they are not.
-Writes `lsp.json` and `lsp.md` to out_dir and returns the JSON's dict.
+Writes `lsp.json`, `lsp.md` and `lsp_latency.png` (every answered keystroke's suggestion latency per pass,
+bench_chart.py) to out_dir and returns the JSON's dict.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import sysconfig
 import time
 from pathlib import Path
 
+from codefill.bench_chart import chart_link, latency_chart
 from codefill.bench_workers import SOURCE_FILE, _model_dir, _percentile
 
 
@@ -56,7 +58,8 @@ def _summary(n_keys: int, interval_ms: float | None, latencies: list[float], can
 
 
 async def _pass(model_dir: Path, text: str, cursor: int, n_keys: int, interval_ms: float | None,
-                options: dict, max_seq_len: int) -> dict:
+                options: dict, max_seq_len: int) -> tuple[dict, list[float]]:
+    """The pass's summary and the latency of every answered keystroke (ms)."""
     from lsprotocol import types
     from pygls.lsp.client import LanguageClient
 
@@ -114,7 +117,7 @@ async def _pass(model_dir: Path, text: str, cursor: int, n_keys: int, interval_m
         if pending is not None:
             cancelled += await _unanswered(pending[1])
         after = await client.protocol.send_request_async("codefill/stats", {})
-        return _summary(n_keys, interval_ms, latencies, cancelled, before, after)
+        return _summary(n_keys, interval_ms, latencies, cancelled, before, after), latencies
     finally:
         try:
             await asyncio.wait_for(client.shutdown_async(None), 30)
@@ -139,9 +142,12 @@ def run(out_dir: str | Path, model_dir: str | Path | None = None, preset: str = 
         "max_prompt_tokens": max_prompt_tokens, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "passes": {},
     }
+    latencies: dict[str, list[float]] = {}
     for name, interval in (("paced", interval_ms), ("serial", None)):
-        report["passes"][name] = asyncio.run(_pass(model_dir, text, cursor, keystrokes, interval, options,
-                                                   max_seq_len))
+        report["passes"][name], latencies[name] = asyncio.run(_pass(model_dir, text, cursor, keystrokes, interval,
+                                                                    options, max_seq_len))
+    report["latency_chart"] = latency_chart(out_dir / "lsp_latency.png", {"keystroke to suggestion": latencies},
+                                            title=f"Language server latency, {model_dir.name}").name
     (out_dir / "lsp.json").write_text(json.dumps(report, indent=2))
     (out_dir / "lsp.md").write_text(_markdown(report))
     return report
@@ -164,6 +170,8 @@ def _markdown(r: dict) -> str:
                      f"{p['model_calls_per_keystroke']} | {p['prefetches_per_keystroke']} | {p['cache_hit_rate']:.1%} |")
     lines += ["", "`paced`: a key every interval, unanswered requests cancelled when the next key comes; "
               "`serial`: the next key after the answer. Suggestion latency: request sent to answer received.", ""]
+    if r.get("latency_chart"):
+        lines += chart_link(r["latency_chart"], "every answered keystroke of each pass")
     return "\n".join(lines)
 
 

@@ -18,7 +18,8 @@ directory is given:
     Each typist's first request (the cold prefill of opening the file) is a warm-up, not counted.
 
 Every worker has the same `max_batch` slots, so a decode step costs the same for one typist as for eight.
-Writes `workers.json` and `workers.md` to out_dir and returns the same dict as the JSON.
+Writes `workers.json`, `workers.md` and `workers_latency.png` (every keystroke's TTFT and complete-suggestion
+time per worker, bench_chart.py) to out_dir and returns the same dict as the JSON.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from codefill.bench_chart import chart_link, latency_chart
 
 SOURCE_FILE = "argparse.py"  # long enough for 8 typists with 1,500-token contexts each
 
@@ -217,24 +220,26 @@ def run(out_dir: str | Path, model_dir: str | Path | None = None, preset: str = 
         "max_new_tokens": max_new_tokens, "max_batch": max_batch, "max_seq_len": max_seq_len,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "keystroke_replay": {},
     }
+    raw: dict[str, list[Keystroke]] = {}  # every keystroke, for the chart
     for name, engine in configs.items():
         process, endpoint = spawn_worker(model_dir, max_seq_len=max_seq_len, max_batch=max_batch, engine=engine,
                                          timeout_s=600)
         try:
             with WorkerClient(endpoint, timeout_s=600) as client:
                 n = cold_keystrokes if name == "cold" else keystrokes
-                strokes = _type_file(client, tok, text, cursor, n, context_tokens, max_new_tokens)
-                report["keystroke_replay"][name] = _summary(strokes)
+                raw[name] = _type_file(client, tok, text, cursor, n, context_tokens, max_new_tokens)
+                report["keystroke_replay"][name] = _summary(raw[name])
                 if name != "cold":
-                    accepted = _type_suggestions(client, tok, text, cursor, accept_keystrokes, context_tokens,
-                                                 max_new_tokens)
-                    report["keystroke_replay"][f"{name}-accept"] = _summary(accepted)
+                    raw[f"{name}-accept"] = _type_suggestions(client, tok, text, cursor, accept_keystrokes,
+                                                              context_tokens, max_new_tokens)
+                    report["keystroke_replay"][f"{name}-accept"] = _summary(raw[f"{name}-accept"])
             if name == "full":
                 single = report["keystroke_replay"]["full"]["complete_ms_p50"]
                 report["typists"] = {"single_complete_ms_p50": single}
                 for n_typists in typists:
-                    s = _summary(_typists(endpoint, tok, text, n_typists, typist_keystrokes, context_tokens,
-                                          max_new_tokens))
+                    raw[f"{n_typists} typists"] = _typists(endpoint, tok, text, n_typists, typist_keystrokes,
+                                                           context_tokens, max_new_tokens)
+                    s = _summary(raw[f"{n_typists} typists"])
                     s["p95_over_single_p50"] = round(s["complete_ms_p95"] / single, 2)
                     report["typists"][str(n_typists)] = s
         finally:
@@ -242,6 +247,10 @@ def run(out_dir: str | Path, model_dir: str | Path | None = None, preset: str = 
     replay = report["keystroke_replay"]
     report["cost_ratio_cold_over_keystroke_ttft"] = round(replay["cold"]["ttft_ms_p50"] / replay["full"]["ttft_ms_p50"],
                                                           1)
+    report["latency_chart"] = latency_chart(out_dir / "workers_latency.png", {
+        "time to first token": {name: [k.ttft_s * 1000 for k in ks] for name, ks in raw.items()},
+        "complete suggestion": {name: [k.complete_s * 1000 for k in ks] for name, ks in raw.items()},
+    }, title=f"Keystroke latency, {Path(model_dir).name} ({preset})").name
     (out_dir / "workers.json").write_text(json.dumps(report, indent=2))
     (out_dir / "workers.md").write_text(_markdown(report))
     return report
@@ -274,4 +283,6 @@ def _markdown(r: dict) -> str:
             lines.append(f"| {n} | {s['n']} | {s['ttft_ms_p95']} | {s['complete_ms_p50']} | {s['complete_ms_p95']} "
                          f"| {s['p95_over_single_p50']}x |")
     lines += ["", "Target: 8 typists p95 <= 2x the single-typist p50.", ""]
+    if r.get("latency_chart"):
+        lines += chart_link(r["latency_chart"], "every keystroke of every worker and typist run")
     return "\n".join(lines)

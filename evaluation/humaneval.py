@@ -52,6 +52,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
+
 from .eval_error import EvalError
 from .pass_at_k import mean_pass_at_k
 from .sandbox import STATUSES, ExecResult, SandboxLimits, check_sandbox, network_isolation, run_many, run_program
@@ -210,19 +212,18 @@ def generate_completions(problems: Sequence[Problem], config: HumanEvalConfig, c
                          progress: bool = True) -> list[Sample]:
     """config.samples samples of each problem, in order (problem-major). `problems[i]` is HumanEval problem i."""
     samples: list[Sample] = []
-    for i, problem in enumerate(problems):
-        start = time.monotonic()
-        for j in range(config.samples):
-            seed = sample_seed(config.seed, i, j)
-            t0 = time.monotonic()
-            try:
-                text, reason = truncate(complete(problem.prompt, seed)), None
-            except PromptTooLong:
-                text, reason = "", PROMPT_TOO_LONG
-            samples.append(Sample(problem.task_id, i, j, seed, text, round(time.monotonic() - t0, 4), reason))
-        if progress:
-            print(f"[{i + 1}/{len(problems)}] {problem.task_id}: {config.samples} sample(s) generated in "
-                  f"{time.monotonic() - start:.1f} s", file=sys.stderr, flush=True)
+    with tqdm(total=len(problems) * config.samples, desc="generate", unit="sample", disable=not progress) as bar:
+        for i, problem in enumerate(problems):
+            bar.set_postfix_str(problem.task_id, refresh=False)
+            for j in range(config.samples):
+                seed = sample_seed(config.seed, i, j)
+                t0 = time.monotonic()
+                try:
+                    text, reason = truncate(complete(problem.prompt, seed)), None
+                except PromptTooLong:
+                    text, reason = "", PROMPT_TOO_LONG
+                samples.append(Sample(problem.task_id, i, j, seed, text, round(time.monotonic() - t0, 4), reason))
+                bar.update()
     return samples
 
 

@@ -41,6 +41,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from tqdm import tqdm
+
 from codefill.lsp.postprocess import fit
 from codefill.training.fim_eval import (Complete, FimEvalConfig, FimResult, FimScore, FimTask, edit_similarity,
                                         evaluate, exact_match)
@@ -160,7 +162,8 @@ def humaneval_infilling(complete: Complete, tok, config: InfillConfig, *, max_se
         tasks = spread(humaneval_tasks(problems, mode), config.limit)
         fim_cfg = FimEvalConfig(max_tasks=max(1, len(tasks)), max_new_tokens=config.max_new_tokens[mode],
                                 max_seq_len=max_seq_len, spm=config.spm, context_lines=10_000)
-        score = evaluate(tasks, tok, _with_progress(complete, f"infill {mode}", len(tasks), progress), fim_cfg)
+        with tqdm(total=len(tasks), desc=f"infill {mode}", unit="task", disable=not progress) as bar:
+            score = evaluate(tasks, tok, _counted(complete, bar), fim_cfg)
         scores = [(mode, score)]
         if mode == "single":
             scores.append(("single_eol", FimScore([_to_end_of_line(r) for r in score.results])))
@@ -200,17 +203,12 @@ def as_served(r: FimResult) -> FimResult:
                      r.stopped)
 
 
-def _with_progress(complete: Complete, label: str, total: int, enabled: bool) -> Complete:
-    import sys
-
-    done = [0]
+def _counted(complete: Complete, bar: tqdm) -> Complete:
+    """`complete`, advancing the progress bar `bar` (a disabled one when progress is off) once per task."""
 
     def wrapped(prompt, max_new, stops):
         out = complete(prompt, max_new, stops)
-        done[0] += 1
-        if enabled and (done[0] % 25 == 0 or done[0] == total):
-            sys.stderr.write(f"[{label}] {done[0]}/{total}\n")
-            sys.stderr.flush()
+        bar.update()
         return out
 
     return wrapped
@@ -335,7 +333,8 @@ def _score(complete: Complete, tok, max_seq_len: int, what: str, name: str, mode
     if held_out is not None:
         fim_cfg = replace(held_out.fim, max_seq_len=min(held_out.fim.max_seq_len, max_seq_len), spm=config.spm)
         tasks, paths = heldout_tasks(held_out.root(), held_out.files, fim_cfg)
-        score = evaluate(tasks, tok, _with_progress(complete, "held-out FIM", len(tasks), progress), fim_cfg)
+        with tqdm(total=len(tasks), desc="held-out FIM", unit="task", disable=not progress) as bar:
+            score = evaluate(tasks, tok, _counted(complete, bar), fim_cfg)
         served = FimScore([as_served(r) for r in score.results])
         summary["held_out_fim"] = {"source": held_out.source, "files": len(paths), "tasks": score.n,
                                    "exact_match": score.exact_match, "exact_matches": score.exact_matches,

@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,8 +148,10 @@ def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[P
 
 
 def save_model_dir(path: str | Path, config: LlamaConfig, weights: Mapping[str, np.ndarray],
-                   tokenizer_path: str | Path, *, note: str | None = None, overwrite: bool = False) -> Path:
-    """Write a MODEL_DIR atomically. Weights keep their dtype (float32, float16 or BFLOAT16, all the same)."""
+                   tokenizer_path: str | Path, *, note: str | None = None, overwrite: bool = False,
+                   on_written: Callable[[str, int], None] | None = None) -> Path:
+    """Write a MODEL_DIR atomically. Weights keep their dtype (float32, float16 or BFLOAT16, all the same).
+    `on_written`: write_safetensors' per-tensor hook."""
     path, tokenizer_path = Path(path), Path(tokenizer_path)
     stored = check_weights(config, weights, f"weights for {path}")
     check_vocab(config, tokenizer_path, f"saving {path}")
@@ -159,7 +161,7 @@ def save_model_dir(path: str | Path, config: LlamaConfig, weights: Mapping[str, 
     with atomic_directory(path, overwrite) as tmp:
         ordered = {name: weights[name] for name in expected_shapes(config)}
         try:
-            write_safetensors(tmp / WEIGHTS_NAME, ordered, {"format": FORMAT})
+            write_safetensors(tmp / WEIGHTS_NAME, ordered, {"format": FORMAT}, on_written=on_written)
         except SafetensorsError as e:
             raise CheckpointError(str(e)) from e
         _copy_synced(tokenizer_path, tmp / TOKENIZER_NAME)

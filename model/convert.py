@@ -9,15 +9,22 @@ linear weights and half-split rotary layout (see weights.py).
 Hugging Face weights are read from `model.safetensors`, a sharded `model.safetensors.index.json`, or, only
 through torch's `weights_only` unpickler (torch >= 2.6), from `pytorch_model.bin` files: a full pickle
 load runs arbitrary code from the file.
+
+Writing the weights shows a tqdm bar on stderr, advanced per tensor by its bytes, for a real checkpoint
+(`MANY_TENSORS` or more) or when stderr is a terminal; `progress=True/False` forces it on or off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import sys
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from .checkpoint import CheckpointError, _copy_synced, atomic_directory, check_weights, load_model_dir, \
     save_model_dir, write_json_synced
@@ -31,6 +38,18 @@ from .weights import expected_shapes, hf_name_map
 _DERIVED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 _BIN_INDEX = "pytorch_model.bin.index.json"
+
+MANY_TENSORS = 100  # Code Llama 7B has 291 tensors; the test models have a few dozen
+
+
+@contextlib.contextmanager
+def _write_bar(tensors: Mapping[str, np.ndarray], desc: str, progress: bool | None) -> Iterator:
+    """A write_safetensors `on_written` hook that advances a progress bar (see the module docstring)."""
+    if progress is None:
+        progress = len(tensors) >= MANY_TENSORS or sys.stderr.isatty()
+    with tqdm(total=sum(t.nbytes for t in tensors.values()), desc=desc, unit="B", unit_scale=True,
+              unit_divisor=1024, disable=not progress) as bar:
+        yield lambda name, nbytes: bar.update(nbytes)
 
 
 def _torch_version(torch) -> tuple[int, int]:
@@ -104,7 +123,8 @@ def read_hf_weights(hf_dir: str | Path) -> dict[str, np.ndarray]:
     raise CheckpointError(f"{hf_dir} has no model.safetensors, {INDEX_NAME}, pytorch_model.bin or {_BIN_INDEX}")
 
 
-def hf_to_model_dir(hf_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+def hf_to_model_dir(hf_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False,
+                    progress: bool | None = None) -> Path:
     """Convert a Hugging Face Llama/Code Llama checkpoint directory into a MODEL_DIR."""
     hf_dir = Path(hf_dir)
     try:
@@ -124,8 +144,9 @@ def hf_to_model_dir(hf_dir: str | Path, out_dir: str | Path, *, overwrite: bool 
         raise CheckpointError(f"{hf_dir}: missing tensors {missing[:8]}, tensors codefill does not know {extra[:8]}")
     weights = {ours: hf[theirs] for ours, theirs in names.items()}
     check_weights(config, weights, str(hf_dir))  # shapes (named by codefill name) and one dtype
-    return save_model_dir(out_dir, config, weights, tokenizer_path, overwrite=overwrite,
-                          note=f"converted from the Hugging Face checkpoint {hf_dir.name}")
+    with _write_bar(weights, f"writing {Path(out_dir).name}", progress) as on_written:
+        return save_model_dir(out_dir, config, weights, tokenizer_path, overwrite=overwrite,
+                              note=f"converted from the Hugging Face checkpoint {hf_dir.name}", on_written=on_written)
 
 
 def _tokenizer_files(tok: Tokenizer, max_len: int) -> dict[str, dict]:
@@ -139,17 +160,19 @@ def _tokenizer_files(tok: Tokenizer, max_len: int) -> dict[str, dict]:
     }
 
 
-def model_dir_to_hf(model_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+def model_dir_to_hf(model_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False,
+                    progress: bool | None = None) -> Path:
     """Write a MODEL_DIR as a Hugging Face checkpoint (config.json, model.safetensors, tokenizer files)."""
     files = load_model_dir(model_dir, dtype=None)
     config = files.config
     tok = Tokenizer(files.tokenizer_path)
     hf_config = config.to_hf(bos_id=tok.bos_id, eos_id=tok.eos_id, torch_dtype=files.stored_dtype)
     names = hf_name_map(config)
-    with atomic_directory(out_dir, overwrite) as tmp:
+    weights = {names[n]: files.weights[n] for n in expected_shapes(config)}
+    with atomic_directory(out_dir, overwrite) as tmp, _write_bar(weights, f"writing {Path(out_dir).name}",
+                                                                 progress) as on_written:
         # transformers refuses a safetensors file whose metadata lacks format "pt".
-        write_safetensors(tmp / "model.safetensors", {names[n]: files.weights[n] for n in expected_shapes(config)},
-                          {"format": "pt"})
+        write_safetensors(tmp / "model.safetensors", weights, {"format": "pt"}, on_written=on_written)
         _copy_synced(files.tokenizer_path, tmp / "tokenizer.model")
         for name, content in {"config.json": hf_config, **_tokenizer_files(tok, config.max_seq_len)}.items():
             write_json_synced(tmp / name, content)

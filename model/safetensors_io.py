@@ -21,7 +21,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -147,8 +147,10 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def write_safetensors(path: str | Path, tensors: Mapping[str, np.ndarray],
-                      metadata: Mapping[str, str] | None = None) -> None:
-    """Write `tensors` in the given order; the file is fsynced before returning."""
+                      metadata: Mapping[str, str] | None = None, *,
+                      on_written: Callable[[str, int], None] | None = None) -> None:
+    """Write `tensors` in the given order; the file is fsynced before returning. `on_written(name, nbytes)` is
+    called after each tensor's bytes are written (a progress bar's hook)."""
     path = Path(path)
     header: dict[str, object] = {}
     if metadata:
@@ -171,8 +173,10 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, np.ndarray],
         with open(path, "wb") as f:
             f.write(struct.pack("<Q", len(raw)))
             f.write(raw)
-            for a in arrays:
+            for name, a in zip(tensors, arrays):
                 f.write(a.reshape(-1).view(np.uint8).data)
+                if on_written is not None:
+                    on_written(name, a.nbytes)
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:

@@ -130,3 +130,23 @@ def run_codefill(*args, check: bool = True, timeout: float = 600, cwd=None):
     if check and done.returncode != 0:
         raise AssertionError(f"codefill {' '.join(map(str, args))} failed:\n{done.stdout}\n{done.stderr}")
     return done
+
+
+def read_png(path) -> "np.ndarray":
+    """The RGB pixels of a PNG file (asserting that it is one)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        return np.asarray(im.convert("RGB"))
+
+
+def assert_drawn(img, min_width: int = 400) -> None:
+    """A chart, not a blank or one-colour image: many colours (lines, text, antialiasing) and dark pixels."""
+    import numpy as np
+
+    h, w, _ = img.shape
+    assert w >= min_width and h >= 200, img.shape
+    assert len(np.unique(img.reshape(-1, 3), axis=0)) > 20
+    assert (img < 128).all(axis=2).mean() > 0.002  # axes, tick labels, title

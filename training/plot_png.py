@@ -1,62 +1,68 @@
-"""A loss curve as a PNG with no plotting dependency: lines rasterised into an RGB array, zlib-compressed.
+"""The loss curve as a PNG, drawn by matplotlib: train loss per step and held-out loss, in nats per token.
 
-Good enough to eyeball a run (train loss in blue, held-out loss in orange, axes with min/max ticks); anyone
-wanting a publication plot has metrics.jsonl.
+matplotlib is imported inside the functions, so importing codefill stays light, and figures are drawn on an
+explicit Agg canvas (`FigureCanvasAgg`), not through pyplot: no display is needed, no process-wide backend is
+switched, and no figure outlives the call. The numbers themselves are in metrics.jsonl.
 """
 
 from __future__ import annotations
 
-import struct
-import zlib
+import math
 from pathlib import Path
 
-import numpy as np
-
-W, H, MARGIN = 640, 360, 30
-BLUE, ORANGE, GREY = (31, 119, 180), (255, 127, 14), (150, 150, 150)
+SMOOTH_FROM = 200  # with at least this many train points, a running mean is drawn over the raw curve
 
 
-def _line(img, x0, y0, x1, y1, color):
-    n = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
-    xs = np.linspace(x0, x1, n).round().astype(int).clip(0, W - 1)
-    ys = np.linspace(y0, y1, n).round().astype(int).clip(0, H - 1)
-    for dy in (0, 1):
-        img[(ys + dy).clip(0, H - 1), xs] = color
+def save_png(fig, path: str | Path, dpi: int = 100) -> Path:
+    """Write a matplotlib Figure to `path` as PNG through the Agg canvas, atomically (temporary file, rename)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-
-def write_png(path: str | Path, img: np.ndarray) -> None:
-    raw = b"".join(b"\x00" + img[y].tobytes() for y in range(img.shape[0]))
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", img.shape[1], img.shape[0], 8, 2, 0, 0, 0)
-    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    tmp.write_bytes(data)
+    path = Path(path)
+    FigureCanvasAgg(fig)  # attaches itself to fig
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=dpi)
     tmp.replace(path)
+    return path
+
+
+def running_mean(values: list[float], window: int) -> list[float]:
+    """Mean of the last `window` values at each point (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
 
 
 def plot_losses(path: str | Path, train: list[tuple[int, float]], held_out: list[tuple[int, float]]) -> None:
-    """train / held_out: (step, loss) pairs."""
-    img = np.full((H, W, 3), 255, np.uint8)
-    points = train + held_out
-    if not points:
-        write_png(path, img)
-        return
-    steps = [s for s, _ in points]
-    losses = [v for _, v in points if np.isfinite(v)]
-    s0, s1 = min(steps), max(max(steps), min(steps) + 1)
-    lo, hi = (min(losses), max(losses)) if losses else (0.0, 1.0)
-    hi = hi if hi > lo else lo + 1.0
-    to_x = lambda s: MARGIN + (s - s0) / (s1 - s0) * (W - 2 * MARGIN)
-    to_y = lambda v: H - MARGIN - (v - lo) / (hi - lo) * (H - 2 * MARGIN)
-    _line(img, MARGIN, H - MARGIN, W - MARGIN, H - MARGIN, GREY)
-    _line(img, MARGIN, MARGIN, MARGIN, H - MARGIN, GREY)
-    for series, color in ((train, BLUE), (held_out, ORANGE)):
-        for (a, va), (b, vb) in zip(series, series[1:]):
-            _line(img, to_x(a), to_y(va), to_x(b), to_y(vb), color)
-        for s, v in series:
-            x, y = int(to_x(s)), int(to_y(v))
-            img[max(0, y - 2):y + 3, max(0, x - 2):x + 3] = color
-    write_png(path, img)
+    """train / held_out: (step, loss) pairs. Non-finite losses (a diverged step) are left out."""
+    from matplotlib.figure import Figure
+
+    train = [(s, v) for s, v in train if math.isfinite(v)]
+    held_out = [(s, v) for s, v in held_out if math.isfinite(v)]
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    last = []
+    if train:
+        steps, losses = zip(*train)
+        ax.plot(steps, losses, color="tab:blue", linewidth=0.8, alpha=0.45 if len(train) >= SMOOTH_FROM else 1.0,
+                label="train (each step)")
+        last.append(f"train {losses[-1]:.3f}")
+        if len(train) >= SMOOTH_FROM:  # one step's loss is noisy: the title gives the running mean's
+            window = max(10, len(train) // 50)
+            mean = running_mean(list(losses), window)
+            ax.plot(steps, mean, color="tab:blue", linewidth=1.8, label=f"train (mean of the last {window} steps)")
+            last[-1] = f"train {mean[-1]:.3f} (mean of the last {window} steps)"
+    if held_out:
+        steps, losses = zip(*held_out)
+        ax.plot(steps, losses, color="tab:orange", linewidth=1.8, marker="o", markersize=3.5, label="held out")
+        last.append(f"held out {losses[-1]:.3f}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title("Loss" + (f" at the last step: {', '.join(last)}" if last else " (no steps yet)"))
+    ax.grid(True, alpha=0.3)
+    if train or held_out:
+        ax.legend(loc="upper right")
+    save_png(fig, path)

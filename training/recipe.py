@@ -156,50 +156,94 @@ def heldout_loss_rows(tok, held_files, recipe: Recipe) -> list[tuple[np.ndarray,
 
 
 def run_recipe(recipe_path: str | Path, out: str | Path, *, progress: bool = True) -> Path:
-    """Run (or continue) the recipe into OUT; returns OUT/model."""
-    from codefill.model.checkpoint import load_model_dir, save_model_dir
-    from codefill.model.tiny import random_weights
+    """Run (or continue) the recipe into OUT; returns OUT/model. Each step below skips what OUT already holds."""
     from codefill.model.tokenizer import Tokenizer
-    from codefill.model.tokenizer_training import train_sentencepiece
 
-    from .mindrecord_io import write_rows
-    from .tokenize_data import tokenize_fim
     from .trainer import train
 
     recipe = load_recipe(recipe_path)
+    out = Path(out)
+    root = _claim_output(recipe, out)
+    started = time.time()
+    sources = SourceSummary()
+    train_files, held_files = _split_sources(root, recipe, sources)
+    tok_path = _tokenizer_step(out, recipe, train_files)
+    tok = Tokenizer(tok_path)
+    arch = recipe.arch_config(tok.vocab_size)
+    init_dir = _init_step(out, recipe, arch, tok_path)
+    train_data, held_data = _data_step(out, recipe, root, init_dir, tok, held_files)
+
+    run_dir = out / "run"
+    cfg = dataclasses.replace(recipe.train, eval_rows=recipe.heldout_rows)
+    result = train(init_dir, train_data, run_dir, cfg, held_out_data=held_data,
+                   resume=run_dir.exists(), progress=progress)
+    if result.model_dir is None:
+        raise TrainError(f"training stopped at step {result.steps} of {cfg.max_steps}; run the command again "
+                         f"to continue")
+    note = (f"{recipe.name}: trained from scratch by `codefill recipe` on {recipe.source} "
+            f"({len(train_files)} files), {cfg.max_steps} steps; the run is recorded in summary.json beside it")
+    model_dir = _save_final(result.model_dir, out / "model", recipe, arch, tok_path, note)
+    summary = _summary(recipe, root, arch, cfg, train_files, held_files, sources, run_dir, started)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _log(f"done: {model_dir}")
+    return model_dir
+
+
+def _claim_output(recipe: Recipe, out: Path) -> Path:
+    """Check the recipe's source and that OUT holds no other recipe's run; copy the recipe into OUT. Returns
+    the source root."""
     root = recipe.source_root()
     if not root.is_dir():
         raise TrainError(f"recipe source {recipe.source!r} ({root}) is not a directory")
-    out = Path(out)
     copy = out / "recipe.toml"
     if copy.exists() and tomllib.loads(copy.read_text(encoding="utf-8")) != tomllib.loads(recipe.text):  # comments aside
         raise TrainError(f"{out} holds a run of a different recipe ({copy}); use another --output")
     out.mkdir(parents=True, exist_ok=True)
     copy.write_text(recipe.text, encoding="utf-8")
-    started = time.time()
+    return root
 
-    summary_sources = SourceSummary()
-    files = list(iter_source_files(root, recipe.sources, summary_sources))
+
+def _split_sources(root: Path, recipe: Recipe, sources: SourceSummary) -> tuple[list, list]:
+    """(train files, held-out files) of the source tree; both must be non-empty."""
+    files = list(iter_source_files(root, recipe.sources, sources))
     train_files = [f for f in files if not f.held_out]
     held_files = [f for f in files if f.held_out]
     if not train_files or not held_files:
         raise TrainError(f"recipe source {root}: {len(train_files)} train and {len(held_files)} held-out files; "
-                         f"both must be non-empty\n{summary_sources.report()}")
+                         f"both must be non-empty\n{sources.report()}")
     _log(f"sources: {len(train_files)} train files ({sum(len(f.text) for f in train_files):,} chars), "
          f"{len(held_files)} held out ({sum(len(f.text) for f in held_files):,} chars) under {root}")
+    return train_files, held_files
+
+
+def _tokenizer_step(out: Path, recipe: Recipe, train_files) -> Path:
+    """OUT/tokenizer.model, trained on the train files only."""
+    from codefill.model.tokenizer_training import train_sentencepiece
 
     tok_path = out / "tokenizer.model"
     if not tok_path.exists():
         _log(f"tokenizer: {recipe.vocab_size} pieces from up to {recipe.tokenizer_max_chars:,} characters")
         train_sentencepiece(_tokenizer_texts(train_files, recipe.tokenizer_max_chars), tok_path, recipe.vocab_size)
-    tok = Tokenizer(tok_path)
-    arch = recipe.arch_config(tok.vocab_size)
+    return tok_path
+
+
+def _init_step(out: Path, recipe: Recipe, arch: LlamaConfig, tok_path: Path) -> Path:
+    """OUT/init: a MODEL_DIR of the recipe's seeded random weights."""
+    from codefill.model.checkpoint import save_model_dir
+    from codefill.model.tiny import random_weights
 
     init_dir = out / "init"
     if not (init_dir / "config.json").exists():
         _log(f"init: {arch.n_params() / 1e6:.2f} M parameters, seed {recipe.init_seed}, std {recipe.init_std}")
         save_model_dir(init_dir, arch, random_weights(arch, recipe.init_seed, recipe.init_std), tok_path,
                        note=f"random initialisation of recipe {recipe.name}", overwrite=True)
+    return init_dir
+
+
+def _data_step(out: Path, recipe: Recipe, root: Path, init_dir: Path, tok, held_files) -> tuple[Path, Path]:
+    """OUT/data/train.mindrecord (FIM rows of the train files) and heldout.mindrecord (the held-out loss's)."""
+    from .mindrecord_io import write_rows
+    from .tokenize_data import tokenize_fim
 
     data_dir = out / "data"
     train_data, held_data = data_dir / "train.mindrecord", data_dir / "heldout.mindrecord"
@@ -212,28 +256,29 @@ def run_recipe(recipe_path: str | Path, out: str | Path, *, progress: bool = Tru
     if not held_data.exists():
         write_rows(held_data, heldout_loss_rows(tok, held_files, recipe), overwrite=True,
                    description=f"codefill held-out FIM rows of {row_length} tokens")
+    return train_data, held_data
 
-    run_dir = out / "run"
-    cfg = dataclasses.replace(recipe.train, eval_rows=recipe.heldout_rows)
-    result = train(init_dir, train_data, run_dir, cfg, held_out_data=held_data,
-                   resume=run_dir.exists(), progress=progress)
-    if result.model_dir is None:
-        raise TrainError(f"training stopped at step {result.steps} of {cfg.max_steps}; run the command again "
-                         f"to continue")
 
-    files_final = load_model_dir(result.model_dir, dtype=None)
-    weights = dict(files_final.weights)
+def _save_final(trained_dir: Path, model_dir: Path, recipe: Recipe, arch: LlamaConfig, tok_path: Path,
+                note: str) -> Path:
+    """OUT/model: the trained weights in the recipe's save_dtype, with the recipe's note."""
+    from codefill.model.checkpoint import load_model_dir, save_model_dir
+
+    weights = dict(load_model_dir(trained_dir, dtype=None).weights)
     if recipe.save_dtype == "bfloat16":
         from codefill.model.safetensors_io import BFLOAT16, from_float32
 
         weights = {k: from_float32(v, BFLOAT16) for k, v in weights.items()}
+    return save_model_dir(model_dir, arch, weights, tok_path, note=note, overwrite=True)
+
+
+def _summary(recipe: Recipe, root: Path, arch: LlamaConfig, cfg: TrainConfig, train_files, held_files,
+             sources: SourceSummary, run_dir: Path, started: float) -> dict:
+    """What OUT/summary.json records: files, tokens, time and final losses (from OUT/run/metrics.jsonl)."""
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [m for m in metrics if "loss" in m]
     held = [m for m in metrics if "held_out_loss" in m]
-    note = (f"{recipe.name}: trained from scratch by `codefill recipe` on {recipe.source} "
-            f"({len(train_files)} files), {cfg.max_steps} steps; the run is recorded in summary.json beside it")
-    model_dir = save_model_dir(out / "model", arch, weights, tok_path, note=note, overwrite=True)
-    summary = {
+    return {
         "name": recipe.name, "source": recipe.source, "root": str(root), "python": platform.python_version(),
         "train_files": len(train_files), "held_out_files": len(held_files),
         "held_out_paths": [f.path for f in held_files],
@@ -243,8 +288,5 @@ def run_recipe(recipe_path: str | Path, out: str | Path, *, progress: bool = Tru
         "final_held_out_loss": held[-1]["held_out_loss"] if held else None,
         "train_seconds_this_call": round(time.time() - started, 1),
         "train_elapsed_s_last_segment": losses[-1]["elapsed_s"] if losses else None,
-        "save_dtype": recipe.save_dtype, "sources": summary_sources.report(),
+        "save_dtype": recipe.save_dtype, "sources": sources.report(),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    _log(f"done: {model_dir}")
-    return model_dir

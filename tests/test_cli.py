@@ -126,9 +126,9 @@ def test_serve_without_model_takes_the_bundled_one_or_says_why(monkeypatch, tmp_
 @pytest.fixture(scope="module")
 def bundled_generator():
     from codefill.bundled import bundled_model_dir
-    from codefill.model.generate import Generator
+    from codefill.inference_workers.runner import Runner
 
-    return Generator.from_model_dir(bundled_model_dir(), max_seq_len=256, max_batch=1)
+    return Runner.from_model_dir(bundled_model_dir(), max_seq_len=256, max_batch=1)
 
 
 def test_generate_without_model_runs_the_bundled_one(bundled_generator):

@@ -182,7 +182,7 @@ class Backend:
                         self.restarts += 1
                 if self.link is None:
                     if self.settings.endpoint is None and self.process is None and self.job is None \
-                            and self.restarts == 0 and self._never_started():
+                            and self.restarts == 0:
                         return  # the worker could not start at all: do not spin on a broken model
                     self.link = await self._start()
                 else:
@@ -191,9 +191,5 @@ class Backend:
                 self.down_reason, self._told = None, False
                 logger.info("worker back up%s", f" (restart {self.restarts})" if self.restarts else "")
             except (WorkerError, OSError, TimeoutError) as e:
+                # a link to an endpoint is kept: zmq reconnects the same socket by itself
                 logger.info("worker still down: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
-                if self.link is not None and self.settings.endpoint is not None:
-                    pass  # zmq reconnects the same socket by itself
-
-    def _never_started(self) -> bool:
-        return self.link is None and self.restarts == 0

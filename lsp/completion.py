@@ -11,14 +11,10 @@
          inserted above it), so it stops as soon as the answer is complete
       -> lsp/postprocess.py fit (scope, de-duplication, auto-closed brackets, trimming)
       -> Suggestion(text, replace_after, mean_logprob)
-
-Healing needs the worker client's `required_prefix` argument; with a client that lacks it, healing is off
-(`HEALING_SUPPORTED`) and the prompt keeps the partial identifier.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import re
 from collections import OrderedDict
@@ -35,7 +31,6 @@ from .postprocess import BLOCK_OPENERS, _indent, cursor_lines, fit, inserts_line
 from .prompt import Chunk, PromptConfig, build_prompt
 from .settings import Settings
 
-HEALING_SUPPORTED = "required_prefix" in inspect.signature(AsyncWorkerClient.generate).parameters
 # An identifier being typed: letters, digits, underscores ending at the cursor, not starting with a digit.
 _PARTIAL = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 MAX_HEAL_CHARS = 32  # a longer "identifier" is probably data; healing it would cost many constrained steps
@@ -111,8 +106,8 @@ class Completer:
         max_new = max(1, min(settings.max_new_tokens, max_seq_len // 2))
         prefix, suffix = window(prefix, suffix, settings.max_prompt_tokens * CHARS_PER_TOKEN_BOUND)
         multiline = wants_multiline(prefix, suffix)
-        heal = partial_identifier(prefix, suffix) if (settings.token_healing if healing is None else healing) \
-            and HEALING_SUPPORTED else ""
+        heal_on = settings.token_healing if healing is None else healing
+        heal = partial_identifier(prefix, suffix) if heal_on else ""
         prompt = build_prompt(tok, prefix[:len(prefix) - len(heal)], suffix,
                               self.prompt_config(settings, max_seq_len, max_new),
                               path=path, language_id=language_id, chunks=chunks)
@@ -180,8 +175,6 @@ class SuggestionCache:
             typed = prefix[len(entry.prefix):]
             s = entry.suggestion
             if not s.text.startswith(typed) or len(typed) >= len(s.text):
-                continue
-            if typed == "" and suffix != entry.suffix:
                 continue
             # Typing ahead never touches the auto-closed tail the suggestion replaces: it is still there.
             if suffix != entry.suffix:

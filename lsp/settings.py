@@ -105,11 +105,16 @@ class Settings:
         return Path(state) / "codefill"
 
     def merged(self, options: Any) -> "Settings":
-        """These settings with the client's `options` (a dict, or {"codefill": dict}) applied."""
-        if options is None:
+        """These settings with the client's `options` (a dict, or {"codefill": dict}) applied.
+
+        An empty list counts as an empty object: Lua has one table type, and Neovim's JSON encoder writes an
+        empty one (the plugin's default `settings = {}`) as `[]`."""
+        if options is None or options == []:
             return self
         if not isinstance(options, dict):
             raise SettingsError(f"settings must be a JSON object, got {type(options).__name__} {options!r:.80}")
+        if options.get("codefill") == []:
+            return self
         if isinstance(options.get("codefill"), dict):
             options = options["codefill"]
         known = {f.name for f in dataclasses.fields(self)}

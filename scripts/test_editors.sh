@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The real-editor tests: the Neovim plugin in Neovim 0.12 and the VS Code extension in code-server, each
-# against the real `codefill serve` and a fake worker (scripted replies). Installs what they need first.
+# against the real `codefill serve` and a fake worker (scripted replies; the minimal Neovim setup runs the bundled
+# model). Installs what they need first.
 #   bash scripts/test_editors.sh                 all of them (about 2 minutes on 2 cores after the install)
 #   bash scripts/test_editors.sh -k nvim         extra arguments go to pytest
 # CODEFILL_SCREENSHOT_DIR=docs/images refreshes the README's screenshots.

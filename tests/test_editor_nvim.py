@@ -4,7 +4,8 @@ Neovim loads editor_clients/nvim, whose setup() starts `codefill serve --stdio` 
 worker (tests/lsp_fake_worker.py: the real ZeroMQ protocol, a scripted reply), so what appears is exact.
 The test types as a user does (keys through nvim's RPC input queue, or tmux send-keys for the real TUI),
 waits for the ghost text that vim.lsp.inline_completion draws, accepts with the plugin's keys and asserts
-the buffer. The TUI test also renders tmux's screen (with colours) to a PNG.
+the buffer. The TUI test also renders tmux's screen (with colours) to a PNG. The minimal-setup test runs
+`setup({})` and `setup()` verbatim instead: `codefill` from PATH, the bundled model on a real worker.
 
 Run by scripts/test_editors.sh (CODEFILL_EDITOR_TESTS=1); scripts/setup_editors.sh installs Neovim and tmux.
 """
@@ -222,6 +223,50 @@ def test_completion_menu_mode(headless):
     nvim.keys("<C-y>")
     nvim.wait(f'vim.api.nvim_buf_get_lines(0, 1, 2, true)[1] == {json.dumps("    " + REPLY)}', what="the accepted item")
     assert nvim.ghost() == ""
+
+
+DEMO = 'def mean(values):\n    """Return the arithmetic mean of a non-empty list of numbers."""\n    total = 0\n' \
+       '    for v in values:\n        total += v\n    return\n'
+
+
+@pytest.mark.parametrize("call", ["setup({})", "setup()"])
+def test_minimal_setup_serves_the_bundled_model_without_a_message(tmp_path, call):
+    """The README's minimal setup, verbatim: `codefill` from PATH, no model (the server's default, the bundled
+    model, a real worker), the plugin's default settings = {}; no error or warning, and a suggestion."""
+    path = tmp_path / "work" / "stats.py"
+    path.parent.mkdir()
+    path.write_text(DEMO)
+    init = tmp_path / "init.lua"
+    init.write_text(f'vim.opt.runtimepath:prepend({json.dumps(str(PLUGIN))})\nvim.opt.swapfile = false\n'
+                    f'require("codefill").{call}\n')
+    sock = tmp_path / "nvim.sock"
+    env = {**editor_env(tmp_path), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.Popen([NVIM, "--headless", "--listen", str(sock), "-u", str(init), str(path)],
+                            env=env, cwd=path.parent, stdin=subprocess.DEVNULL)
+    try:
+        wait_for_socket(sock, proc)
+        nvim = Nvim(sock, env)
+        nvim.wait('#vim.lsp.get_clients({name = "codefill", bufnr = 0}) > 0', what="the codefill client")
+        client = 'vim.lsp.get_clients({name = "codefill"})[1]'
+        assert nvim.lua(f"{client}.config.cmd") == ["codefill", "serve", "--stdio"]
+        # sent as a JSON object, not as the [] that an empty Lua table encodes to
+        assert nvim.lua(f"vim.json.encode({client}.config.init_options)") == "{}"
+        nvim.keys("6GA ")  # after "    return ", as `codefill demo` asks
+        deadline = time.monotonic() + 180  # the worker loads and compiles the model first
+        while not nvim.ghost().strip():
+            assert time.monotonic() < deadline, "no suggestion from the bundled model"
+            time.sleep(0.2)
+        nvim.lua('require("codefill").configure({}) or true')  # didChangeConfiguration with the empty settings
+        assert nvim.lua('require("codefill").stats().worker.up')  # answered after the notification
+        messages = nvim.lua('vim.api.nvim_exec2("messages", {output = true}).output')
+        assert "codefill" not in messages and "rror" not in messages and "arn" not in messages, messages
+        assert nvim.lua("{vim.v.errmsg, vim.v.warningmsg}") == ["", ""]
+        nvim.keys("<Esc>:qa!<CR>")
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(10)
 
 
 def test_checkhealth(headless):

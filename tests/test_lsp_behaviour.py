@@ -18,6 +18,7 @@ import pytest
 import pytest_asyncio
 from lsprotocol import types
 from pygls.lsp.client import LanguageClient
+from pytest_lsp import ClientServerConfig
 
 from helpers import make_tiny_model_dir
 from lsp_fake_worker import FakeWorker
@@ -313,6 +314,25 @@ async def test_languages_enabled(tiny_dir, fake, tmp_path):
         open_doc(client, uri, "x = \n")
         assert len((await ask(client, uri, 0, 4)).items) == 0
         assert fake.requests == []
+    finally:
+        await client.shutdown_session()
+
+
+@ASYNC
+async def test_an_empty_list_is_empty_settings(tiny_dir, fake, tmp_path):
+    # Neovim's JSON encoder writes an empty Lua table (a plugin's `settings = {}`) as [].
+    fake.reply = "return 1"
+    client = await ClientServerConfig(server_command=SERVER + ["--model", str(tiny_dir), "--endpoint", fake.endpoint],
+                                      server_env={**os.environ, "XDG_STATE_HOME": str(tmp_path)}).start()
+    try:
+        await client.initialize_session(types.InitializeParams(
+            capabilities=types.ClientCapabilities(), initialization_options=[]))
+        for settings in ([], {"codefill": []}):
+            client.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings=settings))
+        uri = "file:///work/empty.py"
+        open_doc(client, uri, "def f():\n    \n")
+        assert [i.insert_text for i in (await ask(client, uri, 1, 4)).items] == ["return 1"]
+        assert (await stats(client)) is not None and client.messages == []
     finally:
         await client.shutdown_session()
 

@@ -96,13 +96,18 @@ local function on_attach(client, bufnr)
   end
 end
 
+--- `t` as a JSON object: Neovim encodes an empty Lua table as an array, which the server would refuse.
+local function as_object(t)
+  return next(t) == nil and vim.empty_dict() or t
+end
+
 local function lsp_config()
   return {
     name = M.name,
     cmd = M.cmd(),
     filetypes = M.config.filetypes,
     root_markers = M.config.root_markers,
-    init_options = M.config.settings,
+    init_options = as_object(M.config.settings),
     on_attach = on_attach,
   }
 end
@@ -216,7 +221,8 @@ end
 function M.configure(settings)
   M.config.settings = vim.tbl_extend("force", M.config.settings, settings)
   for _, client in ipairs(vim.lsp.get_clients({ name = M.name })) do
-    call(client, "notify", "workspace/didChangeConfiguration", { settings = { codefill = M.config.settings } })
+    local params = { settings = { codefill = as_object(M.config.settings) } }
+    call(client, "notify", "workspace/didChangeConfiguration", params)
   end
 end
 

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from codefill.bench_chart import chart_link, latency_chart
-from codefill.bench_workers import SOURCE_FILE, _model_dir, _percentile
+from codefill.bench_workers import SOURCE_FILE, _model_dir, _percentile, source_name
 
 
 async def _unanswered(fut: asyncio.Future) -> int:
@@ -138,7 +138,7 @@ def run(out_dir: str | Path, model_dir: str | Path | None = None, preset: str = 
     options = {"max_new_tokens": max_new_tokens, "max_prompt_tokens": max_prompt_tokens,
                "log_dir": str(out_dir / "lsp-telemetry")}
     report: dict = {
-        "model_dir": str(model_dir), "preset": preset, "source": str(source), "max_new_tokens": max_new_tokens,
+        "model_dir": str(model_dir), "preset": preset, "source": source_name(), "max_new_tokens": max_new_tokens,
         "max_prompt_tokens": max_prompt_tokens, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "passes": {},
     }

@@ -49,6 +49,11 @@ class Keystroke:
     n_generated: int
 
 
+def source_name() -> str:
+    """The replayed file as reports name it: no path of the machine that ran the benchmark."""
+    return f"the standard library's {SOURCE_FILE} (Python {sysconfig.get_python_version()})"
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
@@ -216,7 +221,7 @@ def run(out_dir: str | Path, model_dir: str | Path | None = None, preset: str = 
         "cold": EngineConfig(prefix_reuse=False, inflight_extension=False),
     }
     report: dict = {
-        "model_dir": str(model_dir), "preset": preset, "source": str(source), "context_tokens": context_tokens,
+        "model_dir": str(model_dir), "preset": preset, "source": source_name(), "context_tokens": context_tokens,
         "max_new_tokens": max_new_tokens, "max_batch": max_batch, "max_seq_len": max_seq_len,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "keystroke_replay": {},
     }

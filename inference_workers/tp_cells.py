@@ -112,9 +112,7 @@ class RowParallelLinear(Linear):
         self.reduce = ReduceFromRanks()
 
     def construct(self, x):
-        lead = x.shape[:-1]
-        y = self.matmul(x.reshape(-1, x.shape[-1]), self.weight)  # [M, out], this rank's partial sum
-        return self.reduce(y).reshape(lead + (self.out_features,))
+        return self.reduce(super().construct(x))  # this rank's partial sums, summed over the ranks
 
 
 class VocabParallelHead(nn.Cell):

@@ -132,7 +132,7 @@ def run_codefill(*args, check: bool = True, timeout: float = 600, cwd=None):
     return done
 
 
-def read_png(path) -> "np.ndarray":
+def read_png(path):
     """The RGB pixels of a PNG file (asserting that it is one)."""
     import numpy as np
     from PIL import Image

@@ -9,6 +9,13 @@
   last, so prefill is excluded (host-side sampling and log-probs are included for codefill),
 - compile times of the two codefill graphs, reported separately (first call minus a warm call).
 
+Then the anchor, side by side in the same run: llama.cpp (`codefill/llamacpp.py`, built on first use) and
+codefill on the same weights, converted with `codefill convert --to-hf` and llama.cpp's own
+`convert_hf_to_gguf.py` to f32 GGUF: the `small` architecture with a trained 512-piece tokenizer (what
+`codefill init-tiny --preset small` writes) and the bundled model. Prefill of 1,024 tokens and decode of 64
+tokens, each engine on the same number of threads (the machine's cores). When llama.cpp cannot be built the
+section says why and the rest of the report stands.
+
 Every timing is the median of `reps` runs after a warm-up run. Writes `model.json` and `model.md` to out_dir
 and returns the same dict as the JSON.
 """
@@ -155,6 +162,7 @@ def run(out_dir: str | Path, preset: str = "small", seed: int = 0, reps: int = 3
     hf = _bench_hf(cfg, weights, prompts, reps)
     ratios = {f"prefill_{n}_speedup": hf["prefill_ms"][n] / ours["prefill_ms"][n] for n in PREFILL_LENGTHS}
     ratios["decode_speedup"] = ours["decode_tokens_per_s"] / hf["decode_tokens_per_s"]
+    anchor = _bench_anchor(Path(out_dir) / "anchor", reps)
     result = {
         "preset": preset,
         "config": cfg.to_dict(),
@@ -166,6 +174,7 @@ def run(out_dir: str | Path, preset: str = "small", seed: int = 0, reps: int = 3
         "codefill": ours,
         "hf": hf,
         "ratios": ratios,  # > 1 means codefill is faster
+        "llamacpp": anchor,
     }
 
     out = Path(out_dir)
@@ -173,6 +182,71 @@ def run(out_dir: str | Path, preset: str = "small", seed: int = 0, reps: int = 3
     (out / "model.json").write_text(json.dumps(result, indent=2))
     (out / "model.md").write_text(_markdown(result))
     return result
+
+
+ANCHOR_PROMPT = 1024
+
+
+def _codefill_rates(model_dir: Path, prompt: list[int], reps: int) -> dict:
+    """codefill on a MODEL_DIR: prefill ms of `prompt`, decode tokens/s of DECODE_TOKENS after it."""
+    from codefill.inference_workers.runner import Runner
+    from codefill.model.sampling import SamplingConfig
+
+    runner = Runner.from_model_dir(model_dir, max_seq_len=len(prompt) + DECODE_TOKENS, max_batch=1)
+    runner.prefill(prompt[:8])  # compile both graphs first
+    runner.decode_step([1], [8])
+    prefill_ms = 1e3 * _median_s(lambda: runner.prefill(prompt), reps)
+    rates = [_decode_rate(lambda: runner.generate(prompt, DECODE_TOKENS, SamplingConfig())) for _ in range(reps + 1)]
+    return {"prefill_ms": prefill_ms, "decode_tokens_per_s": statistics.median(rates[1:])}
+
+
+def _bench_anchor(work: Path, reps: int) -> dict:
+    """codefill and llama.cpp on the same weights (see the module docstring), or {"unavailable": why}."""
+    from codefill import llamacpp
+    from codefill.bundled import bundled_model_dir
+    from codefill.model.tiny import build_tiny_model_dir
+
+    try:
+        anchor = llamacpp.ensure()
+    except llamacpp.AnchorUnavailable as e:
+        return {"unavailable": str(e)}
+    threads = os.cpu_count() or 1
+    rows = {}
+    small = work / "small-512"
+    if not (small / "config.json").exists():
+        build_tiny_model_dir(small, preset="small", overwrite=True)
+    for name, model_dir in (("small (vocab 512)", small), ("bundled", bundled_model_dir())):
+        try:
+            gguf = anchor.convert(model_dir, work / name.split()[0])
+            theirs = anchor.bench(gguf, prompt=ANCHOR_PROMPT, gen=DECODE_TOKENS, threads=threads, reps=reps)
+        except llamacpp.AnchorUnavailable as e:
+            rows[name] = {"unavailable": str(e)}
+            continue
+        prompt = np.random.default_rng(7).integers(3, 500, ANCHOR_PROMPT).tolist()
+        ours = _codefill_rates(model_dir, prompt, reps)
+        rows[name] = {"codefill": ours, "llamacpp": {
+            "prefill_ms": 1e3 * ANCHOR_PROMPT / theirs["prefill_tokens_per_s"],
+            "decode_tokens_per_s": theirs["decode_tokens_per_s"]}}
+    return {"version": anchor.version, "threads": threads, "prompt": ANCHOR_PROMPT, "rows": rows}
+
+
+def _anchor_markdown(a: dict) -> list[str]:
+    if "unavailable" in a:
+        return ["## Against llama.cpp", "", f"Not measured: {a['unavailable']}", ""]
+    lines = ["## Against llama.cpp, same weights", "",
+             f"{a['version']}, f32 GGUF, {a['threads']} threads each; prefill of {a['prompt']} tokens, decode of "
+             f"{DECODE_TOKENS} tokens after it.", "",
+             "| weights | codefill prefill (ms) | llama.cpp prefill (ms) | codefill decode (tok/s) | "
+             "llama.cpp decode (tok/s) | codefill / llama.cpp decode |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, row in a["rows"].items():
+        if "unavailable" in row:
+            lines.append(f"| {name} | not measured: {row['unavailable'][:200]} | | | | |")
+            continue
+        ours, theirs = row["codefill"], row["llamacpp"]
+        lines.append(f"| {name} | {ours['prefill_ms']:.0f} | {theirs['prefill_ms']:.0f} | "
+                     f"{ours['decode_tokens_per_s']:.0f} | {theirs['decode_tokens_per_s']:.0f} | "
+                     f"{ours['decode_tokens_per_s'] / theirs['decode_tokens_per_s']:.2f}x |")
+    return lines + [""]
 
 
 def _markdown(r: dict) -> str:
@@ -201,4 +275,5 @@ def _markdown(r: dict) -> str:
         f"graphs compiled in the whole run: {ours['graphs_compiled']}.",
         "",
     ]
+    lines += _anchor_markdown(r["llamacpp"])
     return "\n".join(lines)

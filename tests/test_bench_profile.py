@@ -1,0 +1,31 @@
+"""`codefill bench profile` on a tiny preset: MindSpore's real profiler, a real op table, a readable report."""
+
+from __future__ import annotations
+
+import json
+
+from codefill import bench_model, llamacpp
+from codefill.bench_profile import run
+
+
+def test_profile_reports_the_ops_of_a_decode_step_and_a_prefill_chunk(tmp_path):
+    report = run(tmp_path, preset="tiny-test")
+    for phase in ("decode", "prefill"):
+        p = report[phase]
+        ops = {o["op"]: o for o in p["ops"]}
+        assert "MatMul" in ops and ops["MatMul"]["calls_per_call"] >= 7 * 2  # 7 projections a layer, 2 layers
+        assert p["op_ms"] > 0 and p["wall_ms"] > 0 and p["op_launches"] > 50
+    assert "ScatterNdUpdate" in {o["op"] for o in report["decode"]["ops"]}  # the KV cache write
+    assert json.loads((tmp_path / "profile.json").read_text())["preset"] == "tiny-test"
+    md = (tmp_path / "profile.md").read_text()
+    assert "## decode:" in md and "| MatMul |" in md
+
+
+def test_model_benchmark_says_why_when_llamacpp_cannot_be_built(monkeypatch, tmp_path):
+    def unavailable(cache=None):
+        raise llamacpp.AnchorUnavailable("building llama.cpp needs 'cmake', which is not on PATH")
+
+    monkeypatch.setattr(llamacpp, "ensure", unavailable)
+    anchor = bench_model._bench_anchor(tmp_path, reps=1)
+    assert anchor == {"unavailable": "building llama.cpp needs 'cmake', which is not on PATH"}
+    assert "Not measured: building llama.cpp needs 'cmake'" in "\n".join(bench_model._anchor_markdown(anchor))

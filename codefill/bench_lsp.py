@@ -13,6 +13,10 @@ Per pass: p50/p95 keystroke-to-suggestion (a request's send to its answer, over 
 requests cancelled, model calls per keystroke (the server's own count, prefetches listed apart) and the
 suggestion-cache hit rate, from `codefill/stats`. Random weights (`preset`, unless `model_dir` is given)
 never suggest what the file goes on with, so typed-ahead hits are rare here; with a real model they are not.
+Then the anchor: the same keystrokes, serially, through llama.cpp's `llama-server` `/infill` with
+`cache_prompt` (as llama.vim uses it) on the same weights converted to GGUF (`codefill/llamacpp.py`), with a
+prefix and suffix cut to the same token budget. The server builds its own FIM prompt (PSM order; codefill
+sends SPM), so this compares latency, not suggestions. When llama.cpp cannot be built the report says why.
 Writes `lsp.json`, `lsp.md` and `lsp_latency.png` (every answered keystroke's suggestion latency per pass,
 bench_chart.py) to out_dir and returns the JSON's dict.
 """
@@ -126,6 +130,48 @@ async def _pass(model_dir: Path, text: str, cursor: int, n_keys: int, interval_m
             await client.stop()
 
 
+def _llama_server_pass(model_dir: Path, work: Path, text: str, cursor: int, n_keys: int, max_new_tokens: int,
+                       max_prompt_tokens: int) -> tuple[dict, list[float]]:
+    """The serial pass against llama-server's /infill; ({"unavailable": why}, []) when it cannot run."""
+    import urllib.request
+
+    from codefill import llamacpp
+    from codefill.inference_workers.sharding import tokenizer_path
+    from codefill.model.tokenizer import Tokenizer
+
+    try:
+        anchor = llamacpp.ensure()
+        gguf = anchor.convert(model_dir, work)
+    except llamacpp.AnchorUnavailable as e:
+        return {"unavailable": str(e)}, []
+    tok = Tokenizer(tokenizer_path(model_dir))
+    prefix_budget, suffix_budget = 3 * max_prompt_tokens // 4, max_prompt_tokens // 4
+
+    def window(prefix: str, suffix: str) -> tuple[str, str]:
+        while len(tok.encode(prefix)) > prefix_budget:
+            prefix = prefix[len(prefix) // 8:]
+        while len(tok.encode(suffix)) > suffix_budget:
+            suffix = suffix[:len(suffix) * 7 // 8]
+        return prefix, suffix
+
+    latencies = []
+    with anchor.server(gguf, threads=os.cpu_count() or 1, log=work / "llama-server.log") as url:
+        for k in range(n_keys + 1):  # the first request fills the cache, as the LSP passes' first keystroke does
+            prefix, suffix = window(text[:cursor + k], text[cursor + n_keys:])
+            body = json.dumps({"input_prefix": prefix, "input_suffix": suffix, "n_predict": max_new_tokens,
+                               "cache_prompt": True, "temperature": 0.0, "top_k": 1}).encode()
+            request = urllib.request.Request(url + "/infill", data=body, headers={"Content-Type": "application/json"})
+            t = time.perf_counter()
+            with urllib.request.urlopen(request, timeout=120) as reply:
+                json.loads(reply.read())
+            if k:
+                latencies.append(1e3 * (time.perf_counter() - t))
+    row = {"keystrokes": n_keys, "answered": len(latencies), "version": anchor.version,
+           "suggestion_ms_p50": round(_percentile(latencies, 50), 1),
+           "suggestion_ms_p95": round(_percentile(latencies, 95), 1)}
+    return row, latencies
+
+
 def run(out_dir: str | Path, model_dir: str | Path | None = None, preset: str = "small", *, seed: int = 0,
         keystrokes: int = 40, interval_ms: float = 60.0, max_new_tokens: int = 16, max_prompt_tokens: int = 1024,
         max_seq_len: int = 2048) -> dict:
@@ -146,6 +192,10 @@ def run(out_dir: str | Path, model_dir: str | Path | None = None, preset: str = 
     for name, interval in (("paced", interval_ms), ("serial", None)):
         report["passes"][name], latencies[name] = asyncio.run(_pass(model_dir, text, cursor, keystrokes, interval,
                                                                     options, max_seq_len))
+    report["llama_server"], anchor_latencies = _llama_server_pass(model_dir, out_dir / "anchor", text, cursor,
+                                                                  keystrokes, max_new_tokens, max_prompt_tokens)
+    if anchor_latencies:
+        latencies["llama-server serial"] = anchor_latencies
     report["latency_chart"] = latency_chart(out_dir / "lsp_latency.png", {"keystroke to suggestion": latencies},
                                             title=f"Language server latency, {model_dir.name}").name
     (out_dir / "lsp.json").write_text(json.dumps(report, indent=2))
@@ -170,6 +220,14 @@ def _markdown(r: dict) -> str:
                      f"{p['model_calls_per_keystroke']} | {p['prefetches_per_keystroke']} | {p['cache_hit_rate']:.1%} |")
     lines += ["", "`paced`: a key every interval, unanswered requests cancelled when the next key comes; "
               "`serial`: the next key after the answer. Suggestion latency: request sent to answer received.", ""]
+    anchor = r.get("llama_server", {})
+    if "unavailable" in anchor:
+        lines += [f"llama-server on the same weights: not measured: {anchor['unavailable']}", ""]
+    elif anchor:
+        ratio = r["passes"]["serial"]["suggestion_ms_p50"] / anchor["suggestion_ms_p50"]
+        lines += [f"**Against llama-server** ({anchor['version']}, `/infill` with `cache_prompt`, same weights as "
+                  f"f32 GGUF, same keystrokes, serial): suggestion p50 {anchor['suggestion_ms_p50']} ms, p95 "
+                  f"{anchor['suggestion_ms_p95']} ms; codefill's serial p50 is {ratio:.2f}x llama-server's.", ""]
     if r.get("latency_chart"):
         lines += chart_link(r["latency_chart"], "every answered keystroke of each pass")
     return "\n".join(lines)

@@ -47,7 +47,7 @@ def open_rank(model_dir: str | Path, tp: int, *, max_seq_len: int | None, max_ba
         raise TensorParallelError(f"rank {rank}: msrun started {world} ranks but --tp is {tp}")
     channel = Channel(rank, world, max_batch) if world > 1 else None
     runner = Runner.from_model_dir(model_dir, max_seq_len=max_seq_len, max_batch=max_batch, rank=rank, world=world,
-                                   channel=channel)
+                                   channel=channel, compile_cache=True)
     if rank == 0:
         runner.warm_up()
         return runner

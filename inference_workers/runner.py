@@ -14,9 +14,9 @@ Two compiled MindSpore graphs share one Transformer and its cache:
 - prefill: one slot, T new tokens at positions start_pos .. start_pos+T-1 -> logits of the last one. T is a
   dynamic dimension (`Cell.set_inputs` with `None`), so one graph serves every prompt length; prompts longer
   than PREFILL_CHUNK are prefilled in chunks through it, which bounds the [KV, T*R, K] scores tensor;
-- decode: one token for every slot at once ([max_batch, 1], each row with its own position; row i is cache
-  slot i, an idle slot is given position `max_seq_len`, the scratch column) -> logits [max_batch, V]. Its
-  shapes are static.
+- decode: one token for every active slot at once ([B, 1], each row with its own slot and position; an idle
+  slot, given position `max_seq_len` by the caller, is left out) -> logits [max_batch, V]. B and the cache
+  columns read are dynamic too, so a decode step costs what its active sequences need.
 
 Neither graph recompiles per token or per prompt length (`compiled_graphs()` counts; the tests check it).
 Why dynamic T and chunks rather than length buckets is measured in docs/benchmarks/.
@@ -36,6 +36,7 @@ Not thread-safe: call it from one thread at a time (the engine's model thread).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -74,22 +75,15 @@ class GenerationError(CodefillError, ValueError):
     """A request the runner cannot run; the message carries the offending values."""
 
 
-class _Prefill(nn.Cell):
+class _Step(nn.Cell):
+    """One graph over the Transformer's cached forward (prefill and decode are two, with their own shapes)."""
+
     def __init__(self, model):
         super().__init__(auto_prefix=False)  # keep the Transformer's parameter names, shared by both graphs
         self.model = model
 
     def construct(self, tokens, positions, cache_idx, slots, key_positions):
         return self.model(tokens, positions, cache_idx, slots, key_positions)
-
-
-class _Decode(nn.Cell):
-    def __init__(self, model):
-        super().__init__(auto_prefix=False)
-        self.model = model
-
-    def construct(self, tokens, positions, cache_idx):
-        return self.model(tokens, positions, cache_idx, None, None)  # row i is slot i, whole cache: no copy
 
 
 def check_ids(ids: Sequence[int], vocab_size: int) -> np.ndarray:
@@ -113,6 +107,23 @@ def check_same_architecture(serving: LlamaConfig, new: LlamaConfig, where: str) 
         raise CheckpointError(f"{where} has another architecture than the serving model: {', '.join(diff)}")
 
 
+def graph_cache_dir(config: LlamaConfig, max_seq_len: int, max_batch: int, rank: int, world: int) -> Path:
+    """Where a worker keeps its compiled graphs between restarts (MindSpore's compile cache), one directory per
+    everything the graphs depend on: architecture, cache shape, rank and TP size, MindSpore's version and the
+    source of the modules that build them. Weights are graph inputs, so new weights reuse the graphs."""
+    import hashlib
+    import json
+
+    import codefill.inference_workers.tp_cells as tp_cells
+    import codefill.model.llama as llama_module
+
+    parts = [json.dumps(config.to_dict(), sort_keys=True), f"{max_seq_len} {max_batch} {rank} {world}",
+             ms.__version__, *(Path(m.__file__).read_text() for m in (llama_module, tp_cells)),
+             Path(__file__).read_text()]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
+    return Path(os.environ.get("CODEFILL_CACHE", Path.home() / ".cache" / "codefill")) / "graphs" / key
+
+
 def default_max_seq_len(config: LlamaConfig) -> int:
     return min(DEFAULT_MAX_SEQ_LEN, config.max_seq_len)
 
@@ -122,7 +133,8 @@ class Runner:
     model at world 1). `channel`: coordination.Channel on a rank of several, else None."""
 
     def __init__(self, config: LlamaConfig, weights: dict[str, np.ndarray], *, max_seq_len: int | None = None,
-                 max_batch: int = DEFAULT_MAX_BATCH, rank: int = 0, world: int = 1, channel=None):
+                 max_batch: int = DEFAULT_MAX_BATCH, rank: int = 0, world: int = 1, channel=None,
+                 compile_cache: bool = False):
         max_seq_len = default_max_seq_len(config) if max_seq_len is None else max_seq_len
         if not 0 < max_seq_len <= config.max_seq_len:
             raise GenerationError(f"max_seq_len {max_seq_len} must be in [1, {config.max_seq_len}] "
@@ -131,7 +143,10 @@ class Runner:
             raise GenerationError(f"max_batch must be >= 1, got {max_batch}")
         if (channel is None) != (world == 1):
             raise TensorParallelError(f"a channel is needed exactly when there are other ranks (world {world})")
-        configure_mindspore()
+        # Workers keep their compiled graphs across restarts (CODEFILL_COMPILE_CACHE=0 turns that off).
+        use_cache = compile_cache and os.environ.get("CODEFILL_COMPILE_CACHE", "1") != "0"
+        configure_mindspore(compile_cache=graph_cache_dir(config, max_seq_len, max_batch, rank, world)
+                            if use_cache else None)
         self.config, self.rank, self.world = config, rank, world
         self.max_seq_len, self.max_batch = max_seq_len, max_batch
         self.vocab_size = config.vocab_size
@@ -151,20 +166,23 @@ class Runner:
 
     @classmethod
     def from_model_dir(cls, path: str | Path, *, max_seq_len: int | None = None, max_batch: int = DEFAULT_MAX_BATCH,
-                       rank: int = 0, world: int = 1, channel=None) -> "Runner":
+                       rank: int = 0, world: int = 1, channel=None, compile_cache: bool = False) -> "Runner":
         """This rank's shard of a MODEL_DIR or split directory; max_seq_len None: the default for the model."""
         config, weights = load_rank_weights(path, rank, world)
         return cls(config, weights, max_seq_len=max_seq_len, max_batch=max_batch, rank=rank, world=world,
-                   channel=channel)
+                   channel=channel, compile_cache=compile_cache)
 
-    def _graphs(self) -> tuple[_Prefill, _Decode]:
-        i32, kv, mb = ms.int32, self.kv_heads, self.max_batch
-        prefill, decode = _Prefill(self.model), _Decode(self.model)
+    def _graphs(self) -> tuple[_Step, _Step]:
+        """prefill: one slot, T new tokens; decode: B active slots, one token each. Both read only the cache
+        columns up to the last new position (K), so neither costs more for slots or positions not in use."""
+        i32, kv = ms.int32, self.kv_heads
+        prefill, decode = _Step(self.model), _Step(self.model)
         prefill.set_inputs(Tensor(shape=[1, None], dtype=i32), Tensor(shape=[1, None], dtype=i32),
                            Tensor(shape=[1, None, kv, 3], dtype=i32), Tensor(shape=[1], dtype=i32),
                            Tensor(shape=[None], dtype=i32))
-        decode.set_inputs(Tensor(shape=[mb, 1], dtype=i32), Tensor(shape=[mb, 1], dtype=i32),
-                          Tensor(shape=[mb, 1, kv, 3], dtype=i32))
+        decode.set_inputs(Tensor(shape=[None, 1], dtype=i32), Tensor(shape=[None, 1], dtype=i32),
+                          Tensor(shape=[None, 1, kv, 3], dtype=i32), Tensor(shape=[None], dtype=i32),
+                          Tensor(shape=[None], dtype=i32))
         return prefill, decode
 
     def compiled_graphs(self) -> dict[str, int]:
@@ -300,10 +318,21 @@ class Runner:
         return logits.asnumpy()[0]
 
     def run_decode(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """tokens, positions int32 [max_batch] -> logits [max_batch, V]."""
-        pos = np.asarray(positions, np.int32)[:, None]  # [B, 1]
-        idx = llama.cache_index(np.arange(self.max_batch), pos, self.kv_heads)
-        return self._decode(Tensor(np.asarray(tokens, np.int32)[:, None]), Tensor(pos), Tensor(idx)).asnumpy()
+        """tokens, positions int32 [max_batch] -> logits [max_batch, V] (zeros for idle slots). Only the
+        active slots run, each reading the cache columns up to the furthest active position: a lone
+        sequence costs the same whatever the number of slots."""
+        pos = np.asarray(positions, np.int32)
+        active = np.flatnonzero(pos != self.idle_position).astype(np.int32)
+        if active.size == 0:  # nothing to decode (warm-up): slot 0 writes its scratch column
+            active = np.zeros(1, np.int32)
+        rows = pos[active][:, None]  # [B, 1]
+        idx = llama.cache_index(active, rows, self.kv_heads)
+        key_positions = np.arange(int(rows.max()) + 1, dtype=np.int32)
+        logits = self._decode(Tensor(np.asarray(tokens, np.int32)[active][:, None]), Tensor(rows), Tensor(idx),
+                              Tensor(active), Tensor(key_positions)).asnumpy()
+        out = np.zeros((self.max_batch, logits.shape[-1]), np.float32)
+        out[active] = logits
+        return out
 
     def stage(self, model_dir: str) -> str | None:
         """Load this rank's shard of `model_dir` beside the live weights, checked. Returns None, or the error

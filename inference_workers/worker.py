@@ -240,7 +240,8 @@ def main(model_dir: str | Path, endpoint: str, ready_file: str | Path | None = N
         from codefill.inference_workers.runner import Runner
         from codefill.inference_workers.stops import token_bytes_of_model_dir
 
-        runner = Runner.from_model_dir(model_dir, max_seq_len=max_seq_len, max_batch=max_batch)
+        runner = Runner.from_model_dir(model_dir, max_seq_len=max_seq_len, max_batch=max_batch, compile_cache=True)
+        runner.warm_up()  # both graphs compiled (or loaded from the compile cache) before "ready"
         table = token_bytes_of_model_dir(model_dir)
     except Exception as e:
         report_error(ready_file, e)

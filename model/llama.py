@@ -22,8 +22,8 @@ cache row with a position mask (key j is visible to a query at position p iff j 
 - batched decode gives each row its own position (continuous batching),
 - stale entries past a row's position, left by an earlier longer sequence, are never seen.
 
-Column `max_seq_len` of the cache is scratch: a decode row whose slot is idle is given that position, so it
-writes there and its logits are ignored (all of the cache stays finite, so no NaN can leak into a live row).
+Column `max_seq_len` of the cache is scratch: a graph compiled before any sequence exists (the runner's
+warm-up) writes there, and no sequence reaches it (the cache stays finite, so no NaN can leak into a row).
 
 Shapes in comments: B batch rows, T new tokens, S = max_seq_len + 1 cache columns, K keys read, H query heads,
 KV key/value heads, R = H // KV, D head_dim, V vocab.
@@ -122,9 +122,8 @@ class Attention(nn.Cell):
 
     def construct(self, x, cos, sin, mask, cache_idx, slots, key_positions):
         # x [B, T, dim]; mask [B, 1, T*R, K]. cache_idx [B, T, KV, 3] of (slot, kv head, position), or None:
-        # no cache, the keys are the T new positions themselves (the training forward). With a cache, which
-        # keys are read: slots [B] (cache row of each batch row) and key_positions [K] (cache columns), or
-        # both None for the whole cache with row i = slot i (decode: no copy of the cache at all).
+        # no cache, the keys are the T new positions themselves (the training forward). With a cache, the keys
+        # read are those of slots [B] (cache row of each batch row) at key_positions [K] (cache columns).
         b, t = x.shape[0], x.shape[1]
         q = self.wq(x).reshape(b, t, self.n_heads, self.head_dim)
         k = self.wk(x).reshape(b, t, self.n_kv_heads, self.head_dim)
@@ -137,11 +136,10 @@ class Attention(nn.Cell):
             # Write the new keys/values in place; updates [B, T, KV, D] land at cache[slot, kv, pos].
             ops.scatter_nd_update(self.cache_k, cache_idx, k)
             ops.scatter_nd_update(self.cache_v, cache_idx, v)
-            if slots is None:
-                keys, values = self.cache_k, self.cache_v  # [B, KV, S, D]
-            else:  # [B, KV, K, D]: only the columns up to the last new position, so prefill cost follows its length
-                keys = ops.gather(ops.gather(self.cache_k, slots, 0), key_positions, 2)
-                values = ops.gather(ops.gather(self.cache_v, slots, 0), key_positions, 2)
+            # [B, KV, K, D]: only the rows in use and the columns up to the last new position, so a step's cost
+            # follows its sequences, not the size of the cache
+            keys = ops.gather(ops.gather(self.cache_k, slots, 0), key_positions, 2)
+            values = ops.gather(ops.gather(self.cache_v, slots, 0), key_positions, 2)
 
         # Grouped-query attention without copying K/V per query head: query head h = kv * R + r uses kv head
         # h // R (Hugging Face's repeat_kv), so rows (t, r) of [B, KV, T*R, D] go against kv head `kv` in one
@@ -191,11 +189,10 @@ class TransformerBlock(nn.Cell):
 class Transformer(nn.Cell):
     """Token ids in, logits out; all inputs int32.
 
-    Cached forward: `(tokens [B, T], positions [B, T], cache_idx [B, T, KV, 3], slots [B] | None,
-    key_positions [K] | None) -> logits [B, V]` of each row's last position, with the static KV cache updated
-    in place. Positions lie in [0, max_seq_len]; `max_seq_len` itself is the scratch column. With slots and
-    key_positions, row b reads cache row slots[b], columns key_positions (prefill: 0 .. its last position);
-    with None, row i reads all of slot i (decode). Callers build the index arrays with `cache_index`.
+    Cached forward: `(tokens [B, T], positions [B, T], cache_idx [B, T, KV, 3], slots [B], key_positions [K])
+    -> logits [B, V]` of each row's last position, with the static KV cache updated in place. Positions lie in
+    [0, max_seq_len]; `max_seq_len` itself is the scratch column. Row b reads cache row slots[b], columns
+    key_positions (0 .. the furthest new position). Callers build the index arrays with `cache_index`.
 
     All-position forward: `(tokens [B, T], positions [B, T]) -> logits [B, T, V]`, causal over each row's own
     positions, the cache neither read nor written.
@@ -210,7 +207,6 @@ class Transformer(nn.Cell):
         self.output = Linear(cfg.dim, cfg.vocab_size)
         cos, sin = rotary_tables(cfg.head_dim, max_seq_len + 1, cfg.rope_theta)
         self.rope_cos, self.rope_sin = Tensor(cos), Tensor(sin)  # [S, D] constants, not weights
-        self.key_positions = Tensor(np.arange(max_seq_len + 1, dtype=np.int32))  # [S]
 
     def construct(self, tokens, positions, cache_idx=None, slots=None, key_positions=None):
         x = self.tok_embeddings(tokens)  # [B, T, dim]
@@ -222,8 +218,6 @@ class Transformer(nn.Cell):
         query_pos = ops.tile(positions.expand_dims(-1), (1, 1, self.config.n_rep)).reshape(b, -1, 1)
         if cache_idx is None:
             key_pos = positions.reshape(b, 1, t)  # [B, 1, T]: the row's own positions
-        elif key_positions is None:
-            key_pos = self.key_positions.reshape(1, 1, -1)  # [1, 1, S]: the whole cache row
         else:
             key_pos = key_positions.reshape(1, 1, -1)  # [1, 1, K]
         visible = key_pos <= query_pos  # [B, T*R, K]

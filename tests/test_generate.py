@@ -211,3 +211,29 @@ def test_from_model_dir_defaults_to_the_models_own_context_when_it_is_short(tmp_
     assert Runner.from_model_dir(tiny).max_seq_len == 2048
     with pytest.raises(GenerationError, match=r"max_seq_len 512 must be in \[1, 256\]"):
         Runner.from_model_dir(short, max_seq_len=512)
+
+
+def test_a_decode_step_runs_only_the_active_slots():
+    """A lone sequence on a runner with 4 slots gets the logits it gets on a runner with 1 slot; idle slots
+    get zeros; any number of active slots runs through the one compiled decode graph."""
+    weights = random_weights(CFG)
+    one = Runner(CFG, weights, max_seq_len=48, max_batch=1)
+    four = Runner(CFG, weights, max_seq_len=48, max_batch=4)
+    prompts = {0: [1, 17, 42, 99], 2: [5, 9, 120, 33, 64, 200, 2], 3: [8, 8, 9]}
+    for slot, prompt in prompts.items():
+        four.prefill(prompt, slot, 0)
+    lone = prompts[2]
+    one.prefill(lone, 0, 0)
+    tokens, positions = [0] * 4, [four.idle_position] * 4
+    tokens[2], positions[2] = 7, len(lone)
+    logits = four.decode_step(tokens, positions)
+    np.testing.assert_allclose(logits[2], one.decode_step([7], [len(lone)])[0], rtol=1e-5, atol=1e-5)
+    assert not logits[[0, 1, 3]].any()
+    for slot in (0, 3):  # then three rows at once, each equal to its own step alone
+        tokens[slot], positions[slot] = 11, len(prompts[slot])
+    positions[2] += 1
+    both = four.decode_step(tokens, positions)
+    one_more = one.decode_step([7], [len(lone) + 1])[0]
+    np.testing.assert_allclose(both[2], one_more, rtol=1e-5, atol=1e-5)
+    assert not both[1].any() and both[0].any() and both[3].any()
+    assert four.compiled_graphs() == {"prefill": 1, "decode": 1}

@@ -414,3 +414,29 @@ def test_hung_model_turns_into_errors_and_not_ready(tmp_path):
         runner.release.set()
         thread.join(30)
     assert not thread.is_alive()
+
+
+def test_a_restarted_worker_loads_its_compiled_graphs_and_answers_the_same(tiny_dir, tmp_path, monkeypatch,
+                                                                            reference):
+    """The compile cache (runner.graph_cache_dir): the first start writes it, the second reads it; both serve
+    the in-process greedy tokens. Its key changes with what the graphs depend on."""
+    from codefill.inference_workers.runner import graph_cache_dir
+    from codefill.model.checkpoint import read_model_config
+
+    monkeypatch.setenv("CODEFILL_CACHE", str(tmp_path))
+    prompt = [1, 17, 42, 99, 230, 7]
+    for start in range(2):
+        process, endpoint = spawn_worker(tiny_dir, max_seq_len=MAX_SEQ_LEN, max_batch=2, timeout_s=300)
+        try:
+            with WorkerClient(endpoint, timeout_s=60) as c:
+                tokens, _ = c.complete(prompt, 6)
+        finally:
+            stop_worker(process)
+        assert [t.token_id for t in tokens] == [t for t, _ in reference(prompt, 6)]
+        cached = list((tmp_path / "graphs").glob("*/rank_0/*"))
+        assert cached, f"start {start}: no compile cache under {tmp_path}"
+    cfg = read_model_config(tiny_dir)[0]
+    key = graph_cache_dir(cfg, MAX_SEQ_LEN, 2, 0, 1)
+    assert key.parent == tmp_path / "graphs" and key.exists()
+    assert len({key, graph_cache_dir(cfg, MAX_SEQ_LEN, 4, 0, 1), graph_cache_dir(cfg, 256, 2, 0, 1),
+                graph_cache_dir(cfg, MAX_SEQ_LEN, 2, 1, 2)}) == 4

@@ -14,9 +14,11 @@ Two compiled MindSpore graphs share one Transformer and its cache:
 - prefill: one slot, T new tokens at positions start_pos .. start_pos+T-1 -> logits of the last one. T is a
   dynamic dimension (`Cell.set_inputs` with `None`), so one graph serves every prompt length; prompts longer
   than PREFILL_CHUNK are prefilled in chunks through it, which bounds the [KV, T*R, K] scores tensor;
-- decode: one token for every active slot at once ([B, 1], each row with its own slot and position; an idle
-  slot, given position `max_seq_len` by the caller, is left out) -> logits [max_batch, V]. B and the cache
-  columns read are dynamic too, so a decode step costs what its active sequences need.
+- decode: one token for every slot at once ([max_batch, 1], each row with its own position; row i is cache
+  slot i, an idle slot is given position `max_seq_len`, the scratch column) -> logits [max_batch, V]; and,
+  with several slots, a second decode graph for a step with one active slot ([1, 1], reading only that
+  slot's row), so a lone sequence does not pay for every slot. Their shapes are static: on CPU a graph with
+  dynamic shapes costs more per step than it saves (docs/benchmarks/README.md).
 
 Neither graph recompiles per token or per prompt length (`compiled_graphs()` counts; the tests check it).
 Why dynamic T and chunks rather than length buckets is measured in docs/benchmarks/.
@@ -76,14 +78,28 @@ class GenerationError(CodefillError, ValueError):
 
 
 class _Step(nn.Cell):
-    """One graph over the Transformer's cached forward (prefill and decode are two, with their own shapes)."""
+    """The prefill graph over the Transformer's cached forward."""
 
     def __init__(self, model):
-        super().__init__(auto_prefix=False)  # keep the Transformer's parameter names, shared by both graphs
+        super().__init__(auto_prefix=False)  # keep the Transformer's parameter names, shared by every graph
         self.model = model
 
     def construct(self, tokens, positions, cache_idx, slots, key_positions):
         return self.model(tokens, positions, cache_idx, slots, key_positions)
+
+
+class _Decode(_Step):
+    """Every slot, row i is slot i, the whole cache: no copy of it."""
+
+    def construct(self, tokens, positions, cache_idx):
+        return self.model(tokens, positions, cache_idx, None, None)
+
+
+class _DecodeOne(_Step):
+    """One slot's row of the cache."""
+
+    def construct(self, tokens, positions, cache_idx, slots):
+        return self.model(tokens, positions, cache_idx, slots, None)
 
 
 def check_ids(ids: Sequence[int], vocab_size: int) -> np.ndarray:
@@ -158,7 +174,7 @@ class Runner:
         shard_transformer(self.model, rank, world)
         self._shapes = shard_shapes(config, world)
         llama.load_weights(self.model, weights, self._shapes)
-        self._prefill, self._decode = self._graphs()
+        self._prefill, self._decode, self._decode_one = self._graphs()
         self._staged: dict[str, np.ndarray] | None = None  # a reload's shard, between stage and commit
         self._stage_error: Exception | None = None
         self.closed = False
@@ -172,22 +188,20 @@ class Runner:
         return cls(config, weights, max_seq_len=max_seq_len, max_batch=max_batch, rank=rank, world=world,
                    channel=channel, compile_cache=compile_cache)
 
-    def _graphs(self) -> tuple[_Step, _Step]:
-        """prefill: one slot, T new tokens; decode: B active slots, one token each. Both read only the cache
-        columns up to the last new position (K), so neither costs more for slots or positions not in use."""
-        i32, kv = ms.int32, self.kv_heads
-        prefill, decode = _Step(self.model), _Step(self.model)
+    def _graphs(self) -> tuple[_Step, _Decode, _DecodeOne | None]:
+        i32, kv, mb = ms.int32, self.kv_heads, self.max_batch
+        prefill = _Step(self.model)
         prefill.set_inputs(Tensor(shape=[1, None], dtype=i32), Tensor(shape=[1, None], dtype=i32),
-                           Tensor(shape=[1, None, kv, 3], dtype=i32), Tensor(shape=[1], dtype=i32),
+                           Tensor(shape=[1, None, kv], dtype=i32), Tensor(shape=[1], dtype=i32),
                            Tensor(shape=[None], dtype=i32))
-        decode.set_inputs(Tensor(shape=[None, 1], dtype=i32), Tensor(shape=[None, 1], dtype=i32),
-                          Tensor(shape=[None, 1, kv, 3], dtype=i32), Tensor(shape=[None], dtype=i32),
-                          Tensor(shape=[None], dtype=i32))
-        return prefill, decode
+        return prefill, _Decode(self.model), _DecodeOne(self.model) if mb > 1 else None
 
     def compiled_graphs(self) -> dict[str, int]:
         """Graphs compiled so far per entry point: 1 each once warm; more would be a recompile."""
-        return {"prefill": len(self._prefill.compile_cache), "decode": len(self._decode.compile_cache)}
+        graphs = {"prefill": len(self._prefill.compile_cache), "decode": len(self._decode.compile_cache)}
+        if self._decode_one is not None:
+            graphs["decode_one"] = len(self._decode_one.compile_cache)
+        return graphs
 
     # --- checked entry points (rank 0) ------------------------------------------------------------------
 
@@ -286,14 +300,19 @@ class Runner:
         return f"serving {path} on {self.world} rank(s)"
 
     def warm_up(self) -> None:
-        """Compile both graphs on every rank, writing only the scratch column of slot 0."""
+        """Compile every graph on every rank, writing only the scratch column of slot 0."""
         one = np.zeros(1, np.int32)
         self._announce(OP_PREFILL, 1, 0, self.idle_position, one)
         self.run_prefill_chunk(one, 0, self.idle_position)
         idle = np.full(self.max_batch, self.idle_position, np.int32)
         tokens = np.zeros(self.max_batch, np.int32)
         self._announce(OP_DECODE, self.max_batch, 0, 0, np.concatenate([tokens, idle]))
-        self.run_decode(tokens, idle)
+        self.run_decode(tokens, idle)  # no active slot: the all-slots graph
+        if self._decode_one is not None:  # slot 0 alone at position 0 (no sequence is there yet): the other
+            first = idle.copy()
+            first[0] = 0
+            self._announce(OP_DECODE, self.max_batch, 0, 0, np.concatenate([tokens, first]))
+            self.run_decode(tokens, first)
 
     def close(self) -> None:
         """Tell the other ranks to return from `follow`. Idempotent."""
@@ -311,28 +330,29 @@ class Runner:
     def run_prefill_chunk(self, ids: np.ndarray, slot: int, first: int) -> np.ndarray:
         """ids int32 [T] (T <= prefill_chunk) at positions first.. of `slot` -> logits [V] of the last one."""
         positions = np.arange(first, first + len(ids), dtype=np.int32)[None]  # [1, T]
-        idx = llama.cache_index(np.array([slot]), positions, self.kv_heads)  # [1, T, KV, 3]
+        idx = llama.cache_index(np.array([slot]), positions, self.kv_heads, self.max_seq_len + 1)  # [1, T, KV]
         key_positions = np.arange(first + len(ids), dtype=np.int32)  # attend to the cache up to here
         logits = self._prefill(Tensor(np.asarray(ids, np.int32)[None]), Tensor(positions), Tensor(idx),
                                Tensor(np.array([slot], np.int32)), Tensor(key_positions))
         return logits.asnumpy()[0]
 
     def run_decode(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """tokens, positions int32 [max_batch] -> logits [max_batch, V] (zeros for idle slots). Only the
-        active slots run, each reading the cache columns up to the furthest active position: a lone
-        sequence costs the same whatever the number of slots."""
-        pos = np.asarray(positions, np.int32)
-        active = np.flatnonzero(pos != self.idle_position).astype(np.int32)
-        if active.size == 0:  # nothing to decode (warm-up): slot 0 writes its scratch column
-            active = np.zeros(1, np.int32)
-        rows = pos[active][:, None]  # [B, 1]
-        idx = llama.cache_index(active, rows, self.kv_heads)
-        key_positions = np.arange(int(rows.max()) + 1, dtype=np.int32)
-        logits = self._decode(Tensor(np.asarray(tokens, np.int32)[active][:, None]), Tensor(rows), Tensor(idx),
-                              Tensor(active), Tensor(key_positions)).asnumpy()
-        out = np.zeros((self.max_batch, logits.shape[-1]), np.float32)
-        out[active] = logits
-        return out
+        """tokens, positions int32 [max_batch] -> logits [max_batch, V]. With one active slot of several, only
+        that slot runs (the other rows' logits are zeros: they are idle)."""
+        tokens, pos = np.asarray(tokens, np.int32), np.asarray(positions, np.int32)
+        active = np.flatnonzero(pos != self.idle_position)
+        if self._decode_one is not None and active.size == 1:
+            s = int(active[0])
+            rows = pos[s:s + 1, None]  # [1, 1]
+            idx = llama.cache_index(active, rows, self.kv_heads, self.max_seq_len + 1)
+            logits = self._decode_one(Tensor(tokens[s:s + 1, None]), Tensor(rows), Tensor(idx),
+                                      Tensor(active.astype(np.int32))).asnumpy()
+            out = np.zeros((self.max_batch, logits.shape[-1]), np.float32)
+            out[s] = logits[0]
+            return out
+        rows = pos[:, None]  # [B, 1]
+        idx = llama.cache_index(np.arange(self.max_batch), rows, self.kv_heads, self.max_seq_len + 1)
+        return self._decode(Tensor(tokens[:, None]), Tensor(rows), Tensor(idx)).asnumpy()
 
     def stage(self, model_dir: str) -> str | None:
         """Load this rank's shard of `model_dir` beside the live weights, checked. Returns None, or the error

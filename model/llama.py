@@ -13,17 +13,18 @@ No parallelism or adapters live here. Transforms swap child Cells of a built mod
 `weights.expected_shapes` (`layers.3.attention.wq.weight`), so `load_weights` fills a model from a dict of
 numpy arrays by name and refuses anything missing, extra or mis-shaped.
 
-The KV cache is static (gpt-fast style): every layer owns `cache_k` / `cache_v` Parameters of shape
-[max_batch, n_kv_heads, max_seq_len + 1, head_dim], preallocated once and updated in place with
-`scatter_nd_update`. A cached forward writes the new keys/values at their positions, then attends over the
+The KV cache is static (gpt-fast style): every layer owns `cache_k` / `cache_v` Parameters holding
+[max_batch, n_kv_heads, max_seq_len + 1, head_dim] values as rows of head_dim, row (slot * KV + kv) * S + pos,
+preallocated once and updated in place, row by row, with `ScatterUpdate` (`scatter_nd_update` on the 4-D
+tensor copies all of it on every write on CPU). A cached forward writes the new keys/values at their positions, then attends over the
 cache row with a position mask (key j is visible to a query at position p iff j <= p), so
 
 - prefill of only the new tokens of a prompt onto an existing cache (prefix reuse) is `start_pos > 0`,
 - batched decode gives each row its own position (continuous batching),
 - stale entries past a row's position, left by an earlier longer sequence, are never seen.
 
-Column `max_seq_len` of the cache is scratch: a graph compiled before any sequence exists (the runner's
-warm-up) writes there, and no sequence reaches it (the cache stays finite, so no NaN can leak into a row).
+Column `max_seq_len` of the cache is scratch: a decode row whose slot is idle is given that position, so it
+writes there and its logits are ignored (all of the cache stays finite, so no NaN can leak into a live row).
 
 Shapes in comments: B batch rows, T new tokens, S = max_seq_len + 1 cache columns, K keys read, H query heads,
 KV key/value heads, R = H // KV, D head_dim, V vocab.
@@ -117,13 +118,16 @@ class Attention(nn.Cell):
         self.wv = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
         self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim)
         self.cache_k, self.cache_v = kv_cache(max_batch, cfg.n_kv_heads, max_seq_len, cfg.head_dim)
+        self.max_batch = max_batch
+        self.write_rows = ops.ScatterUpdate()
         self.scale = 1.0 / float(np.sqrt(cfg.head_dim))
         self.scores_matmul = ops.BatchMatMul(transpose_b=True)  # q @ k^T without materialising k^T
 
     def construct(self, x, cos, sin, mask, cache_idx, slots, key_positions):
-        # x [B, T, dim]; mask [B, 1, T*R, K]. cache_idx [B, T, KV, 3] of (slot, kv head, position), or None:
+        # x [B, T, dim]; mask [B, 1, T*R, K]. cache_idx [B, T, KV]: the cache row of each new key, or None:
         # no cache, the keys are the T new positions themselves (the training forward). With a cache, the keys
-        # read are those of slots [B] (cache row of each batch row) at key_positions [K] (cache columns).
+        # read: slots [B] (cache row of each batch row; None: row i is slot i, every slot) and key_positions
+        # [K] (cache columns; None: all of them).
         b, t = x.shape[0], x.shape[1]
         q = self.wq(x).reshape(b, t, self.n_heads, self.head_dim)
         k = self.wk(x).reshape(b, t, self.n_kv_heads, self.head_dim)
@@ -134,12 +138,16 @@ class Attention(nn.Cell):
             keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, T, D]
         else:
             # Write the new keys/values in place; updates [B, T, KV, D] land at cache[slot, kv, pos].
-            ops.scatter_nd_update(self.cache_k, cache_idx, k)
-            ops.scatter_nd_update(self.cache_v, cache_idx, v)
-            # [B, KV, K, D]: only the rows in use and the columns up to the last new position, so a step's cost
-            # follows its sequences, not the size of the cache
-            keys = ops.gather(ops.gather(self.cache_k, slots, 0), key_positions, 2)
-            values = ops.gather(ops.gather(self.cache_v, slots, 0), key_positions, 2)
+            self.write_rows(self.cache_k, cache_idx, k)  # [B, T, KV, D] into rows [B, T, KV]
+            self.write_rows(self.cache_v, cache_idx, v)
+            if slots is None:  # decode of every slot: the whole cache [max_batch, KV, S, D]
+                keys = self.cache_k.reshape(self.max_batch, self.n_kv_heads, -1, self.head_dim)
+                values = self.cache_v.reshape(self.max_batch, self.n_kv_heads, -1, self.head_dim)
+            else:  # the rows of these slots at these columns [B, KV, K, D], read straight from the cache
+                columns = self.cache_k.shape[0] // (self.max_batch * self.n_kv_heads)
+                heads = ops.arange(0, self.n_kv_heads, dtype=ms.int32).reshape(1, -1, 1)
+                rows = (slots.reshape(-1, 1, 1) * self.n_kv_heads + heads) * columns + key_positions.reshape(1, 1, -1)
+                keys, values = ops.gather(self.cache_k, rows, 0), ops.gather(self.cache_v, rows, 0)
 
         # Grouped-query attention without copying K/V per query head: query head h = kv * R + r uses kv head
         # h // R (Hugging Face's repeat_kv), so rows (t, r) of [B, KV, T*R, D] go against kv head `kv` in one
@@ -153,9 +161,9 @@ class Attention(nn.Cell):
 
 
 def kv_cache(max_batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int) -> tuple[Parameter, Parameter]:
-    """Zeroed cache_k, cache_v [max_batch, KV, max_seq_len + 1, D]: heads before positions so attention reads
-    the cache without a transpose; the last column is the scratch column."""
-    shape = (max_batch, n_kv_heads, max_seq_len + 1, head_dim)
+    """Zeroed cache_k, cache_v [max_batch * KV * (max_seq_len + 1), D]: [max_batch, KV, S, D] in rows, heads
+    before positions so attention reads it without a transpose; the last column is the scratch column."""
+    shape = (max_batch * n_kv_heads * (max_seq_len + 1), head_dim)
     return (Parameter(Tensor(np.zeros(shape, np.float32)), name="cache_k", requires_grad=False),
             Parameter(Tensor(np.zeros(shape, np.float32)), name="cache_v", requires_grad=False))
 
@@ -189,10 +197,11 @@ class TransformerBlock(nn.Cell):
 class Transformer(nn.Cell):
     """Token ids in, logits out; all inputs int32.
 
-    Cached forward: `(tokens [B, T], positions [B, T], cache_idx [B, T, KV, 3], slots [B], key_positions [K])
-    -> logits [B, V]` of each row's last position, with the static KV cache updated in place. Positions lie in
-    [0, max_seq_len]; `max_seq_len` itself is the scratch column. Row b reads cache row slots[b], columns
-    key_positions (0 .. the furthest new position). Callers build the index arrays with `cache_index`.
+    Cached forward: `(tokens [B, T], positions [B, T], cache_idx [B, T, KV], slots [B] | None,
+    key_positions [K] | None) -> logits [B, V]` of each row's last position, with the static KV cache updated
+    in place. Positions lie in [0, max_seq_len]; `max_seq_len` itself is the scratch column. Row b reads
+    cache row slots[b] (None: row i is slot i), columns key_positions (None: all of them). Callers build the
+    index arrays with `cache_index`.
 
     All-position forward: `(tokens [B, T], positions [B, T]) -> logits [B, T, V]`, causal over each row's own
     positions, the cache neither read nor written.
@@ -207,6 +216,7 @@ class Transformer(nn.Cell):
         self.output = Linear(cfg.dim, cfg.vocab_size)
         cos, sin = rotary_tables(cfg.head_dim, max_seq_len + 1, cfg.rope_theta)
         self.rope_cos, self.rope_sin = Tensor(cos), Tensor(sin)  # [S, D] constants, not weights
+        self.key_positions = Tensor(np.arange(max_seq_len + 1, dtype=np.int32))  # [S]
 
     def construct(self, tokens, positions, cache_idx=None, slots=None, key_positions=None):
         x = self.tok_embeddings(tokens)  # [B, T, dim]
@@ -218,11 +228,15 @@ class Transformer(nn.Cell):
         query_pos = ops.tile(positions.expand_dims(-1), (1, 1, self.config.n_rep)).reshape(b, -1, 1)
         if cache_idx is None:
             key_pos = positions.reshape(b, 1, t)  # [B, 1, T]: the row's own positions
+        elif key_positions is None:
+            key_pos = self.key_positions.reshape(1, 1, -1)  # [1, 1, S]: the whole cache row
         else:
             key_pos = key_positions.reshape(1, 1, -1)  # [1, 1, K]
         visible = key_pos <= query_pos  # [B, T*R, K]
         zeros = ops.zeros_like(visible.astype(ms.float32))
         mask = ops.select(visible, zeros, zeros - 1e30).expand_dims(1)  # [B, 1, T*R, K]
+        if cache_idx is not None and slots is not None and key_positions is None:
+            key_positions = self.key_positions  # one slot's whole row
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache_idx, slots, key_positions)
         if cache_idx is None:
@@ -230,14 +244,12 @@ class Transformer(nn.Cell):
         return self.output(self.norm(x[:, -1]))  # only the last position's logits: [B, V]
 
 
-def cache_index(slots: np.ndarray, positions: np.ndarray, n_kv_heads: int) -> np.ndarray:
-    """(slot, kv head, position) for every new token: slots [B], positions [B, T] -> [B, T, KV, 3] int32."""
-    b, t = positions.shape
-    idx = np.empty((b, t, n_kv_heads, 3), np.int32)
-    idx[..., 0] = np.asarray(slots, np.int32).reshape(b, 1, 1)
-    idx[..., 1] = np.arange(n_kv_heads, dtype=np.int32)
-    idx[..., 2] = positions[:, :, None]
-    return idx
+def cache_index(slots: np.ndarray, positions: np.ndarray, n_kv_heads: int, n_columns: int) -> np.ndarray:
+    """The cache row of every new key: slots [B], positions [B, T] -> [B, T, KV] int32, row
+    (slot * KV + kv) * n_columns + position (n_columns = max_seq_len + 1)."""
+    slots = np.asarray(slots, np.int64).reshape(-1, 1, 1)
+    heads = np.arange(n_kv_heads, dtype=np.int64).reshape(1, 1, -1)
+    return ((slots * n_kv_heads + heads) * n_columns + np.asarray(positions, np.int64)[:, :, None]).astype(np.int32)
 
 
 def weight_parameters(model: Transformer) -> dict[str, Parameter]:

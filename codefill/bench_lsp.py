@@ -145,14 +145,17 @@ def _llama_server_pass(model_dir: Path, work: Path, text: str, cursor: int, n_ke
     except llamacpp.AnchorUnavailable as e:
         return {"unavailable": str(e)}, []
     tok = Tokenizer(tokenizer_path(model_dir))
-    prefix_budget, suffix_budget = 3 * max_prompt_tokens // 4, max_prompt_tokens // 4
+    # One window for every keystroke, as an editor plugin keeps it while the user types on one line: the prefix
+    # starts where the last keystroke's prefix fits 3/4 of the budget, the suffix is cut to the rest.
+    start = 0
+    while len(tok.encode(text[start:cursor + n_keys])) > 3 * max_prompt_tokens // 4:
+        start = text.index("\n", start + (cursor + n_keys - start) // 8) + 1
+    suffix = text[cursor + n_keys:]
+    while len(tok.encode(suffix)) > max_prompt_tokens // 4:
+        suffix = suffix[:suffix.rindex("\n", 0, len(suffix) * 7 // 8) + 1]
 
-    def window(prefix: str, suffix: str) -> tuple[str, str]:
-        while len(tok.encode(prefix)) > prefix_budget:
-            prefix = prefix[len(prefix) // 8:]
-        while len(tok.encode(suffix)) > suffix_budget:
-            suffix = suffix[:len(suffix) * 7 // 8]
-        return prefix, suffix
+    def window(prefix: str, _: str) -> tuple[str, str]:
+        return prefix[start:], suffix
 
     latencies = []
     with anchor.server(gguf, threads=os.cpu_count() or 1, log=work / "llama-server.log") as url:
@@ -178,6 +181,10 @@ def run(out_dir: str | Path, model_dir: str | Path | None = None, preset: str = 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_dir = _model_dir(out_dir, model_dir, preset, seed)
+    from codefill.model.checkpoint import read_model_config
+
+    max_seq_len = min(max_seq_len, read_model_config(model_dir)[0].max_seq_len)  # the model's own context
+    max_prompt_tokens = min(max_prompt_tokens, max_seq_len - max_new_tokens)
     source = Path(sysconfig.get_paths()["stdlib"]) / SOURCE_FILE
     text = source.read_text()
     cursor = text.index("\n", 12_000) + 1  # the start of a line well inside the file

@@ -11,6 +11,7 @@ MindSpore's own collectives; no extra sockets)
                                            op STAGE:   payload = a model directory's path, n UTF-8 bytes
                                                        packed 4 to an int32 (little-endian; up to 2 KB)
                                            op COMMIT / DISCARD: switch to the staged weights / drop them
+                                           op VERIFY:  as PREFILL, through the graph with every position's logits
 
 padded to HEADER + max(PREFILL_CHUNK, 2 * max_batch) values, so the broadcast graph compiles once. Then every
 rank runs the same graph on its shard; the collectives inside it keep the ranks in step. Followers loop in
@@ -47,6 +48,7 @@ PREFILL_CHUNK = 512  # tokens per prefill graph call; longer prompts are prefill
 HEADER = 4  # op, n, slot, start_pos
 OP_PREFILL, OP_DECODE, OP_STOP = 1, 2, 3
 OP_STAGE, OP_COMMIT, OP_DISCARD = 4, 5, 6
+OP_VERIFY = 7
 STATUS_LEN = 256  # one rank's reload report in the AllGather: [ok, then up to 255 bytes of its error]
 
 
@@ -154,6 +156,8 @@ def follow(runner, channel: Channel) -> int:
             return steps
         if op == OP_PREFILL:
             runner.run_prefill_chunk(payload[:n], slot, start_pos)
+        elif op == OP_VERIFY:
+            runner.run_verify(payload[:n], slot, start_pos)
         elif op == OP_DECODE:
             b = runner.max_batch
             runner.run_decode(payload[:b], payload[b:2 * b])

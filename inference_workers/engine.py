@@ -67,10 +67,11 @@ class EngineConfig:
     prefix_reuse: bool = True  # prefill only what a cached slot does not already hold
     inflight_extension: bool = True  # continue (or take over) a greedy decode the new prompt extends
     reload_timeout_s: float = 600.0  # loading new weights (every rank) longer than this fails the engine
+    speculate: int = 4  # a lone greedy request drafts up to this many ids from its own context (0: off)
 
     def __post_init__(self) -> None:
         if self.max_queue < 0 or self.prefill_chunk < 1 or self.step_timeout_s <= 0 or self.drain_timeout_s < 0 \
-                or self.reload_timeout_s <= 0:
+                or self.reload_timeout_s <= 0 or not 0 <= self.speculate <= 64:
             raise ValueError(f"bad EngineConfig: {self}")
 
 
@@ -135,6 +136,7 @@ class Engine:
         self._call_limit = config.step_timeout_s
         self._reload: tuple[bytes, ReloadWeights] | None = None  # pending: admission is stopped until it ran
         self.weights_version = 0  # reloads completed
+        self.drafted = self.accepted = 0  # speculation: ids drafted, and of those, kept
         self._thread: threading.Thread | None = None
         self._heal_masks: dict[bytes, np.ndarray] = {}  # token healing: required bytes -> allowed tokens
 
@@ -287,6 +289,10 @@ class Engine:
             rows = [r for r in self.active.values() if r.state is State.DECODE]
             if not rows:
                 return True
+            draft = self._draft(rows[0]) if len(rows) == 1 else []
+        if draft:
+            return self._speculate(rows[0], draft)
+        with self.lock:
             tokens = [0] * self.runner.max_batch
             positions = [self.runner.idle_position] * self.runner.max_batch
             for r in rows:
@@ -300,6 +306,47 @@ class Engine:
                 for r in rows:
                     if r.state is State.DECODE:
                         self._decoded(r, logits[r.slot.index])
+        return True
+
+    # --- prompt-lookup speculation: several tokens per step for a lone greedy request ------------------
+
+    def _draft(self, r: Request) -> list[int]:
+        """Up to `speculate` ids that followed the latest earlier occurrence of the context's last n-gram
+        (n = 3, 2, 1) in the request's own context: code repeats itself, and a wrong draft costs only the ids
+        verified with it. Empty when the request may not speculate."""
+        k = min(self.config.speculate, r.stops.max_new_tokens - r.stops.n_generated - 1,
+                self.runner.max_seq_len - len(r.slot.tokens) - 1)
+        if k < 1 or not r.greedy or r.heal:
+            return []
+        context = r.slot.tokens + [r.feed]
+        for n in (3, 2, 1):
+            if len(context) <= n:
+                continue
+            tail = context[-n:]
+            for start in range(len(context) - n - 1, -1, -1):
+                if context[start:start + n] == tail:
+                    return context[start + n:start + n + k]
+        return []
+
+    def _speculate(self, r: Request, draft: list[int]) -> bool:
+        """Feed the request's next id and the draft in one step; keep what greedy decoding would have made."""
+        slot = r.slot
+        ids, start = [r.feed] + draft, len(slot.tokens)
+        logits = self._call(f"verify of {len(ids)} ids in slot {slot.index} at position {start}",
+                            lambda: self.runner.verify(ids, slot.index, start), [r])
+        with self.lock:
+            if self.failed or self.closed:
+                return False
+            if logits is None:
+                return True
+            self.drafted += len(draft)
+            for i, row in enumerate(logits):
+                if r.state is not State.DECODE:
+                    break
+                self._decoded(r, row)  # feeds ids[i], samples the next id
+                if i == len(draft) or r.feed != draft[i]:
+                    break  # the draft ends or differs: the cache past here holds ids greedy did not make
+                self.accepted += 1
         return True
 
     # --- scheduling (under the lock) -------------------------------------------------------------------

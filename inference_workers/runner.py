@@ -60,6 +60,7 @@ from .coordination import (
     OP_DISCARD,
     OP_PREFILL,
     OP_STAGE,
+    OP_VERIFY,
     OP_STOP,
     PREFILL_CHUNK,
     LocalChannel,
@@ -86,6 +87,13 @@ class _Step(nn.Cell):
 
     def construct(self, tokens, positions, cache_idx, slots, key_positions):
         return self.model(tokens, positions, cache_idx, slots, key_positions)
+
+
+class _Verify(_Step):
+    """The prefill graph with the logits of every new position."""
+
+    def construct(self, tokens, positions, cache_idx, slots, key_positions):
+        return self.model(tokens, positions, cache_idx, slots, key_positions, True)
 
 
 class _Decode(_Step):
@@ -190,15 +198,18 @@ class Runner:
 
     def _graphs(self) -> tuple[_Step, _Decode, _DecodeOne | None]:
         i32, kv, mb = ms.int32, self.kv_heads, self.max_batch
-        prefill = _Step(self.model)
-        prefill.set_inputs(Tensor(shape=[1, None], dtype=i32), Tensor(shape=[1, None], dtype=i32),
-                           Tensor(shape=[1, None, kv], dtype=i32), Tensor(shape=[1], dtype=i32),
-                           Tensor(shape=[None], dtype=i32))
+        prefill, self._verify = _Step(self.model), _Verify(self.model)
+        for graph in (prefill, self._verify):
+            graph.set_inputs(Tensor(shape=[1, None], dtype=i32), Tensor(shape=[1, None], dtype=i32),
+                             Tensor(shape=[1, None, kv], dtype=i32), Tensor(shape=[1], dtype=i32),
+                             Tensor(shape=[None], dtype=i32))
         return prefill, _Decode(self.model), _DecodeOne(self.model) if mb > 1 else None
 
     def compiled_graphs(self) -> dict[str, int]:
         """Graphs compiled so far per entry point: 1 each once warm; more would be a recompile."""
         graphs = {"prefill": len(self._prefill.compile_cache), "decode": len(self._decode.compile_cache)}
+        if len(self._verify.compile_cache):  # compiled on first use: only servers that speculate need it
+            graphs["verify"] = len(self._verify.compile_cache)
         if self._decode_one is not None:
             graphs["decode_one"] = len(self._decode_one.compile_cache)
         return graphs
@@ -222,6 +233,22 @@ class Runner:
             chunk = ids[begin:begin + self.prefill_chunk]
             self._announce(OP_PREFILL, len(chunk), slot, start_pos + begin, chunk)
             logits = self.run_prefill_chunk(chunk, slot, start_pos + begin)
+        self.busy = False
+        return logits
+
+    def verify(self, ids: Sequence[int], slot: int, start_pos: int) -> np.ndarray:
+        """Like `prefill` of a few ids (at most one chunk), but the logits of every one: [len(ids), V]. Used to
+        check drafted tokens in one step; positions past the accepted ones are simply overwritten later."""
+        ids = check_ids(ids, self.vocab_size)
+        if not 0 <= slot < self.max_batch or len(ids) > self.prefill_chunk:
+            raise GenerationError(f"verify of {len(ids)} ids in slot {slot}: at most {self.prefill_chunk} ids, "
+                                  f"slot in [0, {self.max_batch})")
+        if start_pos < 0 or start_pos + len(ids) > self.max_seq_len:
+            raise GenerationError(f"verify of {len(ids)} tokens at start_pos {start_pos} does not fit the cache "
+                                  f"(max_seq_len {self.max_seq_len})")
+        self.busy = True
+        self._announce(OP_VERIFY, len(ids), slot, start_pos, ids)
+        logits = self.run_verify(ids, slot, start_pos)
         self.busy = False
         return logits
 
@@ -327,14 +354,18 @@ class Runner:
 
     # --- unchecked steps: what every rank runs ----------------------------------------------------------
 
-    def run_prefill_chunk(self, ids: np.ndarray, slot: int, first: int) -> np.ndarray:
-        """ids int32 [T] (T <= prefill_chunk) at positions first.. of `slot` -> logits [V] of the last one."""
+    def run_prefill_chunk(self, ids: np.ndarray, slot: int, first: int, graph=None) -> np.ndarray:
+        """ids int32 [T] (T <= prefill_chunk) at positions first.. of `slot` -> logits [V] of the last one
+        (or [T, V] of every one through the verify graph)."""
         positions = np.arange(first, first + len(ids), dtype=np.int32)[None]  # [1, T]
         idx = llama.cache_index(np.array([slot]), positions, self.kv_heads, self.max_seq_len + 1)  # [1, T, KV]
         key_positions = np.arange(first + len(ids), dtype=np.int32)  # attend to the cache up to here
-        logits = self._prefill(Tensor(np.asarray(ids, np.int32)[None]), Tensor(positions), Tensor(idx),
-                               Tensor(np.array([slot], np.int32)), Tensor(key_positions))
+        logits = (graph or self._prefill)(Tensor(np.asarray(ids, np.int32)[None]), Tensor(positions), Tensor(idx),
+                                          Tensor(np.array([slot], np.int32)), Tensor(key_positions))
         return logits.asnumpy()[0]
+
+    def run_verify(self, ids: np.ndarray, slot: int, first: int) -> np.ndarray:
+        return self.run_prefill_chunk(ids, slot, first, self._verify)
 
     def run_decode(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """tokens, positions int32 [max_batch] -> logits [max_batch, V]. With one active slot of several, only

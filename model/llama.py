@@ -201,7 +201,8 @@ class Transformer(nn.Cell):
     key_positions [K] | None) -> logits [B, V]` of each row's last position, with the static KV cache updated
     in place. Positions lie in [0, max_seq_len]; `max_seq_len` itself is the scratch column. Row b reads
     cache row slots[b] (None: row i is slot i), columns key_positions (None: all of them). Callers build the
-    index arrays with `cache_index`.
+    index arrays with `cache_index`. `every_position=True`: logits [B, T, V] of every new position (verifying
+    drafted tokens).
 
     All-position forward: `(tokens [B, T], positions [B, T]) -> logits [B, T, V]`, causal over each row's own
     positions, the cache neither read nor written.
@@ -218,7 +219,7 @@ class Transformer(nn.Cell):
         self.rope_cos, self.rope_sin = Tensor(cos), Tensor(sin)  # [S, D] constants, not weights
         self.key_positions = Tensor(np.arange(max_seq_len + 1, dtype=np.int32))  # [S]
 
-    def construct(self, tokens, positions, cache_idx=None, slots=None, key_positions=None):
+    def construct(self, tokens, positions, cache_idx=None, slots=None, key_positions=None, every_position=False):
         x = self.tok_embeddings(tokens)  # [B, T, dim]
         cos = ops.gather(self.rope_cos, positions, 0).expand_dims(2)  # [B, T, 1, D]
         sin = ops.gather(self.rope_sin, positions, 0).expand_dims(2)
@@ -239,7 +240,7 @@ class Transformer(nn.Cell):
             key_positions = self.key_positions  # one slot's whole row
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache_idx, slots, key_positions)
-        if cache_idx is None:
+        if cache_idx is None or every_position:
             return self.output(self.norm(x))  # every position: [B, T, V]
         return self.output(self.norm(x[:, -1]))  # only the last position's logits: [B, V]
 

@@ -165,7 +165,8 @@ def cmd_worker(args: argparse.Namespace) -> None:
         prefill_chunk=d.prefill_chunk if args.prefill_chunk is None else args.prefill_chunk,
         step_timeout_s=d.step_timeout_s if args.step_timeout is None else args.step_timeout,
         drain_timeout_s=d.drain_timeout_s if args.drain_timeout is None else args.drain_timeout,
-        prefix_reuse=not args.no_prefix_reuse, inflight_extension=not args.no_inflight_extension)
+        prefix_reuse=not args.no_prefix_reuse, inflight_extension=not args.no_inflight_extension,
+        speculate=d.speculate if args.speculate is None else args.speculate)
     worker_main(Path(args.model), args.endpoint, args.ready_file, max_seq_len=args.max_seq_len,
                 max_batch=args.max_batch, parent_pid=args.parent_pid, config=config,
                 allow_remote=args.allow_remote, keys=_server_keys(args))
@@ -516,6 +517,8 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drain-timeout", type=float, help="seconds in-flight requests may run after SIGTERM")
     p.add_argument("--no-prefix-reuse", action="store_true")
     p.add_argument("--no-inflight-extension", action="store_true")
+    p.add_argument("--speculate", type=int, metavar="N",
+                   help="ids a lone greedy request drafts from its own context per step (0: off; default 4)")
     p.add_argument("--parent-pid", type=int, help="exit when this process stops being the parent")
     _remote_args(p)
     p.set_defaults(func=cmd_worker)

@@ -152,6 +152,7 @@ def worker_command(model_dir: str | Path, endpoint: str, ready_file: Path, *, ma
                 "--step-timeout", str(engine.step_timeout_s), "--drain-timeout", str(engine.drain_timeout_s)]
         cmd += [] if engine.prefix_reuse else ["--no-prefix-reuse"]
         cmd += [] if engine.inflight_extension else ["--no-inflight-extension"]
+        cmd += ["--speculate", str(engine.speculate)]
     return cmd
 
 

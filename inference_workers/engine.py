@@ -312,14 +312,14 @@ class Engine:
 
     def _draft(self, r: Request) -> list[int]:
         """Up to `speculate` ids that followed the latest earlier occurrence of the context's last n-gram
-        (n = 3, 2, 1) in the request's own context: code repeats itself, and a wrong draft costs only the ids
+        (n = 3, then 2) in the request's own context: code repeats itself, and a wrong draft costs only the ids
         verified with it. Empty when the request may not speculate."""
         k = min(self.config.speculate, r.stops.max_new_tokens - r.stops.n_generated - 1,
                 self.runner.max_seq_len - len(r.slot.tokens) - 1)
         if k < 1 or not r.greedy or r.heal:
             return []
         context = r.slot.tokens + [r.feed]
-        for n in (3, 2, 1):
+        for n in (3, 2):
             if len(context) <= n:
                 continue
             tail = context[-n:]

@@ -316,11 +316,13 @@ def test_health_reports_ready_queue_and_slots(client):
 def test_overload_and_deadline_over_the_socket(tiny_dir):
     from codefill.inference_workers.engine import EngineConfig
 
-    process, endpoint = spawn_worker(tiny_dir, max_seq_len=MAX_SEQ_LEN, max_batch=1,
-                                     engine=EngineConfig(max_queue=1))
+    # A warmed-up tiny model decodes fast: the long request gets the whole 2048-position context and no
+    # speculation, so it still holds the only slot when the other two arrive.
+    process, endpoint = spawn_worker(tiny_dir, max_seq_len=2048, max_batch=1,
+                                     engine=EngineConfig(max_queue=1, speculate=0))
     try:
         with WorkerClient(endpoint, timeout_s=60) as c:
-            long = c.generate(PROMPT, MAX_SEQ_LEN - len(PROMPT))
+            long = c.generate(PROMPT, 2048 - len(PROMPT))
             next(long)  # holds the only slot
             c.send(GenerateRequest("queued", PROMPT, 2, deadline_ms=1.0))  # fills the queue, expires there
             with pytest.raises(WorkerOverloaded, match=r"overloaded: 1 requests queued \(max_queue 1\)"):

@@ -3,7 +3,7 @@
 A model too big for one process (Code Llama 34B on tensor-parallel ranks, `codefill workers --tp N`) is measured
 where it is served: the evaluation tokenizes with the MODEL_DIR's tokenizer (workers see token ids only, as with
 the language server), sends each prompt as a GenerateRequest and reads the tokens back. The answers are the same
-tokens the in-process Generator gives (the engine's tests check that), so the two paths score alike.
+tokens the in-process Runner gives (the engine's tests check that), so the two paths score alike.
 
     fim_complete(client)                      -> training.fim_eval.Complete (ids -> ids), for infilling
     text_complete(client, tok, config, ...)   -> humaneval.Complete (prompt text, seed -> completion text);

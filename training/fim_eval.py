@@ -1,7 +1,7 @@
 """Fill-in-the-middle evaluation on held-out files: deterministic tasks, greedy infill, two metrics.
 
     tasks = make_tasks(root, paths, FimEvalConfig())        # from the held-out list tokenize_fim writes
-    score = evaluate_model_dir(model_dir, tasks, config)    # an in-process Generator, greedy
+    score = evaluate_model_dir(model_dir, tasks, config)    # an in-process Runner, greedy
     score = evaluate(tasks, tok, complete, config)          # any `complete(prompt_ids, max_new, stop_ids)`
     print(score.report("after")); score.better_than(before)
 

@@ -97,14 +97,14 @@ class _Verify(_Step):
 
 
 class _Decode(_Step):
-    """Every slot, row i is slot i, the whole cache: no copy of it."""
+    """Every slot, row i is slot i, every cache column."""
 
     def construct(self, tokens, positions, cache_idx):
         return self.model(tokens, positions, cache_idx, None, None)
 
 
 class _DecodeOne(_Step):
-    """One slot's row of the cache."""
+    """One slot, every cache column of its rows only."""
 
     def construct(self, tokens, positions, cache_idx, slots):
         return self.model(tokens, positions, cache_idx, slots, None)
@@ -222,12 +222,7 @@ class Runner:
         Positions before start_pos must already hold this sequence's keys/values (an earlier prefill or
         decode of the same slot): that is prefix reuse.
         """
-        ids = check_ids(ids, self.vocab_size)
-        if not 0 <= slot < self.max_batch:
-            raise GenerationError(f"slot {slot} out of range [0, {self.max_batch})")
-        if start_pos < 0 or start_pos + len(ids) > self.max_seq_len:
-            raise GenerationError(f"prefill of {len(ids)} tokens at start_pos {start_pos} does not fit the cache "
-                                  f"(max_seq_len {self.max_seq_len})")
+        ids = self._check_write("prefill", ids, slot, start_pos)
         self.busy = True
         for begin in range(0, len(ids), self.prefill_chunk):
             chunk = ids[begin:begin + self.prefill_chunk]
@@ -239,18 +234,24 @@ class Runner:
     def verify(self, ids: Sequence[int], slot: int, start_pos: int) -> np.ndarray:
         """Like `prefill` of a few ids (at most one chunk), but the logits of every one: [len(ids), V]. Used to
         check drafted tokens in one step; positions past the accepted ones are simply overwritten later."""
-        ids = check_ids(ids, self.vocab_size)
-        if not 0 <= slot < self.max_batch or len(ids) > self.prefill_chunk:
-            raise GenerationError(f"verify of {len(ids)} ids in slot {slot}: at most {self.prefill_chunk} ids, "
-                                  f"slot in [0, {self.max_batch})")
-        if start_pos < 0 or start_pos + len(ids) > self.max_seq_len:
-            raise GenerationError(f"verify of {len(ids)} tokens at start_pos {start_pos} does not fit the cache "
-                                  f"(max_seq_len {self.max_seq_len})")
+        ids = self._check_write("verify", ids, slot, start_pos)
+        if len(ids) > self.prefill_chunk:
+            raise GenerationError(f"verify of {len(ids)} ids: at most {self.prefill_chunk} (one chunk)")
         self.busy = True
         self._announce(OP_VERIFY, len(ids), slot, start_pos, ids)
         logits = self.run_verify(ids, slot, start_pos)
         self.busy = False
         return logits
+
+    def _check_write(self, what: str, ids: Sequence[int], slot: int, start_pos: int) -> np.ndarray:
+        """The checks of writing `ids` into `slot` from `start_pos`: ids as int32 [T], or GenerationError."""
+        ids = check_ids(ids, self.vocab_size)
+        if not 0 <= slot < self.max_batch:
+            raise GenerationError(f"slot {slot} out of range [0, {self.max_batch})")
+        if start_pos < 0 or start_pos + len(ids) > self.max_seq_len:
+            raise GenerationError(f"{what} of {len(ids)} tokens at start_pos {start_pos} does not fit the cache "
+                                  f"(max_seq_len {self.max_seq_len})")
+        return ids
 
     def decode_step(self, tokens: Sequence[int], positions: Sequence[int]) -> np.ndarray:
         """One token per slot: tokens[i] at positions[i] in slot i -> logits [max_batch, V].

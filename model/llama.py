@@ -126,8 +126,8 @@ class Attention(nn.Cell):
     def construct(self, x, cos, sin, mask, cache_idx, slots, key_positions):
         # x [B, T, dim]; mask [B, 1, T*R, K]. cache_idx [B, T, KV]: the cache row of each new key, or None:
         # no cache, the keys are the T new positions themselves (the training forward). With a cache, the keys
-        # read: slots [B] (cache row of each batch row; None: row i is slot i, every slot) and key_positions
-        # [K] (cache columns; None: all of them).
+        # read: slots [B] (cache row of each batch row; None: row i is slot i, every slot and every column)
+        # at key_positions [K] (cache columns).
         b, t = x.shape[0], x.shape[1]
         q = self.wq(x).reshape(b, t, self.n_heads, self.head_dim)
         k = self.wk(x).reshape(b, t, self.n_kv_heads, self.head_dim)
@@ -137,8 +137,8 @@ class Attention(nn.Cell):
         if cache_idx is None:
             keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, T, D]
         else:
-            # Write the new keys/values in place; updates [B, T, KV, D] land at cache[slot, kv, pos].
-            self.write_rows(self.cache_k, cache_idx, k)  # [B, T, KV, D] into rows [B, T, KV]
+            # Write the new keys/values in place: [B, T, KV, D] into the rows cache_idx [B, T, KV] names.
+            self.write_rows(self.cache_k, cache_idx, k)
             self.write_rows(self.cache_v, cache_idx, v)
             if slots is None:  # decode of every slot: the whole cache [max_batch, KV, S, D]
                 keys = self.cache_k.reshape(self.max_batch, self.n_kv_heads, -1, self.head_dim)
@@ -229,15 +229,13 @@ class Transformer(nn.Cell):
         query_pos = ops.tile(positions.expand_dims(-1), (1, 1, self.config.n_rep)).reshape(b, -1, 1)
         if cache_idx is None:
             key_pos = positions.reshape(b, 1, t)  # [B, 1, T]: the row's own positions
-        elif key_positions is None:
-            key_pos = self.key_positions.reshape(1, 1, -1)  # [1, 1, S]: the whole cache row
         else:
+            if key_positions is None:  # decode: every column of the cache rows
+                key_positions = self.key_positions
             key_pos = key_positions.reshape(1, 1, -1)  # [1, 1, K]
         visible = key_pos <= query_pos  # [B, T*R, K]
         zeros = ops.zeros_like(visible.astype(ms.float32))
         mask = ops.select(visible, zeros, zeros - 1e30).expand_dims(1)  # [B, 1, T*R, K]
-        if cache_idx is not None and slots is not None and key_positions is None:
-            key_positions = self.key_positions  # one slot's whole row
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache_idx, slots, key_positions)
         if cache_idx is None or every_position:

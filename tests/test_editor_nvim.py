@@ -12,6 +12,7 @@ Run by scripts/test_editors.sh (CODEFILL_EDITOR_TESTS=1); scripts/setup_editors.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -161,19 +162,26 @@ def headless(request, tmp_path, tiny_dir, fake):
     path = tmp_path / "work" / "add.py"
     path.parent.mkdir()
     path.write_text(SOURCE)
-    sock = tmp_path / "nvim.sock"
-    env = editor_env(tmp_path)
     init = write_init(tmp_path, tiny_dir, fake.endpoint, mode=getattr(request, "param", "inline"))
+    with running_nvim(tmp_path, init, path, editor_env(tmp_path)) as (_, nvim):
+        yield nvim, path
+
+
+@contextlib.contextmanager
+def running_nvim(tmp_path: Path, init: Path, path: Path, env: dict):
+    """Headless Neovim on `path` with `init`, once its codefill client is attached: (process, Nvim)."""
+    sock = tmp_path / "nvim.sock"
     proc = subprocess.Popen([NVIM, "--headless", "--listen", str(sock), "-u", str(init), str(path)],
                             env=env, cwd=path.parent, stdin=subprocess.DEVNULL)
     try:
         wait_for_socket(sock, proc)
         nvim = Nvim(sock, env)
         nvim.wait('#vim.lsp.get_clients({name = "codefill", bufnr = 0}) > 0', what="the codefill client")
-        yield nvim, path
+        yield proc, nvim
     finally:
-        proc.terminate()
-        proc.wait(10)
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(10)
 
 
 def test_ghost_text_and_accept(headless, fake):
@@ -239,14 +247,8 @@ def test_minimal_setup_serves_the_bundled_model_without_a_message(tmp_path, call
     init = tmp_path / "init.lua"
     init.write_text(f'vim.opt.runtimepath:prepend({json.dumps(str(PLUGIN))})\nvim.opt.swapfile = false\n'
                     f'require("codefill").{call}\n')
-    sock = tmp_path / "nvim.sock"
     env = {**editor_env(tmp_path), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.Popen([NVIM, "--headless", "--listen", str(sock), "-u", str(init), str(path)],
-                            env=env, cwd=path.parent, stdin=subprocess.DEVNULL)
-    try:
-        wait_for_socket(sock, proc)
-        nvim = Nvim(sock, env)
-        nvim.wait('#vim.lsp.get_clients({name = "codefill", bufnr = 0}) > 0', what="the codefill client")
+    with running_nvim(tmp_path, init, path, env) as (proc, nvim):
         client = 'vim.lsp.get_clients({name = "codefill"})[1]'
         assert nvim.lua(f"{client}.config.cmd") == ["codefill", "serve", "--stdio"]
         # sent as a JSON object, not as the [] that an empty Lua table encodes to
@@ -263,10 +265,6 @@ def test_minimal_setup_serves_the_bundled_model_without_a_message(tmp_path, call
         assert nvim.lua("{vim.v.errmsg, vim.v.warningmsg}") == ["", ""]
         nvim.keys("<Esc>:qa!<CR>")
         proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(10)
 
 
 def test_checkhealth(headless):

@@ -52,6 +52,7 @@ from codefill.model import llama
 from codefill.model.checkpoint import CheckpointError
 from codefill.model.config import LlamaConfig
 from codefill.model.device import configure_mindspore
+from codefill.model.kernels import load as load_kernels, use_kernels
 from codefill.model.sampling import SamplingConfig, log_softmax, sample
 
 from .coordination import (
@@ -131,10 +132,12 @@ def check_same_architecture(serving: LlamaConfig, new: LlamaConfig, where: str) 
         raise CheckpointError(f"{where} has another architecture than the serving model: {', '.join(diff)}")
 
 
-def graph_cache_dir(config: LlamaConfig, max_seq_len: int, max_batch: int, rank: int, world: int) -> Path:
+def graph_cache_dir(config: LlamaConfig, max_seq_len: int, max_batch: int, rank: int, world: int,
+                    kernels: Path | None = None) -> Path:
     """Where a worker keeps its compiled graphs between restarts (MindSpore's compile cache), one directory per
-    everything the graphs depend on: architecture, cache shape, rank and TP size, MindSpore's version and the
-    source of the modules that build them. Weights are graph inputs, so new weights reuse the graphs."""
+    everything the graphs depend on: architecture, cache shape, rank and TP size, MindSpore's version, the
+    source of the modules that build them and the kernel library they call (None: the stock ops). Weights
+    are graph inputs, so new weights reuse the graphs."""
     import hashlib
     import json
 
@@ -142,7 +145,7 @@ def graph_cache_dir(config: LlamaConfig, max_seq_len: int, max_batch: int, rank:
     import codefill.model.llama as llama_module
 
     parts = [json.dumps(config.to_dict(), sort_keys=True), f"{max_seq_len} {max_batch} {rank} {world}",
-             ms.__version__, *(Path(m.__file__).read_text() for m in (llama_module, tp_cells)),
+             ms.__version__, str(kernels), *(Path(m.__file__).read_text() for m in (llama_module, tp_cells)),
              Path(__file__).read_text()]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
     return Path(os.environ.get("CODEFILL_CACHE", Path.home() / ".cache" / "codefill")) / "graphs" / key
@@ -169,7 +172,8 @@ class Runner:
             raise TensorParallelError(f"a channel is needed exactly when there are other ranks (world {world})")
         # Workers keep their compiled graphs across restarts (CODEFILL_COMPILE_CACHE=0 turns that off).
         use_cache = compile_cache and os.environ.get("CODEFILL_COMPILE_CACHE", "1") != "0"
-        configure_mindspore(compile_cache=graph_cache_dir(config, max_seq_len, max_batch, rank, world)
+        kernels = load_kernels()  # CPU: the serving kernels, or why the stock ops are used
+        configure_mindspore(compile_cache=graph_cache_dir(config, max_seq_len, max_batch, rank, world, kernels.library)
                             if use_cache else None)
         self.config, self.rank, self.world = config, rank, world
         self.max_seq_len, self.max_batch = max_seq_len, max_batch
@@ -180,6 +184,7 @@ class Runner:
         self.kv_heads = config.n_kv_heads // world  # the KV heads this rank's cache holds
         self.model = llama.Transformer(config, max_batch=max_batch, max_seq_len=max_seq_len)
         shard_transformer(self.model, rank, world)
+        self.kernels = use_kernels(self.model, kernels)
         self._shapes = shard_shapes(config, world)
         llama.load_weights(self.model, weights, self._shapes)
         self._prefill, self._decode, self._decode_one = self._graphs()

@@ -31,7 +31,7 @@ import mindspore as ms
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import initializer
 
-from codefill.model.llama import Linear, RMSNorm, rms_norm
+from codefill.model.llama import Linear, RMSNorm
 
 
 class Collective(nn.Cell):
@@ -100,7 +100,7 @@ class RankInputNorm(RMSNorm):
         self.copy = CopyToRanks()
 
     def construct(self, x):
-        return self.copy(rms_norm(x, self.weight, self.eps))
+        return self.copy(super().construct(x))
 
 
 class RowParallelLinear(Linear):

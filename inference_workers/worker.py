@@ -134,8 +134,9 @@ def serve(runner: Any, endpoint: str, *, table: Sequence[bytes] | None = None,
         engine.start()
         if ready_file is not None:
             write_ready_file(ready_file, {"status": "ready", "endpoint": bound, "pid": os.getpid()})
-        print(f"codefill worker {os.getpid()} ready on {bound} ({runner.max_batch} slots x {runner.max_seq_len})",
-              file=sys.stderr, flush=True)
+        kernels = "CPU kernels" if runner.kernels.library else f"stock ops: {runner.kernels.reason}"
+        print(f"codefill worker {os.getpid()} ready on {bound} ({runner.max_batch} slots x {runner.max_seq_len}, "
+              f"{kernels})", file=sys.stderr, flush=True)
         _SocketLoop(sock, engine, outbox, config, parent_pid, term, stop_event).run()
     finally:
         if engine is not None:

@@ -9,7 +9,9 @@ This is the one definition of the model. It has two forwards, built from the sam
 
 No parallelism or adapters live here. Transforms swap child Cells of a built model, keeping parameter names:
 `inference_workers/sharding.py` cuts it into a tensor-parallel shard (for serving and training alike), and
-`training/lora.py` wraps projections with LoRA adapters. Parameter names are the codefill names of
+`training/lora.py` wraps projections with LoRA adapters. On CPU the runner switches the cached forward's
+norms, rotary, gate and attention onto fused kernels (`kernels.use_kernels`: one custom op each, attention
+reading the cache rows in place); these stock ops stay the reference and the path of every other device. Parameter names are the codefill names of
 `weights.expected_shapes` (`layers.3.attention.wq.weight`), so `load_weights` fills a model from a dict of
 numpy arrays by name and refuses anything missing, extra or mis-shaped.
 
@@ -74,7 +76,20 @@ class Embedding(nn.Cell):
 
 
 def rms_norm(x, weight, eps: float):
-    return x * ops.rsqrt((x * x).mean(-1, keep_dims=True) + eps) * weight
+    if x.dtype == ms.float32:
+        return x * ops.rsqrt((x * x).mean(-1, keep_dims=True) + eps) * weight
+    x32 = x.astype(ms.float32)  # half precision: the statistics in float32, as Hugging Face computes them
+    return (x32 * ops.rsqrt((x32 * x32).mean(-1, keep_dims=True) + eps)).astype(x.dtype) * weight
+
+
+def to_float32(x):
+    return x if x.dtype == ms.float32 else x.astype(ms.float32)  # logits and sampling are always float32
+
+
+def softmax(scores):
+    if scores.dtype == ms.float32:
+        return ops.softmax(scores, -1)
+    return ops.softmax(scores.astype(ms.float32), -1).astype(scores.dtype)
 
 
 class RMSNorm(nn.Cell):
@@ -82,8 +97,12 @@ class RMSNorm(nn.Cell):
         super().__init__()
         self.weight = Parameter(initializer("ones", (dim,), ms.float32), name="weight")
         self.eps = eps
+        self.eps_tensor = Tensor([eps], ms.float32)
+        self.kernels = None  # kernels.use_kernels sets it (serving on CPU): one op instead of six
 
     def construct(self, x):
+        if self.kernels is not None:
+            return self.kernels.rms_norm(x, self.weight, self.eps_tensor)
         return rms_norm(x, self.weight, self.eps)
 
 
@@ -122,9 +141,12 @@ class Attention(nn.Cell):
         self.write_rows = ops.ScatterUpdate()
         self.scale = 1.0 / float(np.sqrt(cfg.head_dim))
         self.scores_matmul = ops.BatchMatMul(transpose_b=True)  # q @ k^T without materialising k^T
+        self.kernels = None  # kernels.use_kernels sets it: the cached forward's rotary and attention in one op each
+        self.every_slot = Tensor(np.arange(max_batch, dtype=np.int32))  # [max_batch]: row i is slot i
+        self.cache_shape = Tensor([cfg.n_rep, max_seq_len + 1], ms.int32)  # [R, S] for the attention kernel
 
-    def construct(self, x, cos, sin, mask, cache_idx, slots, key_positions):
-        # x [B, T, dim]; mask [B, 1, T*R, K]. cache_idx [B, T, KV]: the cache row of each new key, or None:
+    def construct(self, x, cos, sin, mask, cache_idx, slots, key_positions, positions):
+        # x [B, T, dim]; positions [B, T]; mask [B, 1, T*R, K]. cache_idx [B, T, KV]: the cache row of each new key, or None:
         # no cache, the keys are the T new positions themselves (the training forward). With a cache, the keys
         # read: slots [B] (cache row of each batch row; None: row i is slot i, every slot and every column)
         # at key_positions [K] (cache columns).
@@ -132,6 +154,14 @@ class Attention(nn.Cell):
         q = self.wq(x).reshape(b, t, self.n_heads, self.head_dim)
         k = self.wk(x).reshape(b, t, self.n_kv_heads, self.head_dim)
         v = self.wv(x).reshape(b, t, self.n_kv_heads, self.head_dim)
+        if self.kernels is not None and cache_idx is not None:
+            q, k = self.kernels.rotary(q, cos, sin), self.kernels.rotary(k, cos, sin)
+            self.write_rows(self.cache_k, cache_idx, k)
+            self.write_rows(self.cache_v, cache_idx, v)
+            # Each query over its slot's keys at columns 0..its position, read in place (no mask, no copy).
+            out = self.kernels.cache_attention(q, self.cache_k, self.cache_v, self.every_slot if slots is None
+                                               else slots, positions, self.cache_shape)  # [B, T, H, D]
+            return self.wo(out.reshape(b, t, self.n_heads * self.head_dim))
         q = apply_rotary(q, cos, sin) * self.scale  # scaling q is T*H*D multiplies, scaling scores T*H*K
         k = apply_rotary(k, cos, sin)
         if cache_idx is None:
@@ -155,7 +185,7 @@ class Attention(nn.Cell):
         q = q.reshape(b, t, self.n_kv_heads, self.n_rep, self.head_dim).transpose(0, 2, 1, 3, 4)
         q = q.reshape(b, self.n_kv_heads, t * self.n_rep, self.head_dim)
         scores = self.scores_matmul(q, keys) + mask  # [B, KV, T*R, K]
-        out = ops.matmul(ops.softmax(scores, -1), values)  # [B, KV, T*R, D]
+        out = ops.matmul(softmax(scores), values)  # [B, KV, T*R, D]
         out = out.reshape(b, self.n_kv_heads, t, self.n_rep, self.head_dim).transpose(0, 2, 1, 3, 4)
         return self.wo(out.reshape(b, t, self.n_heads * self.head_dim))  # [B, T, KV, R, D] -> [B, T, dim]
 
@@ -176,8 +206,11 @@ class FeedForward(nn.Cell):
         self.w1 = Linear(dim, ffn_dim)
         self.w2 = Linear(ffn_dim, dim)
         self.w3 = Linear(dim, ffn_dim)
+        self.kernels = None  # kernels.use_kernels sets it: silu(a) * b in one op
 
     def construct(self, x):
+        if self.kernels is not None:
+            return self.w2(self.kernels.silu_mul(self.w1(x), self.w3(x)))
         return self.w2(ops.silu(self.w1(x)) * self.w3(x))
 
 
@@ -189,8 +222,8 @@ class TransformerBlock(nn.Cell):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
 
-    def construct(self, x, cos, sin, mask, cache_idx, slots, key_positions):
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache_idx, slots, key_positions)
+    def construct(self, x, cos, sin, mask, cache_idx, slots, key_positions, positions):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache_idx, slots, key_positions, positions)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -218,6 +251,7 @@ class Transformer(nn.Cell):
         cos, sin = rotary_tables(cfg.head_dim, max_seq_len + 1, cfg.rope_theta)
         self.rope_cos, self.rope_sin = Tensor(cos), Tensor(sin)  # [S, D] constants, not weights
         self.key_positions = Tensor(np.arange(max_seq_len + 1, dtype=np.int32))  # [S]
+        self.dtype = ms.float32  # of weights, activations and cache: precision.apply_precision changes it
 
     def construct(self, tokens, positions, cache_idx=None, slots=None, key_positions=None, every_position=False):
         x = self.tok_embeddings(tokens)  # [B, T, dim]
@@ -234,13 +268,13 @@ class Transformer(nn.Cell):
                 key_positions = self.key_positions
             key_pos = key_positions.reshape(1, 1, -1)  # [1, 1, K]
         visible = key_pos <= query_pos  # [B, T*R, K]
-        zeros = ops.zeros_like(visible.astype(ms.float32))
+        zeros = ops.zeros_like(visible.astype(self.dtype))  # -1e30 is -inf in float16: still exp() = 0
         mask = ops.select(visible, zeros, zeros - 1e30).expand_dims(1)  # [B, 1, T*R, K]
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache_idx, slots, key_positions)
+            x = layer(x, cos, sin, mask, cache_idx, slots, key_positions, positions)
         if cache_idx is None or every_position:
-            return self.output(self.norm(x))  # every position: [B, T, V]
-        return self.output(self.norm(x[:, -1]))  # only the last position's logits: [B, V]
+            return to_float32(self.output(self.norm(x)))  # every position: [B, T, V]
+        return to_float32(self.output(self.norm(x[:, -1])))  # only the last position's logits: [B, V]
 
 
 def cache_index(slots: np.ndarray, positions: np.ndarray, n_kv_heads: int, n_columns: int) -> np.ndarray:
@@ -278,4 +312,4 @@ def load_weights(model: Transformer, weights: dict[str, np.ndarray],
             raise WeightError(f"tensor {name} has shape {got}, the model expects {shape} "
                               f"(parameter {tuple(params[name].shape)})")
     for name, p in params.items():
-        p.set_data(Tensor(np.ascontiguousarray(weights[name], dtype=np.float32)))
+        p.set_data(Tensor(np.ascontiguousarray(weights[name], dtype=np.float32), dtype=p.dtype))

@@ -14,7 +14,8 @@ def test_profile_reports_the_ops_of_a_decode_step_and_a_prefill_chunk(tmp_path):
         p = report[phase]
         ops = {o["op"]: o for o in p["ops"]}
         assert "MatMul" in ops and ops["MatMul"]["calls_per_call"] >= 7 * 2  # 7 projections a layer, 2 layers
-        assert p["op_ms"] > 0 and p["wall_ms"] > 0 and p["op_launches"] > 50
+        assert p["op_ms"] > 0 and p["wall_ms"] > 0 and p["op_launches"] > 2 * 15  # ~17 ops a layer, 2 layers
+        assert "Custom" in ops  # the CPU kernels (model/kernels.py): norms, rotary, gate, attention
     assert "ScatterUpdate" in {o["op"] for o in report["decode"]["ops"]}  # the KV cache write, in place
     assert json.loads((tmp_path / "profile.json").read_text())["preset"] == "tiny-test"
     md = (tmp_path / "profile.md").read_text()

@@ -98,6 +98,17 @@ def test_tp2_prefix_reuse_and_rollback_equal_cold_prefill(tp2):
     np.testing.assert_allclose(tp2["rollback_logits"], tp2["cold_logits"], atol=1e-5, rtol=0)
 
 
+def test_tp2_speculation_keeps_greedy_output_token_for_token(tp1, tp2):
+    """Prompt-lookup drafts verified in one step across both ranks: the tokens of plain greedy decoding, with
+    prefix reuse and in-flight extension, equal at TP=1 and TP=2; the drafts were really verified."""
+    for run in (tp1, tp2):
+        assert run["spec4_tokens"].tolist() == run["spec0_tokens"].tolist()
+        drafted, accepted = run["spec4_counts"].tolist()
+        assert drafted > 0 and 0 <= accepted <= drafted, (drafted, accepted)
+        assert run["spec0_counts"].tolist() == [0, 0]
+    assert tp2["spec4_tokens"].tolist() == tp1["spec4_tokens"].tolist()
+
+
 def test_tp2_compiles_each_graph_once(tp2):
     assert tp2["graphs"].tolist() == [1, 1]  # prefill, decode: no recompiles across lengths and steps
 

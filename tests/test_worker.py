@@ -324,7 +324,8 @@ def test_overload_and_deadline_over_the_socket(tiny_dir):
         with WorkerClient(endpoint, timeout_s=60) as c:
             long = c.generate(PROMPT, 2048 - len(PROMPT))
             next(long)  # holds the only slot
-            c.send(GenerateRequest("queued", PROMPT, 2, deadline_ms=1.0))  # fills the queue, expires there
+            # fills the queue and expires there (another prompt: the long request's tokens cannot answer it)
+            c.send(GenerateRequest("queued", PROMPT[::-1], 2, deadline_ms=1.0))
             with pytest.raises(WorkerOverloaded, match=r"overloaded: 1 requests queued \(max_queue 1\)"):
                 c.complete(PROMPT, 2)
             long.close()  # cancel: the slot frees, the queued request is dropped for its deadline
@@ -373,7 +374,10 @@ class HangingRunner:
     max_batch, max_seq_len, vocab_size, idle_position = 2, 64, 16, 64
 
     def __init__(self):
+        from codefill.model.kernels import KernelStatus
+
         self.release = threading.Event()
+        self.kernels = KernelStatus(None, "a test runner")
 
     def prefill(self, ids, slot, start_pos):
         return np.eye(self.vocab_size, dtype=np.float32)[(ids[-1] + 1) % self.vocab_size]
@@ -423,6 +427,7 @@ def test_a_restarted_worker_loads_its_compiled_graphs_and_answers_the_same(tiny_
     """The compile cache (runner.graph_cache_dir): the first start writes it, the second reads it; both serve
     the in-process greedy tokens. Its key changes with what the graphs depend on."""
     from codefill.inference_workers.runner import graph_cache_dir
+    from codefill.model import kernels
     from codefill.model.checkpoint import read_model_config
 
     monkeypatch.setenv("CODEFILL_CACHE", str(tmp_path))
@@ -438,7 +443,9 @@ def test_a_restarted_worker_loads_its_compiled_graphs_and_answers_the_same(tiny_
         cached = list((tmp_path / "graphs").glob("*/rank_0/*"))
         assert cached, f"start {start}: no compile cache under {tmp_path}"
     cfg = read_model_config(tiny_dir)[0]
-    key = graph_cache_dir(cfg, MAX_SEQ_LEN, 2, 0, 1)
+    library = kernels.load().library  # the workers' kernels, built once under tmp_path
+    assert library is not None and library.is_relative_to(tmp_path)
+    key = graph_cache_dir(cfg, MAX_SEQ_LEN, 2, 0, 1, library)
     assert key.parent == tmp_path / "graphs" and key.exists()
-    assert len({key, graph_cache_dir(cfg, MAX_SEQ_LEN, 4, 0, 1), graph_cache_dir(cfg, 256, 2, 0, 1),
-                graph_cache_dir(cfg, MAX_SEQ_LEN, 2, 1, 2)}) == 4
+    assert len({key, graph_cache_dir(cfg, MAX_SEQ_LEN, 4, 0, 1, library), graph_cache_dir(cfg, 256, 2, 0, 1, library),
+                graph_cache_dir(cfg, MAX_SEQ_LEN, 2, 1, 2, library), graph_cache_dir(cfg, MAX_SEQ_LEN, 2, 0, 1)}) == 5

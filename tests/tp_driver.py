@@ -10,7 +10,10 @@ import argparse
 
 import numpy as np
 
+from codefill.inference_workers.engine import Engine, EngineConfig
+from codefill.inference_workers.protocol import GenerateRequest, Token
 from codefill.inference_workers.ranks import open_rank
+from codefill.inference_workers.stops import token_bytes_of_model_dir
 
 
 def greedy(runner, prompt: list[int], n: int, slot: int = 0) -> tuple[list[int], list[np.ndarray]]:
@@ -29,6 +32,32 @@ def greedy(runner, prompt: list[int], n: int, slot: int = 0) -> tuple[list[int],
         seen.append(logits)
         positions[slot] += 1
     return tokens, seen
+
+
+def engine_tokens(runner, model_dir: str, prompts: list[list[int]], n: int, speculate: int):
+    """Greedy tokens of each prompt in turn through one engine (so later prompts reuse earlier slots and
+    extend their decodes in flight), and its (drafted, accepted) counts."""
+    log: list = []
+    engine = Engine(runner, EngineConfig(speculate=speculate), token_bytes_of_model_dir(model_dir),
+                    lambda identity, msg: log.append(msg))
+    out = []
+    for i, prompt in enumerate(prompts):
+        log.clear()
+        engine.submit(b"c", GenerateRequest(f"r{i}", prompt, n))
+        engine.run_until_idle()
+        out.append([m.token_id for m in log if isinstance(m, Token)])
+    return out, (engine.drafted, engine.accepted)
+
+
+def speculation(runner, model_dir: str, prompt: list[int], out: dict[str, np.ndarray]) -> None:
+    """The same requests with prompt-lookup speculation off and on: a prompt that repeats itself (so drafts
+    are found), then a prompt extending it by its own first tokens (prefix reuse, in-flight extension)."""
+    looped = (prompt * 4)[:40]
+    for speculate in (0, 4):
+        first, _ = engine_tokens(runner, model_dir, [looped], 12, speculate)
+        tokens, counts = engine_tokens(runner, model_dir, [looped, looped + first[0][:5]], 12, speculate)
+        out[f"spec{speculate}_tokens"] = np.array(tokens)
+        out[f"spec{speculate}_counts"] = np.array(counts)
 
 
 def main() -> None:
@@ -60,6 +89,7 @@ def main() -> None:
         # Rollback: overwrite slot 1 from position k with other tokens, then return to the prompt's tail.
         runner.prefill([3] * (len(prompt) - k + 3), 1, k)
         out["rollback_logits"] = runner.prefill(prompt[k:], 1, k)
+        speculation(runner, args.model, prompt, out)
         graphs = runner.compiled_graphs()
         out["graphs"] = np.array([graphs["prefill"], graphs["decode"]])
     finally:

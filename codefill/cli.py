@@ -325,6 +325,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
         from codefill.bench_lsp import run
 
         report = run(out, model_dir=model, preset=args.preset)
+    elif args.what == "speculation":
+        from codefill.bench_speculation import run
+
+        report = run(out, model_dir=model)
     elif args.what == "profile":
         from codefill.bench_profile import run
 
@@ -685,7 +689,7 @@ def _add_merge_command(sub: argparse._SubParsersAction) -> None:
 
 def _add_bench_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="run a benchmark and write its report")
-    p.add_argument("what", choices=["model", "workers", "lsp", "train", "profile"])
+    p.add_argument("what", choices=["model", "workers", "lsp", "train", "profile", "speculation"])
     p.add_argument("--preset", default="small", help="architecture of the random-weight model benchmarked")
     _model_arg(p, required=False, help="workers/lsp: benchmark this model instead of a preset")
     p.add_argument("--skip-tp", action="store_true", help="workers: skip part (a), TP=1 vs TP=2")

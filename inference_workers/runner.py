@@ -52,7 +52,9 @@ from codefill.model import llama
 from codefill.model.checkpoint import CheckpointError
 from codefill.model.config import LlamaConfig
 from codefill.model.device import configure_mindspore
-from codefill.model.kernels import load as load_kernels, use_kernels
+from codefill.model.ascend_attention import use_ascend_attention
+from codefill.model.kernels import KernelStatus, load as load_kernels, use_kernels
+from codefill.model.precision import apply_precision, resolve as resolve_precision
 from codefill.model.sampling import SamplingConfig, log_softmax, sample
 
 from .coordination import (
@@ -133,10 +135,11 @@ def check_same_architecture(serving: LlamaConfig, new: LlamaConfig, where: str) 
 
 
 def graph_cache_dir(config: LlamaConfig, max_seq_len: int, max_batch: int, rank: int, world: int,
-                    kernels: Path | None = None) -> Path:
+                    kernels: Path | None = None, precision: str = "fp32") -> Path:
     """Where a worker keeps its compiled graphs between restarts (MindSpore's compile cache), one directory per
     everything the graphs depend on: architecture, cache shape, rank and TP size, MindSpore's version, the
-    source of the modules that build them and the kernel library they call (None: the stock ops). Weights
+    source of the modules that build them, the kernel library they call (None: the stock ops) and the
+    precision. Weights
     are graph inputs, so new weights reuse the graphs."""
     import hashlib
     import json
@@ -145,7 +148,7 @@ def graph_cache_dir(config: LlamaConfig, max_seq_len: int, max_batch: int, rank:
     import codefill.model.llama as llama_module
 
     parts = [json.dumps(config.to_dict(), sort_keys=True), f"{max_seq_len} {max_batch} {rank} {world}",
-             ms.__version__, str(kernels), *(Path(m.__file__).read_text() for m in (llama_module, tp_cells)),
+             ms.__version__, str(kernels), precision, *(Path(m.__file__).read_text() for m in (llama_module, tp_cells)),
              Path(__file__).read_text()]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
     return Path(os.environ.get("CODEFILL_CACHE", Path.home() / ".cache" / "codefill")) / "graphs" / key
@@ -161,7 +164,7 @@ class Runner:
 
     def __init__(self, config: LlamaConfig, weights: dict[str, np.ndarray], *, max_seq_len: int | None = None,
                  max_batch: int = DEFAULT_MAX_BATCH, rank: int = 0, world: int = 1, channel=None,
-                 compile_cache: bool = False):
+                 compile_cache: bool = False, precision: str | None = None):
         max_seq_len = default_max_seq_len(config) if max_seq_len is None else max_seq_len
         if not 0 < max_seq_len <= config.max_seq_len:
             raise GenerationError(f"max_seq_len {max_seq_len} must be in [1, {config.max_seq_len}] "
@@ -172,8 +175,14 @@ class Runner:
             raise TensorParallelError(f"a channel is needed exactly when there are other ranks (world {world})")
         # Workers keep their compiled graphs across restarts (CODEFILL_COMPILE_CACHE=0 turns that off).
         use_cache = compile_cache and os.environ.get("CODEFILL_COMPILE_CACHE", "1") != "0"
-        kernels = load_kernels()  # CPU: the serving kernels, or why the stock ops are used
-        configure_mindspore(compile_cache=graph_cache_dir(config, max_seq_len, max_batch, rank, world, kernels.library)
+        self.precision = resolve_precision(precision)  # weights, activations and cache (model/precision.py)
+        # The attention path, one switch by device: Ascend's fused operators; on CPU the serving kernels
+        # (float32), or why the stock ops are used.
+        on_ascend = ms.get_context("device_target") == "Ascend"
+        kernels = (load_kernels() if self.precision == "fp32" and not on_ascend
+                   else KernelStatus(None, f"{'Ascend' if on_ascend else self.precision}: the stock ops"))
+        configure_mindspore(compile_cache=graph_cache_dir(config, max_seq_len, max_batch, rank, world, kernels.library,
+                                                            self.precision)
                             if use_cache else None)
         self.config, self.rank, self.world = config, rank, world
         self.max_seq_len, self.max_batch = max_seq_len, max_batch
@@ -184,7 +193,10 @@ class Runner:
         self.kv_heads = config.n_kv_heads // world  # the KV heads this rank's cache holds
         self.model = llama.Transformer(config, max_batch=max_batch, max_seq_len=max_seq_len)
         shard_transformer(self.model, rank, world)
+        apply_precision(self.model, self.precision)
         self.kernels = use_kernels(self.model, kernels)
+        if on_ascend:
+            use_ascend_attention(self.model)
         self._shapes = shard_shapes(config, world)
         llama.load_weights(self.model, weights, self._shapes)
         self._prefill, self._decode, self._decode_one = self._graphs()
@@ -195,11 +207,12 @@ class Runner:
 
     @classmethod
     def from_model_dir(cls, path: str | Path, *, max_seq_len: int | None = None, max_batch: int = DEFAULT_MAX_BATCH,
-                       rank: int = 0, world: int = 1, channel=None, compile_cache: bool = False) -> "Runner":
+                       rank: int = 0, world: int = 1, channel=None, compile_cache: bool = False,
+                       precision: str | None = None) -> "Runner":
         """This rank's shard of a MODEL_DIR or split directory; max_seq_len None: the default for the model."""
         config, weights = load_rank_weights(path, rank, world)
         return cls(config, weights, max_seq_len=max_seq_len, max_batch=max_batch, rank=rank, world=world,
-                   channel=channel, compile_cache=compile_cache)
+                   channel=channel, compile_cache=compile_cache, precision=precision)
 
     def _graphs(self) -> tuple[_Step, _Decode, _DecodeOne | None]:
         i32, kv, mb = ms.int32, self.kv_heads, self.max_batch
@@ -313,7 +326,7 @@ class Runner:
 
     def reload(self, model_dir: str | Path) -> str:
         """Switch every rank to the weights of `model_dir` (same architecture), or raise and change none.
-        Returns a one-line description of what now serves."""
+        Returns a one-line description of what now serves. The new weights take the runner's precision."""
         path = str(model_dir)
         n, payload = encode_path(path, self.channel.payload_capacity)
         self.busy = True

@@ -23,6 +23,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import mindspore as ms
+from mindspore import Tensor, nn
+
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 # -ffast-math lets exp vectorize (glibc's vector math); no kernel relies on infinities or NaNs.
 COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared"]
@@ -47,6 +50,18 @@ class Kernels:
         self.cache_attention = op("cache_attention")  # (q, cache_k, cache_v, slots, positions, [R, S]) -> like q
 
 
+class CacheAttention(nn.Cell):
+    """The attention kernel as the model's fused attention (llama.Attention.fused_attention)."""
+
+    def __init__(self, kernels: Kernels, n_rep: int, columns: int):
+        super().__init__()
+        self.kernel = kernels.cache_attention
+        self.cache_shape = Tensor([n_rep, columns], ms.int32)  # [R, S]: the kernel's view of the cache rows
+
+    def construct(self, q, cache_k, cache_v, slots, positions):
+        return self.kernel(q, cache_k, cache_v, slots, positions, self.cache_shape)
+
+
 @dataclass(frozen=True)
 class KernelStatus:
     library: Path | None  # the compiled library, or None: the stock ops are used
@@ -67,10 +82,8 @@ def load(device_target: str = "CPU") -> KernelStatus:
     compiler = shutil.which(named) if named else shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         return KernelStatus(None, f"no C++ compiler ({named or 'g++ or c++'}) found: using the stock MindSpore ops")
-    import mindspore
-
     # oneDNN's GEMM comes from the libdnnl that MindSpore ships (and loads); linked by path, found by rpath.
-    ms_lib = Path(mindspore.__file__).parent / "lib"
+    ms_lib = Path(ms.__file__).parent / "lib"
     dnnl = sorted(ms_lib.glob("libdnnl.so*"))
     if not dnnl:
         return KernelStatus(None, f"no libdnnl.so in {ms_lib}: using the stock MindSpore ops")
@@ -100,6 +113,7 @@ def use_kernels(model, status: KernelStatus | None = None) -> KernelStatus:
     model.kernels = kernels
     for layer in model.layers:
         layer.attention.kernels = kernels
+        layer.attention.fused_attention = CacheAttention(kernels, model.config.n_rep, model.max_seq_len + 1)
         layer.feed_forward.kernels = kernels
         layer.attention_norm.kernels = kernels
         layer.ffn_norm.kernels = kernels

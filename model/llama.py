@@ -141,9 +141,12 @@ class Attention(nn.Cell):
         self.write_rows = ops.ScatterUpdate()
         self.scale = 1.0 / float(np.sqrt(cfg.head_dim))
         self.scores_matmul = ops.BatchMatMul(transpose_b=True)  # q @ k^T without materialising k^T
-        self.kernels = None  # kernels.use_kernels sets it: the cached forward's rotary and attention in one op each
+        self.kernels = None  # kernels.use_kernels sets it: the cached forward's rotary in one op
+        # A fused attention over the cache for the cached forward, chosen by device: None (these stock ops, the
+        # reference), the CPU kernel (kernels.py) or Ascend's fused operators (ascend_attention.py). A Cell
+        # (q [B, T, H, D] with rotary, cache_k, cache_v, slots [B], positions [B, T]) -> [B, T, H, D].
+        self.fused_attention = None
         self.every_slot = Tensor(np.arange(max_batch, dtype=np.int32))  # [max_batch]: row i is slot i
-        self.cache_shape = Tensor([cfg.n_rep, max_seq_len + 1], ms.int32)  # [R, S] for the attention kernel
 
     def construct(self, x, cos, sin, mask, cache_idx, slots, key_positions, positions):
         # x [B, T, dim]; positions [B, T]; mask [B, 1, T*R, K]. cache_idx [B, T, KV]: the cache row of each new key, or None:
@@ -154,13 +157,16 @@ class Attention(nn.Cell):
         q = self.wq(x).reshape(b, t, self.n_heads, self.head_dim)
         k = self.wk(x).reshape(b, t, self.n_kv_heads, self.head_dim)
         v = self.wv(x).reshape(b, t, self.n_kv_heads, self.head_dim)
-        if self.kernels is not None and cache_idx is not None:
-            q, k = self.kernels.rotary(q, cos, sin), self.kernels.rotary(k, cos, sin)
+        if self.fused_attention is not None and cache_idx is not None:
+            if self.kernels is not None:
+                q, k = self.kernels.rotary(q, cos, sin), self.kernels.rotary(k, cos, sin)
+            else:
+                q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             self.write_rows(self.cache_k, cache_idx, k)
             self.write_rows(self.cache_v, cache_idx, v)
-            # Each query over its slot's keys at columns 0..its position, read in place (no mask, no copy).
-            out = self.kernels.cache_attention(q, self.cache_k, self.cache_v, self.every_slot if slots is None
-                                               else slots, positions, self.cache_shape)  # [B, T, H, D]
+            # Each query over its slot's keys at columns 0..its position, read from the cache (no mask here).
+            out = self.fused_attention(q, self.cache_k, self.cache_v, self.every_slot if slots is None else slots,
+                                       positions)  # [B, T, H, D]
             return self.wo(out.reshape(b, t, self.n_heads * self.head_dim))
         q = apply_rotary(q, cos, sin) * self.scale  # scaling q is T*H*D multiplies, scaling scores T*H*K
         k = apply_rotary(k, cos, sin)
@@ -268,8 +274,9 @@ class Transformer(nn.Cell):
                 key_positions = self.key_positions
             key_pos = key_positions.reshape(1, 1, -1)  # [1, 1, K]
         visible = key_pos <= query_pos  # [B, T*R, K]
-        zeros = ops.zeros_like(visible.astype(self.dtype))  # -1e30 is -inf in float16: still exp() = 0
-        mask = ops.select(visible, zeros, zeros - 1e30).expand_dims(1)  # [B, 1, T*R, K]
+        zeros = ops.zeros_like(visible.astype(self.dtype))
+        hidden = -1e30 if self.dtype == ms.float32 else -6e4  # float16 ends at -65504; exp() of either is 0
+        mask = ops.select(visible, zeros, zeros + hidden).expand_dims(1)  # [B, 1, T*R, K]
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache_idx, slots, key_positions, positions)
         if cache_idx is None or every_position:

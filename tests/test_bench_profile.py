@@ -30,3 +30,17 @@ def test_model_benchmark_says_why_when_llamacpp_cannot_be_built(monkeypatch, tmp
     anchor = bench_model._bench_anchor(tmp_path, reps=1)
     assert anchor == {"unavailable": "building llama.cpp needs 'cmake', which is not on PATH"}
     assert "Not measured: building llama.cpp needs 'cmake'" in "\n".join(bench_model._anchor_markdown(anchor))
+
+
+def test_speculation_benchmark_counts_steps_and_keeps_outputs(monkeypatch, tmp_path):
+    from codefill import bench_speculation
+
+    monkeypatch.setattr(bench_speculation, "FILES", ("argparse.py",))
+    monkeypatch.setattr(bench_speculation, "CUTS", (0.5,))
+    report = bench_speculation.run(tmp_path)
+    off, on = report["modes"]["0"], report["modes"]["4"]
+    assert report["identical_outputs"] and report["prompts"] == 1
+    assert off["tokens"] == on["tokens"] == bench_speculation.TOKENS
+    assert off["decode_steps"] >= bench_speculation.TOKENS - 1 and off["drafted"] == 0
+    assert on["decode_steps"] <= off["decode_steps"] and on["accepted"] <= on["drafted"]
+    assert "| off |" in (tmp_path / "speculation.md").read_text()

@@ -40,6 +40,8 @@ class Delta:
     index: int  # which of the n choices
     text: str
     token_ids: list[int]
+    n_prompt: int
+    n_generated: int  # so far
 
 
 @dataclass
@@ -178,13 +180,16 @@ class Generation:
                 if stream is not None and req.max_tokens != 0:
                     delta = stream.push([t.token_id for t in tokens])
                     if delta:
-                        queue.put_nowait(Delta(index, delta, [msg.token_id]))
+                        queue.put_nowait(Delta(index, delta, [msg.token_id], len(plan.prompt.ids), len(tokens)))
             else:
                 finished = msg
         t_end = time.perf_counter()
         t_first = t_first or t_end
         text, n_ids = c.middle(plan, tokens, finished)
         text = "" if text is None or req.max_tokens == 0 else text
+        for stop in req.stop:  # the worker's byte offset is not used where invalid UTF-8 became U+FFFD
+            if (at := text.find(stop)) >= 0:
+                text = text[:at]
         if req.one_line:
             ended = finished.finish_reason in (FinishReason.STOP, FinishReason.STOP_STRING)
             fitted = fit(plan.prefix, plan.suffix, text, multiline=False, ended=ended)

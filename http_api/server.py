@@ -280,8 +280,7 @@ class Server:
             "tokens_predicted": c.n_generated, "tokens_evaluated": c.n_prompt,
             "generation_settings": {"n_predict": -1 if req.max_tokens is None else req.max_tokens,
                                     "temperature": req.temperature, "top_k": req.top_k, "top_p": req.top_p,
-                                    "seed": req.seed, "stop": list(req.stop), "n_indent": req.n_indent,
-                                    "stream": req.stream, "model": self.config.model_name},
+                                    "seed": req.seed, "stop": list(req.stop), "stream": req.stream},
             "prompt": "", "has_new_line": "\n" in c.text, "truncated": False,
             "stop_type": _stop_type(c), "stopping_word": c.stopping_word,
             "tokens_cached": c.n_prompt + c.n_generated, "timings": _timings(c),
@@ -294,7 +293,8 @@ class Server:
                     async for item in results:
                         if isinstance(item, Delta):
                                 yield {"index": item.index, "content": item.text, "tokens": item.token_ids,
-                                   "stop": False, "id_slot": -1}
+                                   "stop": False, "id_slot": -1, "tokens_predicted": item.n_generated,
+                                   "tokens_evaluated": item.n_prompt}
                         else:
                             yield self._llama_final(req, item)
             return await self._stream(request, events(), None)

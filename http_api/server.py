@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import ipaddress
 import json
@@ -48,6 +49,7 @@ from codefill.model.checkpoint import TOKENIZER_NAME
 from codefill.model.tokenizer import Tokenizer, TokenizerError
 
 from . import schema
+from .fim_text import split_fim_text
 from .generation import Completion, Delta, Generation
 from .schema import CompletionRequest, HttpError
 
@@ -219,10 +221,15 @@ class Server:
         return await self._llama(request, schema.infill_request(await self._body(request)))
 
     async def completion(self, request: web.Request) -> web.StreamResponse:
-        return await self._llama(request, schema.completion_request(await self._body(request)))
+        return await self._llama(request, self._unwrap(schema.completion_request(await self._body(request))))
 
     async def openai_completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._openai(request, schema.openai_request(await self._body(request)))
+        return await self._openai(request, self._unwrap(schema.openai_request(await self._body(request))))
+
+    def _unwrap(self, req: CompletionRequest) -> CompletionRequest:
+        """A prompt the client wrote in the served model's FIM layout (Continue does) as prefix and suffix."""
+        found = split_fim_text(self.tok, req.prefix) if not req.suffix else None
+        return req if found is None else dataclasses.replace(req, prefix=found[0], suffix=found[1])
 
     # --- running a request ---
 

@@ -260,3 +260,39 @@ def test_remote_access_needs_allow_remote_and_a_key(tiny_dir, fake, args, words)
     assert done.returncode == 2, done.stderr
     for w in words:
         assert w in done.stderr
+
+
+# --- Continue: its own FIM template, written out as the prompt -------------------------------------------------
+
+
+def test_fim_text_reads_prefix_and_suffix_back_in_both_layouts(tok):
+    from codefill.http_api.fim_text import split_fim_text
+
+    # Continue's Code Llama template (core/autocomplete/templating/AutocompleteTemplate.ts), PSM
+    assert split_fim_text(tok, "<PRE> def f(x):\n    return  <SUF>\nprint(f(1)) <MID>") == \
+        ("def f(x):\n    return ", "\nprint(f(1))")
+    assert split_fim_text(tok, "<PRE> <SUF>\nprint(f(1)) <MID> def f(x):\n    ") == \
+        ("def f(x):\n    ", "\nprint(f(1))")  # SPM
+    assert split_fim_text(tok, "<s><PRE> a <SUF>b <MID>") == ("a", "b")
+    assert split_fim_text(tok, "def f(x):\n    return ") is None  # a plain prefix
+    assert split_fim_text(tok, "<SUF> a <PRE> b <MID>") is None  # markers out of order
+
+
+@pytest.mark.parametrize("path, body", [
+    # Continue's llama.cpp provider (core/llm/llms/LlamaCpp.ts): /completion, its template as the prompt
+    ("/completion", {"model": "codellama-7b", "prompt": "<PRE> def add(a, b):\n     <SUF>\n\nprint(add(1, 2)) <MID>",
+                     "stream": True, "n_predict": 32, "stop": ["<PRE>", "<SUF>", "<MID>", "<EOT>"],
+                     "temperature": 0.01}),
+    # Continue's OpenAI-compatible provider (core/llm/llms/OpenAI.ts, legacy completions): the same prompt
+    ("/v1/completions", {"model": "codellama-7b", "prompt": "<PRE> def add(a, b):\n     <SUF>\n\nprint(add(1, 2)) "
+                         "<MID>", "max_tokens": 32, "temperature": 0.01, "stop": ["<PRE>", "<SUF>", "<MID>", "<EOT>"],
+                         "stream": True}),
+])
+def test_continue_template_prompt_gets_the_same_prompt_as_infill(url, fake, path, body):
+    events = post_events(url + path, body)
+    text = "".join(e["content"] if "content" in e else e["choices"][0]["text"] for e in events if e != "[DONE]")
+    assert text == REPLY
+    status, _ = post(url + "/infill", {"input_prefix": "def add(a, b):\n    ", "input_suffix": "\n\nprint(add(1, 2))",
+                                       "n_predict": 32})
+    assert status == 200
+    assert fake.requests[0].prompt_ids == fake.requests[1].prompt_ids

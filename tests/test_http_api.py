@@ -296,3 +296,14 @@ def test_continue_template_prompt_gets_the_same_prompt_as_infill(url, fake, path
                                        "n_predict": 32})
     assert status == 200
     assert fake.requests[0].prompt_ids == fake.requests[1].prompt_ids
+
+
+def test_readme_curl_example_is_answered(url):
+    """The README's `curl ... /infill -d '...'` line, its body sent as written."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    [line] = [l for l in readme.splitlines() if l.startswith("curl -s http://127.0.0.1:8012/infill -d '")]
+    body = line.split(" -d '", 1)[1].rstrip("'")
+    status, res = post(url + "/infill", body.encode())
+    assert status == 200 and res["content"] == REPLY

@@ -307,3 +307,29 @@ def test_readme_curl_example_is_answered(url):
     body = line.split(" -d '", 1)[1].rstrip("'")
     status, res = post(url + "/infill", body.encode())
     assert status == 200 and res["content"] == REPLY
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_partial_identifier_is_healed_and_left_out_of_the_answer(url, fake, stream):
+    """Token healing, as in the language server: "retu" leaves the prompt, the worker must start with it."""
+    body = {"input_prefix": "def add(a, b):\n", "prompt": "    retu", "input_suffix": "\n", "stream": stream}
+    if stream:
+        text = "".join(e["content"] for e in post_events(url + "/infill", body))
+    else:
+        status, res = post(url + "/infill", body)
+        assert status == 200
+        text = res["content"]
+    assert text == REPLY[len("retu"):]
+    assert fake.requests[0].required_prefix == "retu"
+
+
+def test_a_newline_stop_asks_for_one_line_with_the_editor_rules(url, fake):
+    """stop "\\n": the language server's single-line rules; the auto-closed ")" after the cursor is not repeated."""
+    fake.reply = "2)"
+    status, res = post(url + "/v1/completions", {"prompt": "print(add(1, ", "suffix": ")\n", "stop": ["\n"]})
+    assert status == 200 and res["choices"][0]["text"] == "2"
+    assert fake.requests[0].stop_at_eol and "\n" not in fake.requests[0].stop_strings
+    fake.requests.clear()
+    status, res = post(url + "/v1/completions", {"prompt": "print(add(1, ", "suffix": ")\n"})
+    assert status == 200 and res["choices"][0]["text"] == "2)"  # raw, as llama-server answers
+    assert not fake.requests[0].stop_at_eol

@@ -177,6 +177,11 @@ class Server:
                 raise
             return _error(e.status, f"{request.method} {request.path}: {e.reason}",
                           "not_found_error" if e.status == 404 else "invalid_request_error")
+        except ConnectionError:
+            raise  # the client is gone: nobody to answer
+        except Exception as e:  # a bug: logged with its traceback, answered in the APIs' error shape
+            logger.exception("%s %s failed", request.method, request.path)
+            return _error(500, f"internal error: {type(e).__name__}: {e}", "server_error")
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Callable) -> web.StreamResponse:

@@ -254,8 +254,11 @@ def test_api_key_is_required_when_set(tiny_dir, fake, tmp_path):
     (["--host", "0.0.0.0"], ["--allow-remote", "--api-key-file"]),
     (["--host", "0.0.0.0", "--allow-remote"], ["needs --api-key-file"]),
     (["--host", "example.org"], ["not an IP address"]),
+    (["--port", "70000"], ["--port 70000", "out of range"]),
+    (["--max-new-tokens", "0"], ["--max-new-tokens must be positive, got 0"]),
+    (["--tp", "2"], ["--tp starts tensor-parallel workers; --endpoint uses running ones"]),
 ])
-def test_remote_access_needs_allow_remote_and_a_key(tiny_dir, fake, args, words):
+def test_bad_arguments_and_remote_access_without_a_key_are_refused(tiny_dir, fake, args, words):
     done = run_codefill("http", "--port", "0", "--model", tiny_dir, "--endpoint", fake.endpoint, *args, check=False)
     assert done.returncode == 2, done.stderr
     for w in words:

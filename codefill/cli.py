@@ -143,6 +143,39 @@ def cmd_serve(args: argparse.Namespace) -> None:
         sys.exit(code)
 
 
+def cmd_http(args: argparse.Namespace) -> None:
+    import logging
+
+    from codefill.http_api.server import HttpConfig, main as http_main, read_api_key
+    from codefill.lsp.settings import Settings
+
+    model = _model_or_bundled(args, "the server tokenizes (workers see token ids only) and starts a worker on it "
+                                    "unless --endpoint names a running one")
+    given = {"max_new_tokens": ("--max-new-tokens", args.max_new_tokens),
+             "request_timeout_s": ("--request-timeout", args.request_timeout),
+             "worker_max_seq_len": ("--worker-max-seq-len", args.worker_max_seq_len), "tp": ("--tp", args.tp)}
+    for flag, value in given.values():
+        if value is not None and value <= 0:
+            raise CliError(f"{flag} must be positive, got {value}")
+    if args.tp is not None and args.endpoint is not None:
+        raise CliError("--tp starts tensor-parallel workers; --endpoint uses running ones: give one of them")
+    if args.endpoint is not None:
+        from codefill.inference_workers.protocol import WireError, check_endpoint
+
+        try:
+            check_endpoint(args.endpoint)
+        except WireError as e:
+            raise CliError(f"--endpoint: {e}") from e
+    settings = Settings(endpoint=args.endpoint,
+                        **{field: value for field, (_, value) in given.items() if value is not None})
+    config = HttpConfig(host=args.host, port=args.port, allow_remote=args.allow_remote,
+                        api_key=read_api_key(args.api_key_file) if args.api_key_file else None,
+                        model_name=args.model_name or model.name)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="codefill-http %(levelname)s %(message)s")
+    http_main(model, settings, config, on_listening=lambda h, p: print(f"codefill: listening on http://{h}:{p}",
+                                                                       file=sys.stderr, flush=True))
+
+
 def _server_keys(args: argparse.Namespace):
     """CURVE keys for binding a non-local endpoint (both flags or neither)."""
     from codefill.inference_workers.security import ServerKeys
@@ -497,7 +530,8 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
-    """serve (the language server), worker and workers (inference), keys (for remote workers), split (shards)."""
+    """serve (the language server), http (the HTTP APIs), worker and workers (inference), keys (for remote
+    workers), split (shards)."""
     p = sub.add_parser("serve", help="run the language server")
     p.add_argument("--stdio", action="store_true", help="speak LSP over stdin/stdout (the default)")
     p.add_argument("--tcp", metavar="[HOST:]PORT", help="serve one LSP client on a loopback TCP port instead of stdio")
@@ -508,6 +542,21 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--worker-max-seq-len", type=int, help="context length of the worker this server starts")
     p.add_argument("--request-timeout", type=float, help="seconds of worker silence before a request fails")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("http", help="serve llama.cpp's /infill and OpenAI's /v1/completions on the same workers")
+    p.add_argument("--port", type=int, default=8012, help="TCP port (default %(default)s, llama.vim's; 0: a free one)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (others than loopback: --allow-remote)")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="allow a --host other machines can reach (needs --api-key-file)")
+    p.add_argument("--api-key-file", metavar="FILE", help="a file holding the key clients send as 'Bearer KEY'")
+    p.add_argument("--tp", type=int, help="start N tensor-parallel worker ranks (msrun) instead of one worker")
+    _bundled_model_arg(p, "its tokenizer; and a worker on it unless --endpoint")
+    p.add_argument("--endpoint", help="a running worker's ZeroMQ endpoint (ipc://PATH or tcp://127.0.0.1:PORT)")
+    p.add_argument("--model-name", help="the model id /v1/models answers (default: MODEL_DIR's name)")
+    p.add_argument("--max-new-tokens", type=int, help="longest answer when a request names none (default 64)")
+    p.add_argument("--worker-max-seq-len", type=int, help="context length of the worker this server starts")
+    p.add_argument("--request-timeout", type=float, help="seconds of worker silence before a request fails")
+    p.set_defaults(func=cmd_http)
 
     p = sub.add_parser("worker", help="run one inference worker (one process, TP=1) on a ZeroMQ endpoint")
     _model_arg(p)

@@ -139,13 +139,22 @@ class LlamaCpp:
                 process.kill()
 
 
+def find(cache: Path | None = None) -> LlamaCpp | None:
+    """The built llama.cpp in `cache` (default `cache_root()`), or None: never builds (tests use this)."""
+    root = (cache or cache_root()) / f"llama.cpp-{VERSION}"
+    bin_dir = root / "build" / "bin"
+    if all((bin_dir / t).exists() for t in TARGETS):
+        return LlamaCpp(root / "src", bin_dir)
+    return None
+
+
 def ensure(cache: Path | None = None) -> LlamaCpp:
     """The built llama.cpp, building it first if needed (see the module docstring)."""
+    if (built := find(cache)) is not None:
+        return built
     root = (cache or cache_root()) / f"llama.cpp-{VERSION}"
     bin_dir = root / "build" / "bin"
     source = root / "src"
-    if all((bin_dir / t).exists() for t in TARGETS):
-        return LlamaCpp(source, bin_dir)
     for tool in ("cmake", "c++"):
         if shutil.which(tool) is None:
             raise AnchorUnavailable(f"building llama.cpp needs {tool!r}, which is not on PATH "

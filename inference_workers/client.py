@@ -289,8 +289,11 @@ class AsyncWorkerClient:
             # else: a reply to an abandoned request; drop it
 
     async def _get(self, q: asyncio.Queue, what: str) -> Any:
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for drops a cancellation that arrives as the
+        # queue hands over a reply, and the request would then run on without sending Cancel.
         try:
-            return await asyncio.wait_for(q.get(), self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):
+                return await q.get()
         except TimeoutError:
             raise WorkerError(
                 f"no reply from worker at {self.endpoint} within {self.timeout_s} s while {what}"

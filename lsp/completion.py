@@ -22,19 +22,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from codefill.inference_workers.client import AsyncWorkerClient, StopRules
-from codefill.inference_workers.protocol import FinishReason, Token
+from codefill.inference_workers.protocol import Finished, FinishReason, Token
 from codefill.model.fim import cut_middle
 from codefill.model.sampling import SamplingConfig
 from codefill.model.tokenizer import Tokenizer
 
 from .postprocess import BLOCK_OPENERS, _indent, cursor_lines, fit, inserts_lines, wants_multiline
-from .prompt import Chunk, PromptConfig, build_prompt
+from .prompt import Chunk, Prompt, PromptConfig, build_prompt
 from .settings import Settings
 
 # An identifier being typed: letters, digits, underscores ending at the cursor, not starting with a digit.
 _PARTIAL = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 MAX_HEAL_CHARS = 32  # a longer "identifier" is probably data; healing it would cost many constrained steps
 CHARS_PER_TOKEN_BOUND = 8  # windowing: no token covers more characters than this in practice
+# Finish reasons whose Finished.text_bytes cuts the answer inside the generated text (the token that completed
+# the match was still sent).
+TEXT_CUTS = (FinishReason.STOP_STRING, FinishReason.END_OF_LINE, FinishReason.DEDENT)
 
 
 @dataclass(frozen=True)
@@ -89,9 +92,32 @@ def stop_rules(prefix: str, suffix: str, multiline: bool) -> StopRules:
     return StopRules(dedent_column=base + 1 if opens else base)
 
 
+@dataclass(frozen=True)
+class Plan:
+    """One cursor's request, ready for the worker: what `Completer.plan` built, what `Completer.middle` reads."""
+
+    prefix: str  # the windowed document before the cursor (healed text included)
+    suffix: str  # ... and after it
+    multiline: bool  # postprocess rule 1: a block rather than the rest of one line
+    heal: str  # the partial identifier backed off the prompt ("" if none): the worker's required_prefix
+    prompt: Prompt
+    max_new: int
+    rules: StopRules  # what the worker applies itself (stop_rules, plus any stop strings a caller adds)
+
+    def worker_kwargs(self) -> dict:
+        return {"rules": self.rules, **({"required_prefix": self.heal} if self.heal else {})}
+
+
 class Completer:
+    """The completion path shared by the language server and the HTTP APIs (http_api/): `plan` (window,
+    token healing, prompt), the worker call, `middle` (the answer's text), and for the editor `fit`."""
+
     def __init__(self, tok: Tokenizer):
         self.tok = tok
+
+    @property
+    def stop_ids(self) -> list[int]:
+        return [self.tok.eot_id, self.tok.eos_id]
 
     def prompt_config(self, settings: Settings, max_seq_len: int, max_new: int) -> PromptConfig:
         budget = max(8, min(settings.max_prompt_tokens, max_seq_len - max_new + 1))
@@ -99,11 +125,13 @@ class Completer:
                             context_share=settings.context_share, spm=settings.spm,
                             path_header=settings.path_header)
 
-    async def generate(self, client: AsyncWorkerClient, max_seq_len: int, settings: Settings, prefix: str,
-                       suffix: str, *, path: str | None, language_id: str | None,
-                       chunks: Sequence[Chunk] = (), healing: bool | None = None) -> Generated:
+    def plan(self, max_seq_len: int, settings: Settings, prefix: str, suffix: str, *, path: str | None,
+             language_id: str | None, chunks: Sequence[Chunk] = (), healing: bool | None = None,
+             max_new: int | None = None, rules: StopRules | None = None) -> Plan:
+        """The prompt and stop rules for a cursor; `max_new` (default: the settings') is capped at half the
+        worker's context, and `rules` (default: the editor's, from the cursor) replace the cursor's rules."""
         tok = self.tok
-        max_new = max(1, min(settings.max_new_tokens, max_seq_len // 2))
+        max_new = max(1, min(settings.max_new_tokens if max_new is None else max_new, max_seq_len // 2))
         prefix, suffix = window(prefix, suffix, settings.max_prompt_tokens * CHARS_PER_TOKEN_BOUND)
         multiline = wants_multiline(prefix, suffix)
         heal_on = settings.token_healing if healing is None else healing
@@ -111,23 +139,39 @@ class Completer:
         prompt = build_prompt(tok, prefix[:len(prefix) - len(heal)], suffix,
                               self.prompt_config(settings, max_seq_len, max_new),
                               path=path, language_id=language_id, chunks=chunks)
-        sampling = None if settings.temperature == 0 else SamplingConfig(temperature=settings.temperature)
-        kwargs = {"required_prefix": heal} if heal else {}
-        tokens, finished = await client.complete(prompt.ids, max_new, sampling, [tok.eot_id, tok.eos_id],
-                                                 rules=stop_rules(prefix, suffix, multiline), **kwargs)
+        return Plan(prefix, suffix, multiline, heal, prompt, max_new,
+                    stop_rules(prefix, suffix, multiline) if rules is None else rules)
+
+    def middle(self, plan: Plan, tokens: Sequence[Token], finished: Finished) -> tuple[str | None, int]:
+        """(the answer's text: up to <EOT> and the worker's stop-rule cut, healed text removed; None if the
+        worker did not honour the healing prefix, the number of generated ids in it)."""
+        tok = self.tok
         ids, _ = cut_middle(tok, [t.token_id for t in tokens])
         text = tok.decode_infilling(ids)
-        # End of line and dedent cut before a newline, which `fit` cuts at too, so only a stop string needs
-        # text_bytes (an offset into the raw bytes: meaningless once invalid UTF-8 became U+FFFD).
-        if finished.finish_reason == FinishReason.STOP_STRING and finished.text_bytes >= 0 and "\ufffd" not in text:
+        # text_bytes is an offset into the raw bytes: meaningless once invalid UTF-8 became U+FFFD (then the
+        # editor's `fit` still cuts at end of line and dedent, which are before a newline).
+        if finished.finish_reason in TEXT_CUTS and finished.text_bytes >= 0 and "\ufffd" not in text:
             text = text.encode("utf-8")[:finished.text_bytes].decode("utf-8", "ignore")
-        mean = _mean_logprob(tokens[:len(ids)])
-        if heal:
-            if not text.startswith(heal):  # the worker must honour required_prefix; refuse rather than garble
-                return Generated(None, finished.n_prompt, finished.n_reused, "healing-mismatch")
-            text = text[len(heal):]
+        if plan.heal:
+            if not text.startswith(plan.heal):  # the worker must honour required_prefix; refuse rather than garble
+                return None, len(ids)
+            text = text[len(plan.heal):]
+        return text, len(ids)
+
+    async def generate(self, client: AsyncWorkerClient, max_seq_len: int, settings: Settings, prefix: str,
+                       suffix: str, *, path: str | None, language_id: str | None,
+                       chunks: Sequence[Chunk] = (), healing: bool | None = None) -> Generated:
+        plan = self.plan(max_seq_len, settings, prefix, suffix, path=path, language_id=language_id,
+                         chunks=chunks, healing=healing)
+        sampling = None if settings.temperature == 0 else SamplingConfig(temperature=settings.temperature)
+        tokens, finished = await client.complete(plan.prompt.ids, plan.max_new, sampling, self.stop_ids,
+                                                 **plan.worker_kwargs())
+        text, n_ids = self.middle(plan, tokens, finished)
+        if text is None:
+            return Generated(None, finished.n_prompt, finished.n_reused, "healing-mismatch")
+        mean = _mean_logprob(tokens[:n_ids])
         ended = finished.finish_reason in (FinishReason.STOP, FinishReason.STOP_STRING)
-        fitted = fit(prefix, suffix, text, multiline, ended=ended)
+        fitted = fit(plan.prefix, plan.suffix, text, plan.multiline, ended=ended)
         suggestion = None if fitted is None else Suggestion(fitted.text, fitted.replace_after, mean)
         return Generated(suggestion, finished.n_prompt, finished.n_reused, finished.finish_reason.name)
 

@@ -20,6 +20,7 @@ BOUNDARY_ERRORS = [
     ("codefill.lsp.settings", "SettingsError", ValueError),
     ("codefill.lsp.prompt", "PromptError", ValueError),
     ("codefill.lsp.context", "ContextError", ValueError),
+    ("codefill.http_api.schema", "HttpError", ValueError),
     ("codefill.inference_workers.protocol", "WireError", ValueError),
     ("codefill.inference_workers.client", "WorkerError", RuntimeError),
     ("codefill.inference_workers.stops", "StopRuleError", ValueError),

@@ -4,7 +4,8 @@ On the bundled model (or --model), cuts of real standard-library code at the sta
 `PROMPT` tokens before the cut), each completed with `TOKENS` greedy tokens by an in-process engine twice:
 speculation off, and on (`EngineConfig.speculate`). Reports the drafted and accepted ids, the engine steps
 (model calls) and the tokens per step, the wall time of each suggestion (median, p90), and checks the
-outputs are equal token for token. Writes `speculation.json` and `speculation.md` to out_dir.
+outputs are equal token for token. One engine per mode serves every cut, as in a worker, so its speculation
+gate (speculation_gate.py) decides from what it measured on the earlier ones. Writes `speculation.json` and `speculation.md` to out_dir.
 """
 
 from __future__ import annotations
@@ -34,12 +35,19 @@ def _cuts(tok) -> list[list[int]]:
     return out
 
 
-def _suggest(runner, token_bytes, prompt, speculate) -> tuple[list[int], float, dict]:
+def _engine(runner, token_bytes, speculate):
+    """An engine as a worker holds it (its speculation gate learns across requests) and its message log."""
     from codefill.inference_workers.engine import Engine, EngineConfig
-    from codefill.inference_workers.protocol import GenerateRequest, Token
 
     log: list = []
-    engine = Engine(runner, EngineConfig(speculate=speculate), token_bytes, lambda identity, msg: log.append(msg))
+    return Engine(runner, EngineConfig(speculate=speculate), token_bytes, lambda identity, msg: log.append(msg)), log
+
+
+def _suggest(runner, engine, log, prompt) -> tuple[list[int], float, dict]:
+    from codefill.inference_workers.protocol import GenerateRequest, Token
+
+    log.clear()
+    drafted, accepted = engine.drafted, engine.accepted
     steps = {"n": 0}
     decode, verify = runner.decode_step, runner.verify
 
@@ -58,7 +66,8 @@ def _suggest(runner, token_bytes, prompt, speculate) -> tuple[list[int], float, 
     finally:
         runner.decode_step, runner.verify = decode, verify
     tokens = [m.token_id for m in log if isinstance(m, Token)]
-    return tokens, wall, {"steps": steps["n"], "drafted": engine.drafted, "accepted": engine.accepted}
+    return tokens, wall, {"steps": steps["n"], "drafted": engine.drafted - drafted,
+                          "accepted": engine.accepted - accepted}
 
 
 def run(out_dir: str | Path, model_dir: str | Path | None = None) -> dict:
@@ -71,14 +80,14 @@ def run(out_dir: str | Path, model_dir: str | Path | None = None) -> dict:
     runner = Runner.from_model_dir(model_dir, max_seq_len=PROMPT + TOKENS + SPECULATE + 8, max_batch=2)
     token_bytes = token_bytes_of_model_dir(model_dir)
     prompts = _cuts(Tokenizer(model_dir / "tokenizer.model"))
-    _suggest(runner, token_bytes, prompts[0], SPECULATE)  # compile every graph first
+    _suggest(runner, *_engine(runner, token_bytes, SPECULATE), prompts[0])  # compile every graph first
     modes: dict[str, dict] = {}
-    same = True
     for speculate in (0, SPECULATE):
         walls, steps, drafted, accepted, outputs = [], 0, 0, 0, []
+        engine, log = _engine(runner, token_bytes, speculate)
         for prompt in prompts:
             runner.prefill([1], 0, 0), runner.prefill([1], 1, 0)  # no prefix left over from the other mode
-            tokens, wall, c = _suggest(runner, token_bytes, prompt, speculate)
+            tokens, wall, c = _suggest(runner, engine, log, prompt)
             walls.append(wall * 1000)
             steps, drafted, accepted = steps + c["steps"], drafted + c["drafted"], accepted + c["accepted"]
             outputs.append(tokens)

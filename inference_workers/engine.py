@@ -51,6 +51,7 @@ import numpy as np
 from codefill.model.sampling import SamplingConfig, log_softmax, sample
 
 from .prefix_cache import Match, PrefixCache, Slot, common_prefix
+from .speculation_gate import SpeculationGate
 from .protocol import ErrorReply, Finished, FinishReason, GenerateRequest, Message, Pong, Reloaded, ReloadWeights, \
     Token
 from .stops import StopRuleError, StopState
@@ -137,6 +138,7 @@ class Engine:
         self._reload: tuple[bytes, ReloadWeights] | None = None  # pending: admission is stopped until it ran
         self.weights_version = 0  # reloads completed
         self.drafted = self.accepted = 0  # speculation: ids drafted, and of those, kept
+        self.gate = SpeculationGate()  # whether a verify step currently pays for itself
         self._thread: threading.Thread | None = None
         self._heal_masks: dict[bytes, np.ndarray] = {}  # token healing: required bytes -> allowed tokens
 
@@ -290,15 +292,18 @@ class Engine:
             if not rows:
                 return True
             draft = self._draft(rows[0]) if len(rows) == 1 else []
-        if draft:
+        if draft and self.gate.should_speculate():
             return self._speculate(rows[0], draft)
         with self.lock:
             tokens = [0] * self.runner.max_batch
             positions = [self.runner.idle_position] * self.runner.max_batch
             for r in rows:
                 tokens[r.slot.index], positions[r.slot.index] = r.feed, len(r.slot.tokens)
+        started = time.perf_counter()
         logits = self._call(f"decode step of {len(rows)} rows", lambda: self.runner.decode_step(tokens, positions),
                             rows)
+        if len(rows) == 1 and logits is not None:
+            self.gate.decoded(time.perf_counter() - started)
         with self.lock:
             if self.failed or self.closed:
                 return False
@@ -332,21 +337,26 @@ class Engine:
         """Feed the request's next id and the draft in one step; keep what greedy decoding would have made."""
         slot = r.slot
         ids, start = [r.feed] + draft, len(slot.tokens)
+        started = time.perf_counter()
         logits = self._call(f"verify of {len(ids)} ids in slot {slot.index} at position {start}",
                             lambda: self.runner.verify(ids, slot.index, start), [r])
+        seconds = time.perf_counter() - started
         with self.lock:
             if self.failed or self.closed:
                 return False
             if logits is None:
                 return True
             self.drafted += len(draft)
+            made = 0
             for i, row in enumerate(logits):
                 if r.state is not State.DECODE:
                     break
                 self._decoded(r, row)  # feeds ids[i], samples the next id
+                made += 1
                 if i == len(draft) or r.feed != draft[i]:
                     break  # the draft ends or differs: the cache past here holds ids greedy did not make
                 self.accepted += 1
+            self.gate.verified(seconds, made)
         return True
 
     # --- scheduling (under the lock) -------------------------------------------------------------------

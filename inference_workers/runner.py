@@ -75,6 +75,9 @@ from .sharding import TensorParallelError, load_rank_weights, shard_shapes, shar
 
 DEFAULT_MAX_SEQ_LEN = 2048  # positions per cache slot when not given (fewer if the model was trained for fewer)
 DEFAULT_MAX_BATCH = 1  # cache slots when not given
+# A verify of up to this many ids (a speculation step: the last token and its drafts) runs a static graph, padded
+# to this width: on CPU a dynamic-shape graph costs more per op than the few extra rows (docs/benchmarks/).
+VERIFY_WIDTH = 8
 
 
 class GenerationError(CodefillError, ValueError):
@@ -97,6 +100,13 @@ class _Verify(_Step):
 
     def construct(self, tokens, positions, cache_idx, slots, key_positions):
         return self.model(tokens, positions, cache_idx, slots, key_positions, True)
+
+
+class _VerifyFew(_Step):
+    """A verify of up to VERIFY_WIDTH ids, static: [1, VERIFY_WIDTH], padded at the scratch column."""
+
+    def construct(self, tokens, positions, cache_idx, slots):
+        return self.model(tokens, positions, cache_idx, slots, None, True)
 
 
 class _Decode(_Step):
@@ -216,7 +226,7 @@ class Runner:
 
     def _graphs(self) -> tuple[_Step, _Decode, _DecodeOne | None]:
         i32, kv, mb = ms.int32, self.kv_heads, self.max_batch
-        prefill, self._verify = _Step(self.model), _Verify(self.model)
+        prefill, self._verify, self._verify_few = _Step(self.model), _Verify(self.model), _VerifyFew(self.model)
         for graph in (prefill, self._verify):
             graph.set_inputs(Tensor(shape=[1, None], dtype=i32), Tensor(shape=[1, None], dtype=i32),
                              Tensor(shape=[1, None, kv], dtype=i32), Tensor(shape=[1], dtype=i32),
@@ -226,8 +236,9 @@ class Runner:
     def compiled_graphs(self) -> dict[str, int]:
         """Graphs compiled so far per entry point: 1 each once warm; more would be a recompile."""
         graphs = {"prefill": len(self._prefill.compile_cache), "decode": len(self._decode.compile_cache)}
-        if len(self._verify.compile_cache):  # compiled on first use: only servers that speculate need it
-            graphs["verify"] = len(self._verify.compile_cache)
+        for name, graph in (("verify", self._verify), ("verify_few", self._verify_few)):
+            if len(graph.compile_cache):  # compiled on first use: only servers that speculate need them
+                graphs[name] = len(graph.compile_cache)
         if self._decode_one is not None:
             graphs["decode_one"] = len(self._decode_one.compile_cache)
         return graphs
@@ -384,7 +395,18 @@ class Runner:
         return logits.asnumpy()[0]
 
     def run_verify(self, ids: np.ndarray, slot: int, first: int) -> np.ndarray:
-        return self.run_prefill_chunk(ids, slot, first, self._verify)
+        """ids int32 [T] at positions first.. of `slot` -> logits [T, V] of every one. Up to VERIFY_WIDTH ids
+        run the static graph, the rows past them at the scratch column (written there, never read)."""
+        n = len(ids)
+        if n > VERIFY_WIDTH:
+            return self.run_prefill_chunk(ids, slot, first, self._verify)
+        tokens = np.zeros((1, VERIFY_WIDTH), np.int32)
+        tokens[0, :n] = ids
+        positions = np.full((1, VERIFY_WIDTH), self.idle_position, np.int32)
+        positions[0, :n] = np.arange(first, first + n)
+        idx = llama.cache_index(np.array([slot]), positions, self.kv_heads, self.max_seq_len + 1)
+        logits = self._verify_few(Tensor(tokens), Tensor(positions), Tensor(idx), Tensor(np.array([slot], np.int32)))
+        return logits.asnumpy()[0, :n]
 
     def run_decode(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """tokens, positions int32 [max_batch] -> logits [max_batch, V]. With one active slot of several, only

@@ -6,9 +6,10 @@ cache is read as what it is, [max_batch, KV, S, D] in rows (input layout BNSD), 
 
 - decode (T = 1, a static graph): `incre_flash_attention` with each row's key count (`actual_seq_lengths`
   = position + 1) over its slot's cache; one slot of several is a gather of that slot;
-- prefill and verify (T new tokens of one slot after `start` cached ones): `prompt_flash_attention` with
-  `sparse_mode` 3 (the causal mask aligned at the bottom right: query i sees keys 0 .. start + i) over
-  `actual_seq_lengths_kv` = start + T keys, with the fixed 2048 x 2048 lower-triangular mask that mode needs.
+- prefill and verify (n new tokens of one slot after `start` cached ones, maybe padded to a static width at
+  the scratch column): `prompt_flash_attention` with `sparse_mode` 3 (the causal mask aligned at the bottom
+  right: query i sees keys 0 .. start + i) over `actual_seq_lengths` = n queries and
+  `actual_seq_lengths_kv` = start + n keys, with the fixed 2048 x 2048 lower-triangular mask that mode needs.
 
 Grouped-query attention is the operators' own (`num_key_value_heads`), the heads are this Cell's (a rank's
 share after sharding). What has run: the argument layout against a stand-in with the operators' documented
@@ -75,9 +76,11 @@ class FusedCacheAttention(nn.Cell):
             if t == 1:  # decode: each row sees keys 0 .. its position
                 lengths = (positions[:, 0] + 1).astype(ms.int64)
                 return self.decode(query, keys, values, lengths).transpose(0, 2, 1, 3)
-        # prefill / verify of one slot: T queries after the cached ones, keys 0 .. the last position
-        q_len = (positions[:, -1] - positions[:, 0] + 1).astype(ms.int64)  # consecutive positions: T
-        kv_len = (positions[:, -1] + 1).astype(ms.int64)
+        # prefill / verify of one slot: the queries at consecutive positions after the cached ones, then any
+        # padding rows at the scratch column (a static verify), which the operator leaves out
+        real = positions < self.cache_shape[2] - 1
+        q_len = real.astype(ms.int64).sum(-1)  # [1]
+        kv_len = (ops.select(real, positions, ops.full_like(positions, -1)).max(-1) + 1).astype(ms.int64)
         return self.prefill(query, keys, values, self.causal, q_len, kv_len).transpose(0, 2, 1, 3)
 
 

@@ -6,6 +6,7 @@ slot with idle ones, decode of one slot, verify), and the fallback when they can
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from codefill.bench_model import random_weights
 from codefill.inference_workers.runner import Runner
@@ -22,6 +23,8 @@ def runners(monkeypatch):
     reference = Runner(cfg, weights, max_seq_len=CACHE, max_batch=SLOTS)
     monkeypatch.delenv("CODEFILL_KERNELS")
     fast = Runner(cfg, weights, max_seq_len=CACHE, max_batch=SLOTS)
+    if fast.kernels.library is None and "no C++ compiler" in fast.kernels.reason:
+        pytest.skip(fast.kernels.reason)  # a machine without g++: the stock ops serve (tested below)
     assert reference.kernels.library is None and fast.kernels.library is not None, fast.kernels.reason
     for r in (reference, fast):
         r.prefill_chunk = 16  # several chunks per prompt, each reading the keys of the ones before

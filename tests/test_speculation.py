@@ -81,3 +81,19 @@ def test_verify_returns_every_positions_logits(runner):
     every = runner.verify([33, 120, 7], 1, 3)
     for i, k in enumerate((4, 5, 6)):
         np.testing.assert_allclose(every[i], runner.prefill([1, 5, 9, 33, 120, 7][:k], 0, 0), rtol=1e-4, atol=1e-4)
+
+
+def test_the_gate_speculates_only_while_a_verify_step_pays():
+    from codefill.inference_workers.speculation_gate import PROBE_EVERY, SpeculationGate
+
+    gate = SpeculationGate()
+    assert gate.should_speculate()  # nothing measured yet: try it
+    gate.decoded(0.002)
+    gate.verified(0.004, 1)  # a verify made one token at twice a decode step's cost
+    for _ in range(3):
+        gate.verified(0.004, 1)
+    decisions = [gate.should_speculate() for _ in range(2 * PROBE_EVERY)]
+    assert decisions.count(True) == 2 and decisions[PROBE_EVERY - 1] and decisions[-1]  # only the probes
+    for _ in range(20):
+        gate.verified(0.004, 3)  # the text turned repetitive: three tokens per verify step
+    assert all(gate.should_speculate() for _ in range(PROBE_EVERY))

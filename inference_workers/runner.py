@@ -9,7 +9,7 @@ others first (coordination.py), which run the same step on their shards through 
 (`coordination.follow`); the collectives inside the graphs keep them in step, and the logits are identical
 on every rank. The one-process commands (`generate`, `infill`, `eval`) use it with world size 1.
 
-Two compiled MindSpore graphs share one Transformer and its cache:
+Compiled MindSpore graphs share one Transformer and its cache:
 
 - prefill: one slot, T new tokens at positions start_pos .. start_pos+T-1 -> logits of the last one. T is a
   dynamic dimension (`Cell.set_inputs` with `None`), so one graph serves every prompt length; prompts longer
@@ -18,9 +18,15 @@ Two compiled MindSpore graphs share one Transformer and its cache:
   slot i, an idle slot is given position `max_seq_len`, the scratch column) -> logits [max_batch, V]; and,
   with several slots, a second decode graph for a step with one active slot ([1, 1], reading only that
   slot's row), so a lone sequence does not pay for every slot. Their shapes are static: on CPU a graph with
-  dynamic shapes costs more per step than it saves (docs/benchmarks/README.md).
+  dynamic shapes costs more per step than it saves (docs/benchmarks/README.md);
+- verify (speculation): the logits of every one of up to VERIFY_WIDTH new ids, static and padded at the
+  scratch column (longer verifies go through a dynamic-length twin of the prefill graph).
 
-Neither graph recompiles per token or per prompt length (`compiled_graphs()` counts; the tests check it).
+The model is built plain, then transformed: sharded for this rank, put in the precision policy's dtype
+(`model/precision.py`), and given its attention path by device (CPU kernels, Ascend's fused operators, or
+the stock ops as the reference; `self.kernels` says which on CPU and why).
+
+No graph recompiles per token or per prompt length (`compiled_graphs()` counts; the tests check it).
 Why dynamic T and chunks rather than length buckets is measured in docs/benchmarks/.
 
 Cache slots are the unit of memory: slot s holds the keys/values of one sequence, positions 0..len-1. What a

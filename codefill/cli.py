@@ -296,6 +296,43 @@ def cmd_data_tokenize(args: argparse.Namespace) -> None:
     print(summary.report())
 
 
+# --- corpus (issue 16): `data corpus`, `data pin` ---
+
+
+def cmd_data_corpus(args: argparse.Namespace) -> None:
+    from codefill.training.corpus import DEFAULT_CACHE, CorpusConfig, build_corpus
+
+    config = CorpusConfig.load(args.corpus)
+    tokenizer = Path(args.tokenizer) if args.tokenizer else _model_or_bundled(args) / "tokenizer.model"
+    card = build_corpus(config, Path(args.output), cache=Path(args.cache) if args.cache else DEFAULT_CACHE,
+                        source_dir=Path(args.source_dir) if args.source_dir else None,
+                        stdlib_root=Path(args.stdlib_root) if args.stdlib_root else None, tokenizer=tokenizer)
+    print((Path(args.output) / "CORPUS.md").read_text().split("## Packages")[0].rstrip())
+
+
+def cmd_data_pin(args: argparse.Namespace) -> None:
+    from codefill.training.sdists import pin_from_pypi
+
+    for requirement in args.requirements:
+        print(pin_from_pypi(requirement).line())
+
+
+def _add_corpus_commands(data) -> None:
+    p = data.add_parser("corpus", help="a permissively licensed corpus from pinned PyPI sdists and the standard "
+                                       "library: xz text shards and a data card")
+    p.add_argument("corpus", metavar="CORPUS.toml", help="e.g. recipes/corpus-pypi.toml")
+    p.add_argument("--output", required=True, metavar="DIR")
+    p.add_argument("--cache", help="download cache (default ~/.cache/codefill/corpus)")
+    p.add_argument("--source-dir", help="read the pinned archives from this folder (no network)")
+    p.add_argument("--stdlib-root", help="use this folder as the standard library")
+    p.add_argument("--tokenizer", help="tokenizer.model to count tokens with (default: --model's)")
+    _model_arg(p, required=False, help="whose tokenizer counts tokens (default: the bundled model)")
+    p.set_defaults(func=cmd_data_corpus)
+    p = data.add_parser("pin", help="print pins-file lines (NAME==VERSION sha256:HEX URL) from PyPI's JSON API")
+    p.add_argument("requirements", nargs="+", metavar="NAME==VERSION")
+    p.set_defaults(func=cmd_data_pin)
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     out = Path(args.out)
     model = Path(args.model) if args.model else None
@@ -604,6 +641,7 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-file-bytes", type=int, default=1_000_000)
     p.add_argument("--extensions", help="fim: only these, e.g. .py,.js")
     p.set_defaults(func=cmd_data_tokenize)
+    _add_corpus_commands(data)
 
 
 def _add_train_commands(sub: argparse._SubParsersAction) -> None:

@@ -111,7 +111,7 @@ def test_corpus_admits_skips_dedups_and_holds_out(tmp_path, sources):
 
     assert {r["name"]: r["reason"] for r in card["refused"]} == {
         "gamma": "metadata License 'GPL-3.0' is not permissive",
-        "delta": "licence file LICENSE carries 'gnu general public license'"}
+        "delta": "licence file LICENSE carries 'gnu general public license version 3'"}
     assert packages["alpha"]["licenses"] == ["MIT"] and packages["beta"]["licenses"] == ["BSD"]
     assert packages["alpha"]["skipped"] == {"duplicate": 1, "generated": 2, "humaneval": 1, "minified": 1,
                                             "near_duplicate": 1, "too_large": 1, "vendored": 1}
@@ -213,7 +213,14 @@ def test_licence_files():
     assert file_verdict({"LICENSE": MIT}).licenses == ("MIT",)
     assert file_verdict({}).reason == "no LICENSE / COPYING file"
     assert not file_verdict({"LICENSE": "All rights reserved."}).admitted
-    assert not file_verdict({"LICENSE": BSD, "licenses/LGPL.txt": "GNU Lesser General Public License"}).admitted
+    assert not file_verdict({"LICENSE": BSD, "licenses/LGPL.txt": "GNU Lesser General Public License, version 2.1"}).admitted
+    # Python's own licence (bundled by Django, pandas, mypy...) mentions the GPL in its CNRI clause: still PSF
+    psf = ("PYTHON SOFTWARE FOUNDATION LICENSE VERSION 2\n... derivative works based on Python 1.6.1 that "
+           "incorporate non-separable material that was previously distributed under the GNU General Public "
+           "License (GPL), the law of the Commonwealth of Virginia shall govern ...")
+    assert file_verdict({"LICENSE": BSD, "LICENSE.python": psf}).licenses == ("BSD", "PSF")
+    mpl = "This Source Code Form is subject to the terms of the Mozilla Public License, v. 2.0."
+    assert not file_verdict({"LICENSE": MIT, "licenses/MPL.txt": mpl}).admitted
     assert package_verdict(pkg_info("x", expression="PSF-2.0"),
                            {"LICENSE": "PSF LICENSE AGREEMENT FOR PYTHON"}).licenses == ("PSF",)
 

@@ -52,9 +52,14 @@ _TEXTS = [
     ("permission to use, copy, modify, and/or distribute this software for any purpose with or without fee", "ISC"),
     ("permission to use, copy, modify, and distribute this software for any purpose with or without fee", "ISC"),
 ]
-_COPYLEFT_TEXTS = ("gnu general public license", "gnu lesser general public license", "gnu affero general public",
-                   "mozilla public license", "eclipse public license", "server side public license",
-                   "common development and distribution license")
+# Copyleft licence texts, by their titles and grant clauses (not by a mere mention: the PSF licence itself names
+# "the GNU General Public License (GPL)" in its CNRI clause, and many permissive files quote it).
+_COPYLEFT_TEXTS = re.compile(
+    r"gnu (?:lesser |library |affero )?general public license,? (?:version|v\.?) ?\d"
+    r"|general public license as published by the free software foundation"
+    r"|mozilla public license,? (?:version|v\.) ?\d|subject to the terms of the mozilla public license"
+    r"|eclipse public license,? (?:- )?(?:version|v\.?) ?\d|server side public license"
+    r"|common development and distribution license")
 LICENSE_FILE = re.compile(r"^(?:LICEN[CS]E|COPYING|COPYRIGHT)(?:[._-].*)?$", re.I)
 LICENSE_DIRS = ("licenses", "LICENSES", "license", "LICENSE")
 
@@ -106,8 +111,9 @@ def metadata_verdict(pkg_info: str) -> Verdict:
         first = free if len(free) < 200 else _collapse(free)
         text_family = next((f for phrase, f in _TEXTS if phrase in _collapse(free)), None)
         if text_family:  # the whole licence text pasted into the field
-            if any(p in _collapse(free) for p in _COPYLEFT_TEXTS):
-                return Verdict(False, (), f"metadata License text carries a copyleft licence")
+            found = _COPYLEFT_TEXTS.search(_collapse(free))
+            if found:
+                return Verdict(False, (), f"metadata License text carries {found.group(0)!r}")
             good.add(text_family)
         else:
             if _COPYLEFT_WORDS.search(free[:300]):
@@ -128,9 +134,9 @@ def file_verdict(texts: dict[str, str]) -> Verdict:
     found: set[str] = set()
     for path, text in sorted(texts.items()):
         flat = _collapse(text)
-        copyleft = [p for p in _COPYLEFT_TEXTS if p in flat]
+        copyleft = _COPYLEFT_TEXTS.search(flat)
         if copyleft:
-            return Verdict(False, (), f"licence file {path} carries {copyleft[0]!r}")
+            return Verdict(False, (), f"licence file {path} carries {copyleft.group(0)!r}")
         found |= {family for phrase, family in _TEXTS if phrase in flat}
     if not found:
         return Verdict(False, (), f"licence files {sorted(texts)} hold no licence text we recognise")

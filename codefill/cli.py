@@ -211,8 +211,13 @@ def cmd_init_tiny(args: argparse.Namespace) -> None:
 def cmd_recipe(args: argparse.Namespace) -> None:
     from codefill.training.recipe import run_recipe
 
-    model_dir = run_recipe(Path(args.recipe), Path(args.output), progress=not args.no_progress)
-    print(f"wrote the trained model to {model_dir}")
+    model_dir = run_recipe(Path(args.recipe), Path(args.output), progress=not args.no_progress, trainer=args.trainer,
+                           corpus=args.corpus, time_budget_s=args.time_budget, prepare=args.prepare,
+                           checkpoint_dtype=args.checkpoint_dtype)
+    if model_dir is None:
+        print(f"prepared {args.output} (tokenizer, init, data); run without --prepare to train")
+    else:
+        print(f"wrote the trained model to {model_dir}")
 
 
 def cmd_eval_humaneval(args: argparse.Namespace) -> None:
@@ -320,7 +325,7 @@ def cmd_data_pin(args: argparse.Namespace) -> None:
 def _add_corpus_commands(data) -> None:
     p = data.add_parser("corpus", help="a permissively licensed corpus from pinned PyPI sdists and the standard "
                                        "library: xz text shards and a data card")
-    p.add_argument("corpus", metavar="CORPUS.toml", help="e.g. recipes/corpus-pypi.toml")
+    p.add_argument("corpus", metavar="CORPUS.toml", help="e.g. recipes/corpus/pypi.toml")
     p.add_argument("--output", required=True, metavar="DIR")
     p.add_argument("--cache", help="download cache (default ~/.cache/codefill/corpus)")
     p.add_argument("--source-dir", help="read the pinned archives from this folder (no network)")
@@ -601,6 +606,14 @@ def _add_new_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("recipe", metavar="RECIPE.toml", help="e.g. recipes/codefill-stdlib.toml")
     p.add_argument("--output", required=True, metavar="OUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs)")
+    p.add_argument("--trainer", choices=["mindspore", "torch"], default="mindspore",
+                   help="torch: the PyTorch trainer (bf16 on CUDA), for a GPU machine")
+    p.add_argument("--corpus", metavar="DIR", help="the `codefill data corpus` directory, in place of the recipe's")
+    p.add_argument("--prepare", action="store_true", help="stop before training: tokenizer, init and rows only")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="torch: stop cleanly with a checkpoint before this many seconds; run again to continue")
+    p.add_argument("--checkpoint-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="torch: weights in checkpoints (bfloat16 halves what comes back from a GPU machine)")
     p.set_defaults(func=cmd_recipe)
 
     p = sub.add_parser("demo", help="start the language server on a model and show a live completion")

@@ -1,7 +1,7 @@
 """`codefill data corpus CORPUS.toml --output DIR`: a permissively licensed Python corpus from pinned PyPI
 source distributions plus the standard library, as compressed text shards with a data card.
 
-A corpus file (recipes/corpus-pypi.toml) names the pins file (sdists.py), the held-out packages and the
+A corpus file (recipes/corpus/pypi.toml) names the pins file (sdists.py), the held-out packages and the
 limits below. Packages are read in this order, so that the first copy of a file wins and held-out code never
 also reaches training under another package's name: the held-out packages, the standard library, the rest in
 pins order. For each package:

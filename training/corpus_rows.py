@@ -20,7 +20,7 @@ import numpy as np
 
 from .corpus_shards import read_docs, shard_paths
 from .data_error import DataError
-from .fim_examples import FimConfig, fim_pass_rows
+from .fim_examples import fim_pass_rows
 from .mindrecord_io import IGNORE_INDEX
 
 CHUNK_DOCS = 256
@@ -51,7 +51,7 @@ class Rows:
 _worker: dict = {}
 
 
-def _init(tokenizer: str, fim: FimConfig, row_length: int) -> None:
+def _init(tokenizer: str, fim, row_length: int) -> None:
     from codefill.model.tokenizer import Tokenizer
 
     _worker.update(tok=Tokenizer(tokenizer), fim=fim, row_length=row_length)
@@ -68,19 +68,18 @@ def _chunk_rows(chunk: list[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray]:
     return ids, scored
 
 
-def corpus_rows(corpus_dir: str | Path, tokenizer: str | Path, fim: FimConfig, row_length: int, *,
-                part: str = "train", workers: int | None = None, limit_docs: int | None = None) -> Rows:
-    """Rows of the corpus's `part` ("train" or "heldout") shards."""
+def fim_rows_parallel(docs: list[tuple[str, str]], tokenizer: str | Path, fim, row_length: int, *,
+                      workers: int | None = None) -> Rows:
+    """Rows of (path, text) documents: chunks of CHUNK_DOCS, each by fim_pass_rows, in `workers` processes."""
     from codefill.model.tokenizer import Tokenizer
 
-    paths = shard_paths(corpus_dir, part)
-    if not paths:
-        raise DataError(f"{corpus_dir} has no {part}-*.jsonl.xz shards")
-    if Tokenizer(tokenizer).vocab_size > 65536:
-        raise DataError(f"tokenizer {tokenizer}: {Tokenizer(tokenizer).vocab_size} pieces do not fit uint16 rows")
-    docs = [(f"{d.package}/{d.path}", d.text) for d in read_docs(paths)][:limit_docs]
+    n_pieces = Tokenizer(tokenizer).vocab_size
+    if n_pieces > 65536:
+        raise DataError(f"tokenizer {tokenizer}: {n_pieces} pieces do not fit uint16 rows")
     chunks = [docs[i:i + CHUNK_DOCS] for i in range(0, len(docs), CHUNK_DOCS)]
-    workers = workers or os.cpu_count() or 1
+    if not chunks:
+        raise DataError("no documents to make rows of")
+    workers = min(len(chunks), workers or os.cpu_count() or 1)
     args = (str(tokenizer), fim, row_length)
     if workers == 1:
         _init(*args)
@@ -88,8 +87,17 @@ def corpus_rows(corpus_dir: str | Path, tokenizer: str | Path, fim: FimConfig, r
     else:
         with get_context("spawn").Pool(workers, _init, args) as pool:
             parts = pool.map(_chunk_rows, chunks, chunksize=1)
-    ids = np.concatenate([p[0] for p in parts])
-    return Rows(ids, np.concatenate([p[1] for p in parts]))
+    return Rows(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+
+
+def corpus_rows(corpus_dir: str | Path, tokenizer: str | Path, fim, row_length: int, *, part: str = "train",
+                workers: int | None = None) -> Rows:
+    """Rows of the corpus's `part` ("train" or "heldout") shards, documents named PACKAGE/PATH."""
+    paths = shard_paths(corpus_dir, part)
+    if not paths:
+        raise DataError(f"{corpus_dir} has no {part}-*.jsonl.xz shards")
+    docs = [(f"{d.package}/{d.path}", d.text) for d in read_docs(paths)]
+    return fim_rows_parallel(docs, tokenizer, fim, row_length, workers=workers)
 
 
 def spread(rows: Rows, n: int) -> Rows:

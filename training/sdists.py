@@ -1,6 +1,6 @@
 """Pinned PyPI source distributions: the pins file, and a download cache verified by SHA-256.
 
-A pins file (recipes/corpus-pins.txt) has one source distribution a line, `#` comments allowed:
+A pins file (recipes/corpus/pypi-pins.txt) has one source distribution a line, `#` comments allowed:
 
     NAME==VERSION sha256:HEX URL_OR_FILENAME
 

@@ -22,8 +22,8 @@ its loss curve bumps for a few steps; a run never interrupted is unaffected.
     OUT/metrics.jsonl            the MindSpore trainer's records ({"step", "loss", "lr", "grad_norm", "tokens",
                                  "tokens_per_s", "elapsed_s"}, {"step", "held_out_loss"})
     OUT/checkpoints/step-N/      weights-NNNNN.safetensors (codefill names), state.json, COMPLETE last
-    OUT/hf/                      at the end: a Hugging Face checkpoint (config.json, safetensors in parts,
-                                 tokenizer.model) that `codefill convert --from-hf` loads
+    OUT/hf/                      at the end: a Hugging Face checkpoint (config.json, safetensors in parts, in
+                                 the checkpoints' dtype, tokenizer.model) that `codefill convert --from-hf` loads
 
 `time_budget_s` stops the run cleanly before the budget is spent (the next step and a checkpoint must fit),
 saving a checkpoint; run again with resume to continue.
@@ -106,7 +106,7 @@ def _shifted(rows: Rows, index, device) -> tuple[torch.Tensor, torch.Tensor]:
 class _TorchRun:
     def __init__(self, model_dir: Path, out_dir: Path, cfg: TrainConfig, device: torch.device,
                  part_bytes: int, checkpoint_dtype: str):
-        files = load_model_dir(model_dir)
+        files = load_model_dir(model_dir, vocab_check=False)  # no SentencePiece needed on the GPU machine
         self.arch, self.tokenizer_path, self.model_dir = files.config, files.tokenizer_path, model_dir
         self.out_dir, self.cfg, self.device = out_dir, cfg, device
         self.part_bytes, self.checkpoint_dtype = part_bytes, checkpoint_dtype
@@ -216,11 +216,14 @@ class _TorchRun:
         return value
 
     def write_hf(self) -> Path:
-        """OUT/hf: config.json, the weights in safetensors parts under part_bytes, tokenizer.model."""
+        """OUT/hf: config.json, the weights (in the checkpoints' dtype) in safetensors parts under part_bytes,
+        tokenizer.model."""
         out = self.out_dir / HF_SUBDIR
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp, safe_serialization=True, max_shard_size=self.part_bytes)
+        dtype = torch.bfloat16 if self.checkpoint_dtype == "bfloat16" else torch.float32
+        state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.model.state_dict().items()}
+        self.model.save_pretrained(tmp, state_dict=state, safe_serialization=True, max_shard_size=self.part_bytes)
         shutil.copyfile(self.tokenizer_path, tmp / "tokenizer.model")
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)

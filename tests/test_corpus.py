@@ -241,3 +241,18 @@ def test_humaneval_filter_finds_signatures_and_statements():
     statement = "Check if in given list of numbers, are any two numbers closer to each other than"
     assert f.match(f'"""\n   {statement}\n"""') == "HumanEval/0"
     assert f.match(module(3)) is None
+
+
+def test_the_command_line_builds_from_a_source_dir(tmp_path, sources):
+    from helpers import run_codefill
+
+    src, pins_file = sources
+    toml = tmp_path / "corpus.toml"
+    toml.write_text(f'name = "cli"\npins = "{pins_file.name}"\nheld_out = ["held"]\nstdlib = false\n'
+                    f'max_file_bytes = 20000\n')
+    done = run_codefill("data", "corpus", toml, "--output", tmp_path / "out", "--source-dir", src,
+                        "--cache", tmp_path / "cache")
+    assert "- packages: 3 admitted, 2 refused" in done.stdout
+    assert (tmp_path / "out" / "CORPUS.md").exists() and not (tmp_path / "cache").exists()  # nothing downloaded
+    again = run_codefill("data", "corpus", toml, "--output", tmp_path / "out", "--source-dir", src, check=False)
+    assert again.returncode == 2 and "exists; remove it or choose another" in again.stderr

@@ -4,7 +4,7 @@
 #   scripts/gpu_train.sh RECIPE.toml RUN_DIR CORPUS_DIR [BUDGET_SECONDS]
 #
 # RUN_DIR was prepared where codefill runs in full (`codefill recipe RECIPE --output RUN_DIR --trainer torch
-# --prepare`: tokenizer.model, init/, and, for a machine without SentencePiece, data/*-rows-*.npz); CORPUS_DIR
+# --prepare`: tokenizer.model, init/, and, for a machine without SentencePiece, data/*-rows-*.npz.xz); CORPUS_DIR
 # holds the `codefill data corpus` shards carried with it (any subset of train-*.jsonl.xz, every heldout-*).
 # The whole attempt, building rows included, stops cleanly before BUDGET_SECONDS (default 540, nine minutes)
 # with a checkpoint; run the same command again, with RUN_DIR carried back, to continue. Exit status 0 when the

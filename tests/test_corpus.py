@@ -126,7 +126,8 @@ def test_corpus_admits_skips_dedups_and_holds_out(tmp_path, sources):
     assert held == [("held", "held/h.py"), ("held", "held/h2.py")]
     assert card["held_out"] == ["held"] and card["totals"]["train_files"] == 3
     assert card["totals"]["train_tokens"] > 0 and packages["held"]["tokens"] > 0
-    assert card["transport"]["token_xz_bytes"] > 0 and card["transport"]["text_xz_bytes"] > 0
+    assert card["transport"]["token_xz_bytes"] > 0 and card["transport"]["fim_row_xz_bytes"] > 0
+    assert card["transport"]["carry"] == ("text" if card["transport"]["text_xz_bytes"] <= card["transport"]["fim_row_xz_bytes"] else "rows")
     assert json.loads((out / "corpus.json").read_text()) == card
     md = (out / "CORPUS.md").read_text()
     assert "| alpha | 1.0 | train | MIT |" in md and "| gamma | 1.0 | GPL-3.0 is not permissive" not in md

@@ -81,7 +81,7 @@ def test_prepare_then_the_gpu_script_stops_on_its_budget_and_resumes(recipe, cor
     run = tmp_path / "run"
     run_codefill("recipe", recipe, "--output", run, "--trainer", "torch", "--prepare")
     assert (run / "tokenizer.model").exists() and (run / "init" / "config.json").exists()
-    assert sorted(p.name for p in (run / "data").iterdir()) == ["heldout-rows-00000.npz", "train-rows-00000.npz"]
+    assert sorted(p.name for p in (run / "data").iterdir()) == ["heldout-rows-00000.npz.xz", "train-rows-00000.npz.xz"]
     assert not (run / "run").exists()
 
     first = gpu_train(recipe, run, corpus, 0, tmp_path / "out1")   # no time: one step, then a checkpoint

@@ -57,8 +57,8 @@ def test_corpus_rows_do_not_depend_on_the_process_count_and_round_trip(tiny_dir,
     assert len(train) > 8 and train.ids.shape[1] == SEQ + 1 and train.scored[:, 0].all()
     two = corpus_rows(corpus, tiny_dir / "tokenizer.model", FIM, SEQ + 1, workers=2)
     assert np.array_equal(two.ids, train.ids) and np.array_equal(two.scored, train.scored)
-    paths = save_rows(train, tmp_path, "train", max_bytes=3000)
-    assert len(paths) > 1 and all(p.stat().st_size <= 3000 for p in paths)
+    paths = save_rows(train, tmp_path, "train", max_bytes=1000)
+    assert len(paths) > 1 and all(p.stat().st_size <= 1000 for p in paths)
     back = load_rows(paths)
     assert np.array_equal(back.ids, train.ids) and np.array_equal(back.scored, train.scored)
 

@@ -19,29 +19,43 @@ import numpy as np
 
 from .corpus_shards import MIB, read_shard
 
-SAMPLE_CHARS = 8_000_000   # text measured both ways for the transport decision
+SAMPLE_CHARS = 4_000_000   # text measured every way for the transport decision
+# The FIM rows measured: the bundled recipe's [fim] (recipes/codefill-stdlib.toml) in rows of 1,025 tokens.
+SAMPLE_FIM = dict(fim_rate=0.9, spm_rate=0.5, seed=0, line_rate=0.8, line_lines=3, window_tokens=512, pack=True)
+SAMPLE_ROW_LENGTH = 1025
 
 
 def _transport(out: Path, first_shard: str, tokenizer: Path | None, preset: int) -> dict:
-    """Compressed bytes per character of the same sample carried as xz text and as xz uint16 token ids."""
+    """Compressed bytes per character of the same sample carried three ways, all xz: as text; as the token
+    ids of its plain encoding; and as the FIM rows training reads (corpus_rows.py's row files). Text and rows
+    are the two forms a trainer can start from; `carry` names the smaller."""
     docs, chars = [], 0
     for d in read_shard(out / first_shard):
-        docs.append(d.text)
+        docs.append((f"{d.package}/{d.path}", d.text))
         chars += len(d.text)
         if chars >= SAMPLE_CHARS:
             break
-    text_bytes = len(lzma.compress("".join(docs).encode("utf-8"), preset=preset))
-    result = {"sample_chars": chars, "text_xz_bytes": text_bytes, "text_bytes_per_char": text_bytes / chars}
-    if tokenizer is not None:
-        from codefill.model.tokenizer import Tokenizer
+    text_bytes = len(lzma.compress("".join(t for _, t in docs).encode("utf-8"), preset=preset))
+    result = {"sample_chars": chars, "text_xz_bytes": text_bytes, "text_bytes_per_char": text_bytes / chars,
+              "carry": "text"}
+    if tokenizer is None:
+        return result
+    from codefill.model.tokenizer import Tokenizer
 
-        tok = Tokenizer(tokenizer)
-        if tok.vocab_size > 65536:
-            return result
-        ids = np.concatenate([np.asarray(tok.encode(t), np.uint16) for t in docs])
-        token_bytes = len(lzma.compress(ids.tobytes(), preset=preset))
-        result.update(tokens=int(len(ids)), token_xz_bytes=token_bytes, token_bytes_per_char=token_bytes / chars,
-                      text_carries_times_more=token_bytes / text_bytes)
+    from .corpus_rows import fim_rows_parallel
+    from .fim_examples import FimConfig
+
+    tok = Tokenizer(tokenizer)
+    if tok.vocab_size > 65536 or not tok.has_infilling:
+        return result
+    ids = np.concatenate([np.asarray(tok.encode(t), np.uint16) for _, t in docs])
+    token_bytes = len(lzma.compress(ids.tobytes(), preset=preset))
+    rows = fim_rows_parallel(docs, tokenizer, FimConfig(**SAMPLE_FIM), SAMPLE_ROW_LENGTH, workers=1)
+    row_bytes = (len(lzma.compress(rows.ids.tobytes(), preset=preset))
+                 + len(lzma.compress(np.packbits(rows.scored, axis=1).tobytes(), preset=preset)))
+    result.update(tokens=int(len(ids)), token_xz_bytes=token_bytes, token_bytes_per_char=token_bytes / chars,
+                  fim_row_xz_bytes=row_bytes, fim_row_bytes_per_char=row_bytes / chars,
+                  carry="text" if text_bytes <= row_bytes else "rows")
     return result
 
 
@@ -121,9 +135,15 @@ def _markdown(card: dict) -> str:
              f"Text or tokens: a sample of {tr['sample_chars']:,} characters is {tr['text_xz_bytes']:,} bytes as "
              f"xz text ({tr['text_bytes_per_char']:.3f} bytes a character)"]
     if "token_xz_bytes" in tr:
-        lines[-1] += (f" and {tr['token_xz_bytes']:,} bytes as xz uint16 token ids ({tr['token_bytes_per_char']:.3f}"
-                      f" bytes a character): text carries {tr['text_carries_times_more']:.2f} times as much code "
-                      f"in the same bytes, so the shards are text, tokenized on the GPU machine.")
+        ratio = tr["fim_row_xz_bytes"] / tr["text_xz_bytes"]
+        lines[-1] += (f"; {tr['token_xz_bytes']:,} bytes as xz uint16 ids of its plain encoding "
+                      f"({tr['token_bytes_per_char']:.3f}); and {tr['fim_row_xz_bytes']:,} bytes as the FIM rows "
+                      f"training reads ({tr['fim_row_bytes_per_char']:.3f}, the bundled recipe's [fim]). Rows cost "
+                      f"{ratio:.2f} times the text's bytes, so the corpus travels as "
+                      + ("text, tokenized on the GPU machine (its FIM cuts, passes and tokenizer stay free); row "
+                         "files (`codefill recipe --prepare`) are for a machine without SentencePiece."
+                         if tr["carry"] == "text" else
+                         "row files (`codefill recipe --prepare`), built here."))
     else:
         lines[-1] += "; tokens were not measured (no tokenizer given)."
     lines += ["", "## Packages", "", "| package | version | split | licences | metadata licence | files | characters "

@@ -25,7 +25,7 @@ its last checkpoint):
     OUT/summary.json           files, tokens, time and final losses, for the model's documentation
 
 `--trainer torch` trains with the PyTorch trainer (torch_trainer.py: the same step, bf16 on CUDA) instead:
-OUT/data holds row files (train-rows-*.npz, heldout-rows-*.npz, corpus_rows.py) in place of MindRecord,
+OUT/data holds row files (train-rows-*.npz.xz, heldout-rows-*.npz.xz, corpus_rows.py) in place of MindRecord,
 built in parallel (chunks of documents packed apart, so the rows are not the MindSpore path's), and the run
 ends with OUT/run/hf, a Hugging Face checkpoint, converted to OUT/model. `--prepare` stops before training
 (tokenizer, init and, for torch, the rows): what a GPU machine without SentencePiece needs carried, beside
@@ -250,12 +250,12 @@ def _arch(out: Path, recipe: Recipe, tok_path: Path) -> LlamaConfig:
 
 
 def _torch_rows_step(out: Path, recipe: Recipe, tok_path: Path, train_files, held_files):
-    """OUT/data/train-rows-*.npz and heldout-rows-*.npz (corpus_rows.py), built unless present; returns the
+    """OUT/data/train-rows-*.npz.xz and heldout-rows-*.npz.xz (corpus_rows.py), built unless present; returns the
     (train, held-out) Rows. The held-out rows are the MindSpore path's (heldout_loss_rows)."""
-    from .corpus_rows import Rows, fim_rows_parallel, load_rows, save_rows
+    from .corpus_rows import Rows, fim_rows_parallel, load_rows, row_paths, save_rows
 
     data_dir = out / "data"
-    train_paths, held_paths = sorted(data_dir.glob("train-rows-*.npz")), sorted(data_dir.glob("heldout-rows-*.npz"))
+    train_paths, held_paths = row_paths(data_dir, "train-rows"), row_paths(data_dir, "heldout-rows")
     if train_paths and held_paths:
         return load_rows(train_paths), load_rows(held_paths)
     from codefill.model.tokenizer import Tokenizer

@@ -177,6 +177,9 @@ def run_recipe(recipe_path: str | Path, out: str | Path, *, progress: bool = Tru
     Each step below skips what OUT already holds. `corpus` replaces the recipe's [data] corpus path."""
     if trainer not in TRAINERS:
         raise TrainError(f"trainer must be one of {TRAINERS}, got {trainer!r}")
+    if trainer != "torch" and (time_budget_s is not None or checkpoint_dtype != "float32"):
+        raise TrainError(f"a time budget ({time_budget_s}) and checkpoint dtype ({checkpoint_dtype}) are options of "
+                         f"the torch trainer; add --trainer torch")
     deadline = None if time_budget_s is None else time.monotonic() + time_budget_s  # the data step counts too
     recipe = load_recipe(recipe_path)
     if corpus is not None:

@@ -309,9 +309,9 @@ def cmd_data_corpus(args: argparse.Namespace) -> None:
 
     config = CorpusConfig.load(args.corpus)
     tokenizer = Path(args.tokenizer) if args.tokenizer else _model_or_bundled(args) / "tokenizer.model"
-    card = build_corpus(config, Path(args.output), cache=Path(args.cache) if args.cache else DEFAULT_CACHE,
-                        source_dir=Path(args.source_dir) if args.source_dir else None,
-                        stdlib_root=Path(args.stdlib_root) if args.stdlib_root else None, tokenizer=tokenizer)
+    build_corpus(config, Path(args.output), cache=Path(args.cache) if args.cache else DEFAULT_CACHE,
+                 source_dir=Path(args.source_dir) if args.source_dir else None,
+                 stdlib_root=Path(args.stdlib_root) if args.stdlib_root else None, tokenizer=tokenizer)
     print((Path(args.output) / "CORPUS.md").read_text().split("## Packages")[0].rstrip())
 
 

@@ -7,7 +7,6 @@ import hashlib
 import io
 import json
 import tarfile
-import textwrap
 from pathlib import Path
 
 import pytest

@@ -125,7 +125,7 @@ def _markdown(card: dict) -> str:
              f"- held out (whole packages, for evaluation only): {', '.join(card['held_out']) or 'none'}: "
              f"{t['held_out_files']:,} files, {t['held_out_chars']:,} characters, {t['held_out_tokens']:,} tokens",
              f"- packages: {t['packages_admitted']} admitted, {t['packages_refused']} refused",
-             f"- files skipped: " + (", ".join(f"{k} {v:,}" for k, v in t["skipped"].items()) or "none"),
+             "- files skipped: " + (", ".join(f"{k} {v:,}" for k, v in t["skipped"].items()) or "none"),
              f"- dropped as HumanEval text: {len(card['humaneval_files'])} files",
              f"- tokens counted with: {card['tokenizer']['path'] if card['tokenizer'] else 'not counted'}", "",
              "## What travels to the GPU machine", "",

@@ -209,8 +209,10 @@ def run_recipe(recipe_path: str | Path, out: str | Path, *, progress: bool = Tru
         if result.hf_dir is None:
             raise TrainError(f"training stopped at step {result.steps} of {cfg.max_steps} (time budget); run the "
                              f"command again to continue")
-        try:
-            import sentencepiece  # noqa: F401 (converting and saving the final MODEL_DIR check its tokenizer)
+        import importlib
+
+        try:  # converting and saving the final MODEL_DIR check its tokenizer
+            importlib.import_module("sentencepiece")
         except ImportError:
             _log(f"trained: {result.hf_dir}. This machine has no SentencePiece: where codefill runs, "
                  f"`codefill convert --from-hf {result.hf_dir}` makes it a MODEL_DIR")

@@ -135,3 +135,18 @@ def test_the_mindspore_path_reads_a_corpus_too(recipe, tmp_path):
     run_recipe(recipe, tmp_path / "ms", prepare=True, progress=False)
     assert (tmp_path / "ms" / "data" / "train.mindrecord").exists()
     assert (tmp_path / "ms" / "data" / "heldout.mindrecord").exists()
+
+
+def test_eval_infill_reads_the_held_out_packages_of_a_corpus_recipe(recipe, corpus):
+    from codefill.evaluation.eval_error import EvalError
+    from codefill.evaluation.infilling import HeldOutConfig, build_baseline, heldout_tasks
+    from codefill.training.fim_eval import FimEvalConfig
+    from codefill.training.recipe import load_recipe
+
+    held = HeldOutConfig.of_recipe(load_recipe(recipe), FimEvalConfig(max_tasks=6))
+    tasks, paths = heldout_tasks(held.root(), held.files, held.fim, held.every_file)
+    assert paths == ["held/h0.py", "held/h1.py"] and 0 < len(tasks) <= 6
+    assert {t.path for t in tasks} <= set(paths)
+    assert (corpus / "heldout-files" / "held" / "h0.py").is_file()
+    with pytest.raises(EvalError, match="held-out files only"):
+        build_baseline(None, held)

@@ -24,6 +24,8 @@ Outputs in DIR (written into DIR.tmp and renamed, so DIR is whole or absent):
                            mix of packages, so any prefix of shards is a fair sample); each under shard_mib
   heldout-NNNNN.jsonl.xz   the held-out packages' files
   corpus.json, CORPUS.md   the data card (corpus_card.py)
+  heldout-files/           written on first use by held_out_tree: the held-out files as a folder tree, for
+                           `codefill eval infill --recipe` (held-out FIM reads files)
 Archives are cached (CACHE/sdists, default ~/.cache/codefill/corpus) and checked against their pinned
 SHA-256; `--source-dir` reads them from a folder instead and never uses the network.
 """
@@ -280,3 +282,27 @@ def _token_counter(tokenizer: Path | None):
 
     tok = Tokenizer(tokenizer)
     return lambda text: len(tok.encode(text))
+
+
+def held_out_tree(corpus_dir: str | Path) -> Path:
+    """CORPUS/heldout-files/PACKAGE/PATH: the held-out shards' files on disk (written once, atomically)."""
+    from .corpus_shards import read_docs, shard_paths
+
+    corpus_dir = Path(corpus_dir)
+    tree = corpus_dir / "heldout-files"
+    if tree.is_dir():
+        return tree
+    paths = shard_paths(corpus_dir, "heldout")
+    if not paths:
+        raise DataError(f"corpus {corpus_dir} has no heldout-*.jsonl.xz shards: no package was held out")
+    tmp = corpus_dir / "heldout-files.tmp"
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    for doc in read_docs(paths):
+        target = tmp / doc.package / doc.path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(doc.text, encoding="utf-8")
+    tmp.rename(tree)
+    return tree

@@ -256,3 +256,18 @@ def test_the_command_line_builds_from_a_source_dir(tmp_path, sources):
     assert (tmp_path / "out" / "CORPUS.md").exists() and not (tmp_path / "cache").exists()  # nothing downloaded
     again = run_codefill("data", "corpus", toml, "--output", tmp_path / "out", "--source-dir", src, check=False)
     assert again.returncode == 2 and "exists; remove it or choose another" in again.stderr
+
+
+def test_the_cache_is_used_and_verified_without_the_network(tmp_path, sources):
+    src, pins_file = sources
+    pin = read_pins(pins_file)[0]
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / pin.filename).write_bytes((src / pin.filename).read_bytes())
+    assert fetch(pin, cache) == cache / pin.filename      # the pin names no URL: only the cache can serve it
+    (cache / pin.filename).write_bytes(b"truncated")
+    with pytest.raises(DataError, match="is not the pinned"):
+        fetch(pin, cache)
+    (cache / pin.filename).unlink()
+    with pytest.raises(DataError, match="is not cached and the pin has no URL"):
+        fetch(pin, cache)

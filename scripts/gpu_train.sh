@@ -15,9 +15,15 @@
 # or checkpoint/ (the newest: carry it back as RUN_DIR/run/checkpoints/step-N, and metrics.jsonl as
 # RUN_DIR/run/metrics.jsonl, to resume).
 # CHECKPOINT_DTYPE (default bfloat16) halves the checkpoint: it has to travel both ways beside the corpus.
+#
+# What to carry (64 MiB in all, the repository included): RUN_DIR/recipe.toml and tokenizer.model; init/ whole on
+# the first attempt, or nothing of it where SentencePiece runs (init is seeded: it is written again, bit for
+# bit); on later attempts only init/config.json and init/tokenizer.model beside run/checkpoints/step-N and
+# run/metrics.jsonl (the initial weights are not read when a checkpoint is resumed); data/ only where
+# SentencePiece is missing (otherwise the rows are built here, the same on every attempt from the same shards).
 set -euo pipefail
 if [ $# -lt 3 ]; then
-    sed -n 2,19p "$0"
+    sed -n 2,26p "$0"
     exit 2
 fi
 RECIPE=$(realpath -m "$1") RUN=$(realpath -m "$2") CORPUS=$(realpath -m "$3") BUDGET=${4:-540}

@@ -17,7 +17,8 @@ on a CPU everything is float32.
 What differs from the MindSpore trainer: checkpoints hold the weights only, in parts of at most
 `part_bytes` (the GPU machine brings back at most 64 MiB in files of at most 16 MiB, and AdamW state does not
 fit), so a resumed run restarts AdamW's moments from zero at its step (bias correction as for a new run) and
-its loss curve bumps for a few steps; a run never interrupted is unaffected.
+its loss curve bumps for a few steps; a run never interrupted is unaffected. A resumed attempt reads only
+MODEL_DIR's config.json and tokenizer.model, not its initial weights, so they need not travel again.
 
     OUT/metrics.jsonl            the MindSpore trainer's records ({"step", "loss", "lr", "grad_norm", "tokens",
                                  "tokens_per_s", "elapsed_s"}, {"step", "held_out_loss"})
@@ -44,7 +45,8 @@ import torch.nn.functional as F
 from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM
 
-from codefill.model.checkpoint import atomic_directory, load_model_dir, write_json_synced
+from codefill.model.checkpoint import (TOKENIZER_NAME, atomic_directory, load_model_dir, read_model_config,
+                                       write_json_synced)
 from codefill.model.safetensors_io import BFLOAT16, from_float32, read_safetensors, to_float32, write_safetensors
 from codefill.model.weights import hf_name_map
 
@@ -106,16 +108,22 @@ def _shifted(rows: Rows, index, device) -> tuple[torch.Tensor, torch.Tensor]:
 class _TorchRun:
     def __init__(self, model_dir: Path, out_dir: Path, cfg: TrainConfig, device: torch.device,
                  part_bytes: int, checkpoint_dtype: str):
-        files = load_model_dir(model_dir, vocab_check=False)  # no SentencePiece needed on the GPU machine
-        self.arch, self.tokenizer_path, self.model_dir = files.config, files.tokenizer_path, model_dir
+        # MODEL_DIR's weights are read only when no checkpoint is resumed (restore): a resumed attempt needs
+        # its config.json and tokenizer.model only, so the initial weights need not travel again
+        self.arch = read_model_config(model_dir)[0]
+        self.tokenizer_path, self.model_dir = Path(model_dir) / TOKENIZER_NAME, model_dir
         self.out_dir, self.cfg, self.device = out_dir, cfg, device
         self.part_bytes, self.checkpoint_dtype = part_bytes, checkpoint_dtype
         self.bf16 = device.type == "cuda"
-        self.model = hf_model(self.arch, files.weights).to(device)
-        self.model.train()
         self.metrics_path = out_dir / "metrics.jsonl"
         self.records: list[dict] = []
-        self.opt = self._optimizer()
+        self.model: LlamaForCausalLM | None = None
+        self.opt: torch.optim.Optimizer | None = None
+
+    def _start(self, weights: dict[str, np.ndarray]) -> None:
+        self.model = hf_model(self.arch, weights).to(self.device)
+        self.model.train()
+        self.opt = self._optimizer()   # on resume the moments restart: see the module docstring
 
     def _optimizer(self) -> torch.optim.Optimizer:
         params = list(self.model.parameters())
@@ -136,15 +144,14 @@ class _TorchRun:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             if self.metrics_path.exists():
                 self.metrics_path.unlink()
+            # no SentencePiece needed on the GPU machine: the vocabulary was checked where init was written
+            self._start(load_model_dir(self.model_dir, vocab_check=False).weights)
             return 0
         state = json.loads((ckpt / "state.json").read_text())
         saved = TrainConfig.from_dict(state["config"])
         if replace(saved, max_steps=self.cfg.max_steps) != self.cfg:
             raise TrainError(f"checkpoint {ckpt} was made with a different config: {saved} vs {self.cfg}")
-        weights = read_parts(ckpt, state["parts"])
-        loaded = hf_model(self.arch, weights)
-        self.model.load_state_dict(loaded.state_dict())
-        self.opt = self._optimizer()   # moments restart (not in the checkpoint: see the module docstring)
+        self._start(read_parts(ckpt, state["parts"]))
         lines = self.metrics_path.read_text().splitlines()[:state["metrics_lines"]] if self.metrics_path.exists() else []
         self.records = [json.loads(line) for line in lines]
         _rewrite(self.metrics_path, self.records)

@@ -244,8 +244,13 @@ def cmd_init_tiny(args: argparse.Namespace) -> None:
 def cmd_recipe(args: argparse.Namespace) -> None:
     from codefill.training.recipe import run_recipe
 
-    model_dir = run_recipe(Path(args.recipe), Path(args.output), progress=not args.no_progress)
-    print(f"wrote the trained model to {model_dir}")
+    model_dir = run_recipe(Path(args.recipe), Path(args.output), progress=not args.no_progress, trainer=args.trainer,
+                           corpus=args.corpus, time_budget_s=args.time_budget, prepare=args.prepare,
+                           checkpoint_dtype=args.checkpoint_dtype)
+    if model_dir is None:
+        print(f"prepared {args.output} (tokenizer, init, data); run without --prepare to train")
+    else:
+        print(f"wrote the trained model to {model_dir}")
 
 
 def cmd_eval_humaneval(args: argparse.Namespace) -> None:
@@ -327,6 +332,43 @@ def cmd_data_tokenize(args: argparse.Namespace) -> None:
                                  held_out_fraction=args.held_out_fraction),
             overwrite=args.overwrite)
     print(summary.report())
+
+
+# --- corpus (issue 16): `data corpus`, `data pin` ---
+
+
+def cmd_data_corpus(args: argparse.Namespace) -> None:
+    from codefill.training.corpus import DEFAULT_CACHE, CorpusConfig, build_corpus
+
+    config = CorpusConfig.load(args.corpus)
+    tokenizer = Path(args.tokenizer) if args.tokenizer else _model_or_bundled(args) / "tokenizer.model"
+    build_corpus(config, Path(args.output), cache=Path(args.cache) if args.cache else DEFAULT_CACHE,
+                 source_dir=Path(args.source_dir) if args.source_dir else None,
+                 stdlib_root=Path(args.stdlib_root) if args.stdlib_root else None, tokenizer=tokenizer)
+    print((Path(args.output) / "CORPUS.md").read_text().split("## Packages")[0].rstrip())
+
+
+def cmd_data_pin(args: argparse.Namespace) -> None:
+    from codefill.training.sdists import pin_from_pypi
+
+    for requirement in args.requirements:
+        print(pin_from_pypi(requirement).line())
+
+
+def _add_corpus_commands(data) -> None:
+    p = data.add_parser("corpus", help="a permissively licensed corpus from pinned PyPI sdists and the standard "
+                                       "library: xz text shards and a data card")
+    p.add_argument("corpus", metavar="CORPUS.toml", help="e.g. recipes/corpus/pypi.toml")
+    p.add_argument("--output", required=True, metavar="DIR")
+    p.add_argument("--cache", help="download cache (default ~/.cache/codefill/corpus)")
+    p.add_argument("--source-dir", help="read the pinned archives from this folder (no network)")
+    p.add_argument("--stdlib-root", help="use this folder as the standard library")
+    p.add_argument("--tokenizer", help="tokenizer.model to count tokens with (default: --model's)")
+    _model_arg(p, required=False, help="whose tokenizer counts tokens (default: the bundled model)")
+    p.set_defaults(func=cmd_data_corpus)
+    p = data.add_parser("pin", help="print pins-file lines (NAME==VERSION sha256:HEX URL) from PyPI's JSON API")
+    p.add_argument("requirements", nargs="+", metavar="NAME==VERSION")
+    p.set_defaults(func=cmd_data_pin)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -617,6 +659,14 @@ def _add_new_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("recipe", metavar="RECIPE.toml", help="e.g. recipes/codefill-stdlib.toml")
     p.add_argument("--output", required=True, metavar="OUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs)")
+    p.add_argument("--trainer", choices=["mindspore", "torch"], default="mindspore",
+                   help="torch: the PyTorch trainer (bf16 on CUDA), for a GPU machine")
+    p.add_argument("--corpus", metavar="DIR", help="the `codefill data corpus` directory, in place of the recipe's")
+    p.add_argument("--prepare", action="store_true", help="stop before training: tokenizer, init and rows only")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="torch: stop cleanly with a checkpoint before this many seconds; run again to continue")
+    p.add_argument("--checkpoint-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="torch: weights in checkpoints (bfloat16 halves what comes back from a GPU machine)")
     p.set_defaults(func=cmd_recipe)
 
     p = sub.add_parser("demo", help="start the language server on a model and show a live completion")
@@ -657,6 +707,7 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-file-bytes", type=int, default=1_000_000)
     p.add_argument("--extensions", help="fim: only these, e.g. .py,.js")
     p.set_defaults(func=cmd_data_tokenize)
+    _add_corpus_commands(data)
 
 
 def _add_train_commands(sub: argparse._SubParsersAction) -> None:

@@ -231,11 +231,13 @@ def config_summary(config: InfillConfig) -> dict:
     return d
 
 
-def heldout_tasks(root: str | Path, sources, fim_config: FimEvalConfig) -> tuple[list[FimTask], list[str]]:
+def heldout_tasks(root: str | Path, sources, fim_config: FimEvalConfig, every_file: bool = False
+                  ) -> tuple[list[FimTask], list[str]]:
     """Held-out FIM tasks of a directory or repository (`sources`: a training.source_files.SourceConfig whose
-    held_out_fraction picks the files, as at tokenization), and the held-out paths."""
+    held_out_fraction picks the files, as at tokenization, or every file with `every_file`), and the held-out
+    paths."""
     from codefill.training.fim_eval import make_tasks
-    held = [f.path for f in iter_source_files(root, sources) if f.held_out]
+    held = [f.path for f in iter_source_files(root, sources) if f.held_out or every_file]
     if not held:
         raise EvalError(f"no held-out file under {root} with held_out_fraction {sources.held_out_fraction}; "
                         f"raise it, or evaluate another directory")
@@ -250,6 +252,7 @@ class HeldOutConfig:
     source: str                                  # a directory or repository, or "stdlib"
     files: SourceConfig                          # which files, and the by-file split
     fim: FimEvalConfig = FimEvalConfig(max_tasks=256)
+    every_file: bool = False                     # every file of the source is held out (a corpus's packages)
 
     @classmethod
     def of_source(cls, source: str, fim: FimEvalConfig, held_out_fraction: float = 0.05,
@@ -261,7 +264,12 @@ class HeldOutConfig:
 
     @classmethod
     def of_recipe(cls, recipe, fim: FimEvalConfig) -> HeldOutConfig:
-        """The held-out files of the recipe that trained a model: its source, every filter, its split."""
+        """The held-out files of the recipe that trained a model: its source, every filter, its split; for a
+        recipe reading a corpus, every file of its held-out packages (training/corpus.held_out_tree)."""
+        if getattr(recipe, "corpus", None) is not None:
+            from codefill.training.corpus import held_out_tree
+
+            return cls(str(held_out_tree(recipe.corpus)), SourceConfig(extensions=(".py",)), fim, every_file=True)
         return cls(recipe.source, recipe.sources, fim)
 
     def root(self) -> Path:
@@ -275,6 +283,9 @@ def build_baseline(tok, held: HeldOutConfig):
     """The n-gram baseline over the train files (not held out) of `held`'s source."""
     from .ngram_baseline import NgramBaseline
 
+    if held.every_file:
+        raise EvalError(f"{held.source} holds held-out files only: the n-gram baseline needs the train files beside "
+                        f"them (evaluate it with --source and --held-out-fraction instead)")
     texts = [f.text for f in iter_source_files(held.root(), held.files) if not f.held_out]
     return NgramBaseline(tok, texts)
 
@@ -332,7 +343,7 @@ def _score(complete: Complete, tok, max_seq_len: int, what: str, name: str, mode
         rows += task_rows
     if held_out is not None:
         fim_cfg = replace(held_out.fim, max_seq_len=min(held_out.fim.max_seq_len, max_seq_len), spm=config.spm)
-        tasks, paths = heldout_tasks(held_out.root(), held_out.files, fim_cfg)
+        tasks, paths = heldout_tasks(held_out.root(), held_out.files, fim_cfg, held_out.every_file)
         with tqdm(total=len(tasks), desc="held-out FIM", unit="task", disable=not progress) as bar:
             score = evaluate(tasks, tok, _counted(complete, bar), fim_cfg)
         served = FimScore([as_served(r) for r in score.results])

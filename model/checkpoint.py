@@ -31,7 +31,6 @@ from codefill.errors import CodefillError
 from .config import ConfigError, LlamaConfig
 from .safetensors_io import DTYPE_NAMES, SafetensorsError, dtype_name, from_float32, read_safetensors, \
     to_float32, write_safetensors
-from .tokenizer import Tokenizer, TokenizerError
 from .weights import expected_shapes
 
 FORMAT = "codefill-model"
@@ -80,6 +79,8 @@ def check_weights(config: LlamaConfig, weights: Mapping[str, np.ndarray], where:
 
 
 def check_vocab(config: LlamaConfig, tokenizer_path: Path, where: str) -> None:
+    from .tokenizer import Tokenizer, TokenizerError  # here: reading weights and configs needs no SentencePiece
+
     try:
         n = Tokenizer(tokenizer_path).vocab_size
     except TokenizerError as e:
@@ -204,13 +205,16 @@ def model_dir_tokenizer_path(path: str | Path) -> Path:
     return tokenizer_path
 
 
-def load_model_dir(path: str | Path, dtype: type | np.dtype | None = np.float32) -> ModelFiles:
+def load_model_dir(path: str | Path, dtype: type | np.dtype | None = np.float32, *,
+                   vocab_check: bool = True) -> ModelFiles:
     """Read and check a MODEL_DIR. Weights are converted to `dtype` (float32 or float16); dtype=None keeps
-    the stored dtype (BFLOAT16 arrays for bfloat16) as read-only memory maps, for bit-exact round trips."""
+    the stored dtype (BFLOAT16 arrays for bfloat16) as read-only memory maps, for bit-exact round trips.
+    vocab_check=False skips loading the tokenizer (the PyTorch trainer, on a machine without SentencePiece)."""
     path = Path(path)
     config, stored, note = read_model_config(path)
     tokenizer_path = path / TOKENIZER_NAME
-    check_vocab(config, tokenizer_path, str(path))
+    if vocab_check:
+        check_vocab(config, tokenizer_path, str(path))
     try:
         raw = read_safetensors(path / WEIGHTS_NAME)
     except SafetensorsError as e:

@@ -15,8 +15,10 @@ straight after the prefix, which is what makes it suit an editor cursor mid-toke
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from .tokenizer import Tokenizer
+if TYPE_CHECKING:  # annotations only: building prompts needs no SentencePiece import of its own
+    from .tokenizer import Tokenizer
 
 
 def infilling_prompt_tokens(tok: Tokenizer, prefix: str, suffix: str, spm: bool = False) -> list[int]:

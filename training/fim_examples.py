@@ -53,9 +53,12 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from codefill.model.fim import infilling_prompt_tokens
-from codefill.model.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # annotations only: the recipe and the PyTorch trainer load this module without SentencePiece
+    from codefill.model.tokenizer import Tokenizer
 
 from .data_error import DataError
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .batch_order import global_batch_rows
 from .lora import init_adapters, merge_adapters
 from .run_checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .train_config import TrainConfig, check_train_tp, cosine_lr
@@ -77,16 +78,6 @@ def split_held_out(ids: np.ndarray, labels: np.ndarray, n: int, seed: int):
     perm = np.random.default_rng(seed + 7919).permutation(len(ids))
     held, train = np.sort(perm[:n]), np.sort(perm[n:])
     return (ids[train], labels[train]), (ids[held], labels[held])
-
-
-def global_batch_rows(n_rows: int, step: int, global_batch: int, seed: int) -> np.ndarray:
-    """Row indices of optimiser step `step`: epochs are seeded permutations laid end to end."""
-    start = step * global_batch
-    out = []
-    for g in range(start, start + global_batch):
-        epoch, i = divmod(g, n_rows)
-        out.append(np.random.default_rng([seed, epoch]).permutation(n_rows)[i])
-    return np.array(out, np.int64)
 
 
 # --- the run -------------------------------------------------------------------------------------------------

@@ -68,6 +68,7 @@ from .coordination import (
     reload_failures,
     reload_status,
 )
+from .memory_plan import MemoryConfig, plan_model_dir
 from .sharding import TensorParallelError, load_rank_weights, shard_shapes, shard_transformer
 
 DEFAULT_MAX_SEQ_LEN = 2048  # positions per cache slot when not given (fewer if the model was trained for fewer)
@@ -131,7 +132,8 @@ def check_same_architecture(serving: LlamaConfig, new: LlamaConfig, where: str) 
         raise CheckpointError(f"{where} has another architecture than the serving model: {', '.join(diff)}")
 
 
-def graph_cache_dir(config: LlamaConfig, max_seq_len: int, max_batch: int, rank: int, world: int) -> Path:
+def graph_cache_dir(config: LlamaConfig, max_seq_len: int, max_batch: int, rank: int, world: int,
+                    device: str = "cpu") -> Path:
     """Where a worker keeps its compiled graphs between restarts (MindSpore's compile cache), one directory per
     everything the graphs depend on: architecture, cache shape, rank and TP size, MindSpore's version and the
     source of the modules that build them. Weights are graph inputs, so new weights reuse the graphs."""
@@ -141,7 +143,7 @@ def graph_cache_dir(config: LlamaConfig, max_seq_len: int, max_batch: int, rank:
     import codefill.inference_workers.tp_cells as tp_cells
     import codefill.model.llama as llama_module
 
-    parts = [json.dumps(config.to_dict(), sort_keys=True), f"{max_seq_len} {max_batch} {rank} {world}",
+    parts = [json.dumps(config.to_dict(), sort_keys=True), f"{max_seq_len} {max_batch} {rank} {world} {device}",
              ms.__version__, *(Path(m.__file__).read_text() for m in (llama_module, tp_cells)),
              Path(__file__).read_text()]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
@@ -158,7 +160,7 @@ class Runner:
 
     def __init__(self, config: LlamaConfig, weights: dict[str, np.ndarray], *, max_seq_len: int | None = None,
                  max_batch: int = DEFAULT_MAX_BATCH, rank: int = 0, world: int = 1, channel=None,
-                 compile_cache: bool = False):
+                 compile_cache: bool = False, device: str = "cpu"):
         max_seq_len = default_max_seq_len(config) if max_seq_len is None else max_seq_len
         if not 0 < max_seq_len <= config.max_seq_len:
             raise GenerationError(f"max_seq_len {max_seq_len} must be in [1, {config.max_seq_len}] "
@@ -169,8 +171,8 @@ class Runner:
             raise TensorParallelError(f"a channel is needed exactly when there are other ranks (world {world})")
         # Workers keep their compiled graphs across restarts (CODEFILL_COMPILE_CACHE=0 turns that off).
         use_cache = compile_cache and os.environ.get("CODEFILL_COMPILE_CACHE", "1") != "0"
-        configure_mindspore(compile_cache=graph_cache_dir(config, max_seq_len, max_batch, rank, world)
-                            if use_cache else None)
+        configure_mindspore(device, compile_cache=graph_cache_dir(config, max_seq_len, max_batch, rank, world,
+                                                                  device) if use_cache else None)
         self.config, self.rank, self.world = config, rank, world
         self.max_seq_len, self.max_batch = max_seq_len, max_batch
         self.vocab_size = config.vocab_size
@@ -189,12 +191,18 @@ class Runner:
         self.busy = False  # inside a step: set while the ranks may be inside a collective
 
     @classmethod
-    def from_model_dir(cls, path: str | Path, *, max_seq_len: int | None = None, max_batch: int = DEFAULT_MAX_BATCH,
-                       rank: int = 0, world: int = 1, channel=None, compile_cache: bool = False) -> "Runner":
-        """This rank's shard of a MODEL_DIR or split directory; max_seq_len None: the default for the model."""
+    def from_model_dir(cls, path: str | Path, *, max_seq_len: int | None = None,
+                       max_batch: int | None = DEFAULT_MAX_BATCH, rank: int = 0, world: int = 1, channel=None,
+                       compile_cache: bool = False, device: str = "cpu", memory: MemoryConfig | None = None,
+                       default_max_batch: int = DEFAULT_MAX_BATCH, local_ranks: int = 1) -> "Runner":
+        """This rank's shard of a MODEL_DIR or split directory, after its memory plan (memory_plan.py) is
+        checked against `device`'s memory, before any weight is read; max_seq_len / max_batch None: chosen by
+        the plan, at most the model's default / default_max_batch."""
+        plan = plan_model_dir(path, world, device, memory, max_seq_len=max_seq_len, max_batch=max_batch,
+                              default_max_batch=default_max_batch, local_ranks=local_ranks)
         config, weights = load_rank_weights(path, rank, world)
-        return cls(config, weights, max_seq_len=max_seq_len, max_batch=max_batch, rank=rank, world=world,
-                   channel=channel, compile_cache=compile_cache)
+        return cls(config, weights, max_seq_len=plan.max_seq_len, max_batch=plan.max_batch, rank=rank, world=world,
+                   channel=channel, compile_cache=compile_cache, device=device)
 
     def _graphs(self) -> tuple[_Step, _Decode, _DecodeOne | None]:
         i32, kv, mb = ms.int32, self.kv_heads, self.max_batch

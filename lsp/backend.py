@@ -151,7 +151,7 @@ class Backend:
             if s.tp > 1:
                 from codefill.inference_workers.launch import start_workers
 
-                kwargs = {"ready_timeout_s": s.worker_start_timeout_s}
+                kwargs = {"ready_timeout_s": s.worker_start_timeout_s, "device": s.worker_device}
                 if s.worker_max_seq_len is not None:
                     kwargs["max_seq_len"] = s.worker_max_seq_len
                 self.job = await asyncio.to_thread(start_workers, self.model_dir, s.tp, **kwargs)
@@ -159,7 +159,8 @@ class Backend:
                 logger.info("%d tensor-parallel ranks on %s", s.tp, endpoint)
             else:
                 self.process, endpoint = await asyncio.to_thread(
-                    spawn_worker, self.model_dir, timeout_s=s.worker_start_timeout_s, max_seq_len=s.worker_max_seq_len)
+                    spawn_worker, self.model_dir, timeout_s=s.worker_start_timeout_s, max_seq_len=s.worker_max_seq_len,
+                    device=s.worker_device)
                 logger.info("worker %d on %s, log %s", self.process.pid, endpoint, worker_log(self.process))
         client = AsyncWorkerClient(endpoint, timeout_s=s.request_timeout_s)
         try:

@@ -173,7 +173,8 @@ def cmd_worker(args: argparse.Namespace) -> None:
         speculate=d.speculate if args.speculate is None else args.speculate)
     worker_main(Path(args.model), args.endpoint, args.ready_file, max_seq_len=args.max_seq_len,
                 max_batch=args.max_batch, parent_pid=args.parent_pid, config=config,
-                allow_remote=args.allow_remote, keys=_server_keys(args), device=_device(args), memory=_memory(args))
+                allow_remote=args.allow_remote, keys=_server_keys(args), device=_device(args, check=False),
+                memory=_memory(args))  # the worker checks the device itself, so its ready file reports a missing one
 
 
 def cmd_keys(args: argparse.Namespace) -> None:
@@ -479,11 +480,11 @@ def _device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="where the model runs: cpu, ascend or gpu (default: $CODEFILL_DEVICE, else cpu)")
 
 
-def _device(args: argparse.Namespace) -> str:
-    """--device, else $CODEFILL_DEVICE, else cpu; DeviceError unless that device is present here."""
-    from codefill.model.device import resolve_device
+def _device(args: argparse.Namespace, check: bool = True) -> str:
+    """--device, else $CODEFILL_DEVICE, else cpu; DeviceError unless that device is present here (check)."""
+    from codefill.model.device import device_setting, resolve_device
 
-    return resolve_device(args.device)
+    return resolve_device(args.device) if check else device_setting(args.device)
 
 
 def _memory(args: argparse.Namespace):

@@ -28,6 +28,8 @@ BOUNDARY_ERRORS = [
     ("codefill.inference_workers.runner", "GenerationError", ValueError),
     ("codefill.inference_workers.sharding", "TensorParallelError", ValueError),
     ("codefill.inference_workers.launch", "LaunchError", RuntimeError),
+    ("codefill.model.device", "DeviceError", Exception),
+    ("codefill.inference_workers.memory_plan", "MemoryPlanError", Exception),
 ]
 
 

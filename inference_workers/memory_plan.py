@@ -2,7 +2,9 @@
 the memory of its device before anything is loaded, with the cache size chosen from it when not given (as
 vLLM's gpu_memory_utilization does).
 
-Per rank, in bytes (b = bytes per element of the serving dtype: 4 for fp32 on CPU today, 2 for bf16/fp16):
+Per rank, in bytes (b = bytes per element of the serving dtype: 4 for fp32 on CPU; on an accelerator the plan
+assumes bf16, 2, the precision the accelerators are to serve in (issue 19's precision policy); until that
+policy lands the runner holds fp32 weights on every device, so a plan for an accelerator is optimistic):
 
     weights = b x (elements of this rank's shard: sharding.shard_shapes(config, tp))
     cache   = max_batch x (max_seq_len + 1) x n_layers x (n_kv_heads / tp) x head_dim x 2 (K and V) x b
@@ -201,14 +203,15 @@ def _refusal(p: MemoryPlan, config: LlamaConfig, tp: int, device: str, dtype: st
 
 def plan_model_dir(model_dir: str | Path, tp: int, device: str, memory: MemoryConfig | None = None, *,
                    max_seq_len: int | None, max_batch: int | None, default_max_batch: int,
-                   local_ranks: int = 1) -> MemoryPlan:
-    """The plan of one rank of `model_dir` at `tp`, read from its config alone: before any weight is loaded."""
+                   local_ranks: int = 1, dtype: str | None = None) -> MemoryPlan:
+    """The plan of one rank of `model_dir` at `tp`, read from its config alone: before any weight is loaded.
+    dtype: the serving dtype (None: DEFAULT_SERVING_DTYPE of the device, until the precision policy says)."""
     from .runner import default_max_seq_len
 
     memory = memory or MemoryConfig()
     config = check_model_dir_for_tp(model_dir, tp)
     available = available_memory(device, memory, local_ranks=local_ranks)
-    return plan(config, tp, device, available, max_seq_len=max_seq_len, max_batch=max_batch,
+    return plan(config, tp, device, available, dtype=dtype, max_seq_len=max_seq_len, max_batch=max_batch,
                 fraction=memory.fraction, default_max_seq_len=default_max_seq_len(config),
                 default_max_batch=default_max_batch)
 

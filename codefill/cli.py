@@ -142,7 +142,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="codefill-lsp %(levelname)s %(message)s")
     if args.tp is not None and args.endpoint is not None:
         raise CliError("--tp starts tensor-parallel workers; --endpoint uses running ones: give one of them")
-    code = serve_main(model_dir=Path(args.model), endpoint=args.endpoint, settings=settings, tcp=args.tcp)
+    code = serve_main(model_dir=Path(args.model), endpoint=args.endpoint, settings=settings, tcp=args.tcp,
+                      client_keys=_client_keys(args))
     if code:
         sys.exit(code)
 
@@ -157,6 +158,20 @@ def _server_keys(args: argparse.Namespace):
     if None in given:
         raise CliError("--curve-secret-key and --curve-authorized-clients go together")
     return ServerKeys(Path(args.curve_secret_key), Path(args.curve_authorized_clients))
+
+
+def _client_keys(args: argparse.Namespace):
+    """serve: CURVE keys for a worker on another machine (both flags or neither, and only with --endpoint)."""
+    from codefill.inference_workers.security import ClientKeys
+
+    given = (args.curve_server_key, args.curve_secret_key)
+    if given == (None, None):
+        return None
+    if None in given:
+        raise CliError("--curve-server-key and --curve-secret-key go together")
+    if args.endpoint is None:
+        raise CliError("--curve-server-key / --curve-secret-key are for a remote --endpoint; give one")
+    return ClientKeys(Path(args.curve_server_key), Path(args.curve_secret_key))
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
@@ -547,6 +562,9 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--worker-max-seq-len", type=int, help="context length of the worker this server starts")
     p.add_argument("--request-timeout", type=float, help="seconds of worker silence before a request fails")
     _device_arg(p)
+    p.add_argument("--curve-server-key", metavar="WORKER.key", help="--endpoint on another machine: its public key")
+    p.add_argument("--curve-secret-key", metavar="NAME.key_secret",
+                   help="--endpoint on another machine: this client's key pair (its NAME.key is in the worker's list)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="run one inference worker (one process, TP=1) on a ZeroMQ endpoint")

@@ -42,8 +42,9 @@ class Link:
 
 
 class Backend:
-    def __init__(self, model_dir: Path, settings: Settings, notify: Callable[[str], None]):
+    def __init__(self, model_dir: Path, settings: Settings, notify: Callable[[str], None], keys=None):
         self.model_dir, self.settings, self.notify = model_dir, settings, notify
+        self.keys = keys  # security.ClientKeys for a remote endpoint (CURVE), or None
         self.process: subprocess.Popen | None = None  # one worker we spawned
         self.job = None  # launch.Job: tensor-parallel ranks we started
         self.link: Link | None = None
@@ -162,7 +163,9 @@ class Backend:
                     spawn_worker, self.model_dir, timeout_s=s.worker_start_timeout_s, max_seq_len=s.worker_max_seq_len,
                     device=s.worker_device)
                 logger.info("worker %d on %s, log %s", self.process.pid, endpoint, worker_log(self.process))
-        client = AsyncWorkerClient(endpoint, timeout_s=s.request_timeout_s)
+        # CURVE keys are for the endpoint the user named; workers this server started are local
+        client = AsyncWorkerClient(endpoint, timeout_s=s.request_timeout_s,
+                                   keys=self.keys if s.endpoint is not None else None)
         try:
             pong = await client.ping()
         except BaseException:

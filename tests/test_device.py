@@ -164,3 +164,12 @@ def test_serve_checks_the_device_of_the_worker_it_would_start(capsys, model_dir)
 def test_eval_and_bench_take_the_device(capsys, model_dir, argv):
     err = _run(capsys, *argv, "--model", str(model_dir), "--device", "tpu")
     assert "choose one of cpu, ascend, gpu" in err
+
+
+def test_the_language_servers_worker_device_setting_is_checked():
+    from codefill.lsp.settings import Settings, SettingsError
+
+    assert Settings().worker_device == "cpu"
+    assert Settings().merged({"worker_device": "ascend"}).worker_device == "ascend"
+    with pytest.raises(SettingsError, match=r"setting worker_device = 'npu': must be one of cpu, ascend, gpu"):
+        Settings().merged({"worker_device": "npu"})

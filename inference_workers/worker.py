@@ -237,7 +237,8 @@ def main(model_dir: str | Path, endpoint: str, ready_file: str | Path | None = N
     device: where the model runs (checked present first); memory: its memory plan's settings, checked
     before any weight is loaded (memory_plan.py). max_batch None: as many slots as fit, at most SERVING_SLOTS.
 
-    max_seq_len: positions per slot (prompt + new tokens); None leaves the runner's default.
+    max_seq_len: positions per slot (prompt + new tokens); None: the runner's default, or less if the memory
+    plan says so.
     parent_pid: exit when this process is no longer our parent (set by spawn_worker, so that a crashed
     language server does not leave a worker holding the model in memory).
     """

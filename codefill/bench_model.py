@@ -69,12 +69,12 @@ def _decode_rate(step_tokens) -> float:
     return n / (time.perf_counter() - t)
 
 
-def _bench_codefill(cfg, weights, prompts, reps: int) -> dict:
+def _bench_codefill(cfg, weights, prompts, reps: int, device: str = "cpu") -> dict:
     from codefill.inference_workers.runner import Runner
     from codefill.model.sampling import SamplingConfig
 
     t = time.perf_counter()
-    gen = Runner(cfg, weights, max_seq_len=max(PREFILL_LENGTHS), max_batch=1)
+    gen = Runner(cfg, weights, max_seq_len=max(PREFILL_LENGTHS), max_batch=1, device=device)
     build_s = time.perf_counter() - t
 
     short = prompts[DECODE_PROMPT][:8]
@@ -146,7 +146,7 @@ def _bench_hf(cfg, weights, prompts, reps: int) -> dict:
     }
 
 
-def run(out_dir: str | Path, preset: str = "small", seed: int = 0, reps: int = 3) -> dict:
+def run(out_dir: str | Path, preset: str = "small", seed: int = 0, reps: int = 3, device: str = "cpu") -> dict:
     import mindspore
     import torch
     import transformers
@@ -158,11 +158,11 @@ def run(out_dir: str | Path, preset: str = "small", seed: int = 0, reps: int = 3
     rng = np.random.default_rng(seed + 1)
     prompts = {n: rng.integers(3, cfg.vocab_size, n).tolist() for n in set(PREFILL_LENGTHS) | {DECODE_PROMPT}}
 
-    ours = _bench_codefill(cfg, weights, prompts, reps)
+    ours = _bench_codefill(cfg, weights, prompts, reps, device)
     hf = _bench_hf(cfg, weights, prompts, reps)
     ratios = {f"prefill_{n}_speedup": hf["prefill_ms"][n] / ours["prefill_ms"][n] for n in PREFILL_LENGTHS}
     ratios["decode_speedup"] = ours["decode_tokens_per_s"] / hf["decode_tokens_per_s"]
-    anchor = _bench_anchor(Path(out_dir) / "anchor", reps)
+    anchor = _bench_anchor(Path(out_dir) / "anchor", reps, device)
     result = {
         "preset": preset,
         "config": cfg.to_dict(),
@@ -187,12 +187,12 @@ def run(out_dir: str | Path, preset: str = "small", seed: int = 0, reps: int = 3
 ANCHOR_PROMPT = 1024
 
 
-def _codefill_rates(model_dir: Path, prompt: list[int], reps: int) -> dict:
+def _codefill_rates(model_dir: Path, prompt: list[int], reps: int, device: str = "cpu") -> dict:
     """codefill on a MODEL_DIR: prefill ms of `prompt`, decode tokens/s of DECODE_TOKENS after it."""
     from codefill.inference_workers.runner import Runner
     from codefill.model.sampling import SamplingConfig
 
-    runner = Runner.from_model_dir(model_dir, max_seq_len=len(prompt) + DECODE_TOKENS, max_batch=1)
+    runner = Runner.from_model_dir(model_dir, max_seq_len=len(prompt) + DECODE_TOKENS, max_batch=1, device=device)
     runner.prefill(prompt[:8])  # compile both graphs first
     runner.decode_step([1], [8])
     prefill_ms = 1e3 * _median_s(lambda: runner.prefill(prompt), reps)
@@ -200,7 +200,7 @@ def _codefill_rates(model_dir: Path, prompt: list[int], reps: int) -> dict:
     return {"prefill_ms": prefill_ms, "decode_tokens_per_s": statistics.median(rates[1:])}
 
 
-def _bench_anchor(work: Path, reps: int) -> dict:
+def _bench_anchor(work: Path, reps: int, device: str = "cpu") -> dict:
     """codefill and llama.cpp on the same weights (see the module docstring), or {"unavailable": why}."""
     from codefill import llamacpp
     from codefill.bundled import bundled_model_dir
@@ -225,7 +225,7 @@ def _bench_anchor(work: Path, reps: int) -> dict:
             rows[name] = {"unavailable": str(e)}
             continue
         prompt = np.random.default_rng(7).integers(3, 500, n).tolist()
-        ours = _codefill_rates(model_dir, prompt, reps)
+        ours = _codefill_rates(model_dir, prompt, reps, device)
         rows[name] = {"prompt": n, "codefill": ours, "llamacpp": {
             "prefill_ms": 1e3 * n / theirs["prefill_tokens_per_s"],
             "decode_tokens_per_s": theirs["decode_tokens_per_s"]}}

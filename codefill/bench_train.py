@@ -47,7 +47,7 @@ def matmul_peak_flops(n: int = 1024, reps: int = 5) -> float:
 
 
 def run(out_dir: str | Path, preset: str = "small", seq_length: int = 256, micro_batch: int = 2,
-        grad_accum: int = 2, steps: int = 5, lora: bool = False, arch=None) -> dict:
+        grad_accum: int = 2, steps: int = 5, lora: bool = False, arch=None, device: str = "cpu") -> dict:
     """`arch`: a LlamaConfig to time instead of the preset (`preset` is then only its label)."""
     import mindspore as ms
     from mindspore import Tensor
@@ -59,7 +59,7 @@ def run(out_dir: str | Path, preset: str = "small", seq_length: int = 256, micro
     from codefill.training.train_config import PRESETS, LoraConfig
     from codefill.training.trainer import training_network
 
-    configure_mindspore()
+    configure_mindspore(device)
     arch = arch if arch is not None else get_preset(preset)
     cfg = replace(PRESETS["lora" if lora else "full"], seq_length=seq_length, micro_batch=micro_batch,
                   grad_accum=grad_accum, max_steps=steps + 1, lora=LoraConfig(dropout=0.0) if lora else None)

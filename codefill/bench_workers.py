@@ -201,7 +201,7 @@ def _model_dir(out_dir: Path, model_dir: str | Path | None, preset: str, seed: i
 def run(out_dir: str | Path, model_dir: str | Path | None = None, preset: str = "small", *, seed: int = 0,
         context_tokens: int = 1500, max_new_tokens: int = 24, keystrokes: int = 40, cold_keystrokes: int = 10,
         accept_keystrokes: int = 16, typists: tuple[int, ...] = (4, 8), typist_keystrokes: int = 10,
-        max_batch: int = 8, max_seq_len: int = 2048) -> dict:
+        max_batch: int = 8, max_seq_len: int = 2048, device: str = "cpu") -> dict:
     from codefill.inference_workers.client import WorkerClient
     from codefill.inference_workers.startup import spawn_worker, stop_worker
     from codefill.inference_workers.engine import EngineConfig
@@ -228,7 +228,7 @@ def run(out_dir: str | Path, model_dir: str | Path | None = None, preset: str = 
     raw: dict[str, list[Keystroke]] = {}  # every keystroke, for the chart
     for name, engine in configs.items():
         process, endpoint = spawn_worker(model_dir, max_seq_len=max_seq_len, max_batch=max_batch, engine=engine,
-                                         timeout_s=600)
+                                         device=device, timeout_s=600)
         try:
             with WorkerClient(endpoint, timeout_s=600) as client:
                 n = cold_keystrokes if name == "cold" else keystrokes

@@ -68,6 +68,7 @@ def _run(args: argparse.Namespace, prompt: list[int], stop_ids: frozenset[int]) 
     """Generate in this process, or with --tp N through N tensor-parallel worker ranks started for the call."""
     if args.max_new_tokens <= 0:
         raise CliError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    device = _device(args)
     max_seq_len = len(prompt) + args.max_new_tokens
     if args.tp is not None:
         from codefill.inference_workers.launch import generate_with_workers
@@ -75,11 +76,11 @@ def _run(args: argparse.Namespace, prompt: list[int], stop_ids: frozenset[int]) 
         if args.tp < 1:
             raise CliError(f"--tp must be >= 1, got {args.tp}")
         out = generate_with_workers(Path(args.model), args.tp, prompt, args.max_new_tokens, _sampling(args),
-                                    stop_ids=sorted(stop_ids), max_seq_len=max_seq_len)
+                                    stop_ids=sorted(stop_ids), max_seq_len=max_seq_len, device=device)
         return [t for t, _ in out]
     from codefill.inference_workers.runner import Runner
 
-    gen = Runner.from_model_dir(Path(args.model), max_seq_len=max_seq_len, max_batch=1)
+    gen = Runner.from_model_dir(Path(args.model), max_seq_len=max_seq_len, max_batch=1, device=device)
     return [t for t, _ in gen.generate(prompt, args.max_new_tokens, _sampling(args), stop_ids=stop_ids)]
 
 
@@ -133,12 +134,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
     for flag, value in given.values():
         if value is not None and value <= 0:
             raise CliError(f"{flag} must be positive, got {value}")
-    settings = Settings(**{field: value for field, (_, value) in given.items() if value is not None})
+    values = {field: value for field, (_, value) in given.items() if value is not None}
+    if args.endpoint is None:
+        values["worker_device"] = _device(args)  # checked present before the server starts a worker on it
+    settings = Settings(**values)
     # stdout carries JSON-RPC: logs go to stderr, which editors show in their LSP log.
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="codefill-lsp %(levelname)s %(message)s")
     if args.tp is not None and args.endpoint is not None:
         raise CliError("--tp starts tensor-parallel workers; --endpoint uses running ones: give one of them")
-    code = serve_main(model_dir=Path(args.model), endpoint=args.endpoint, settings=settings, tcp=args.tcp)
+    code = serve_main(model_dir=Path(args.model), endpoint=args.endpoint, settings=settings, tcp=args.tcp,
+                      client_keys=_client_keys(args))
     if code:
         sys.exit(code)
 
@@ -188,6 +193,20 @@ def _server_keys(args: argparse.Namespace):
     return ServerKeys(Path(args.curve_secret_key), Path(args.curve_authorized_clients))
 
 
+def _client_keys(args: argparse.Namespace):
+    """serve: CURVE keys for a worker on another machine (both flags or neither, and only with --endpoint)."""
+    from codefill.inference_workers.security import ClientKeys
+
+    given = (args.curve_server_key, args.curve_secret_key)
+    if given == (None, None):
+        return None
+    if None in given:
+        raise CliError("--curve-server-key and --curve-secret-key go together")
+    if args.endpoint is None:
+        raise CliError("--curve-server-key / --curve-secret-key are for a remote --endpoint; give one")
+    return ClientKeys(Path(args.curve_server_key), Path(args.curve_secret_key))
+
+
 def cmd_worker(args: argparse.Namespace) -> None:
     from codefill.inference_workers.engine import EngineConfig
     from codefill.inference_workers.worker import main as worker_main
@@ -202,7 +221,8 @@ def cmd_worker(args: argparse.Namespace) -> None:
         speculate=d.speculate if args.speculate is None else args.speculate)
     worker_main(Path(args.model), args.endpoint, args.ready_file, max_seq_len=args.max_seq_len,
                 max_batch=args.max_batch, parent_pid=args.parent_pid, config=config,
-                allow_remote=args.allow_remote, keys=_server_keys(args))
+                allow_remote=args.allow_remote, keys=_server_keys(args), device=_device(args, check=False),
+                memory=_memory(args))  # the worker checks the device itself, so its ready file reports a missing one
 
 
 def cmd_keys(args: argparse.Namespace) -> None:
@@ -218,7 +238,8 @@ def cmd_workers(args: argparse.Namespace) -> None:
     code = run_workers(Path(args.model), args.tp, args.endpoint, master_addr=args.master_addr,
                        master_port=args.master_port, nnodes=args.nnodes, node_rank=args.node_rank,
                        log_dir=args.log_dir, max_seq_len=args.max_seq_len, max_batch=args.max_batch,
-                       threads=args.threads, allow_remote=args.allow_remote, keys=_server_keys(args))
+                       threads=args.threads, allow_remote=args.allow_remote, keys=_server_keys(args),
+                       device=_device(args), memory=_memory(args))
     if code:
         sys.exit(code)
 
@@ -259,7 +280,8 @@ def cmd_eval_humaneval(args: argparse.Namespace) -> None:
     config = humaneval.HumanEvalConfig(samples=args.samples, temperature=args.temperature, top_p=args.top_p,
                                        ks=tuple(int(k) for k in args.k.split(",")), max_new_tokens=args.max_new_tokens,
                                        limit=args.limit, seed=args.seed, workers=args.workers)
-    summary = humaneval.run(_model_or_bundled(args), config, Path(args.out), endpoint=args.endpoint)
+    device = _device(args) if args.endpoint is None else "cpu"  # with --endpoint the workers run the model
+    summary = humaneval.run(_model_or_bundled(args), config, Path(args.out), endpoint=args.endpoint, device=device)
     print(humaneval.report(summary))
 
 
@@ -287,8 +309,9 @@ def cmd_eval_infill(args: argparse.Namespace) -> None:
         if args.extensions is not None:
             given["extensions"] = tuple(e for e in args.extensions.split(",") if e) or None
         held = infilling.HeldOutConfig.of_source(args.source, fim, **given)
+    device = _device(args) if args.endpoint is None else "cpu"  # with --endpoint the workers run the model
     summary = infilling.run(_model_or_bundled(args), Path(args.out), config, held_out=held, baseline=args.baseline,
-                            humaneval=not args.no_humaneval, endpoint=args.endpoint)
+                            humaneval=not args.no_humaneval, endpoint=args.endpoint, device=device)
     print(infilling.report(summary))
 
 
@@ -374,17 +397,21 @@ def _add_corpus_commands(data) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     out = Path(args.out)
     model = Path(args.model) if args.model else None
+    device = _device(args)
+    if device != "cpu" and (args.what in ("lsp", "profile") or (args.what == "workers" and not args.skip_tp)):
+        raise CliError(f"bench {args.what}{'' if args.skip_tp else ' (with its TP part)'} runs on cpu only so far, "
+                       f"not --device {device}")
     if args.what == "model":
         from codefill.bench_model import run
 
-        report = run(out, preset=args.preset)
+        report = run(out, preset=args.preset, device=device)
     elif args.what == "workers":  # (a) TP=1 vs TP=2; (b) keystroke replay; (c) concurrent typists
         from codefill import bench_workers, bench_workers_tp
 
         report = {}
         if not args.skip_tp:
             report["tp"] = bench_workers_tp.run(out, preset=args.preset)
-        report["keystrokes"] = bench_workers.run(out, model_dir=model, preset=args.preset)
+        report["keystrokes"] = bench_workers.run(out, model_dir=model, preset=args.preset, device=device)
     elif args.what == "train":
         from codefill.bench_train import run
 
@@ -393,9 +420,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
             recipe = load_recipe(args.recipe)
             report = run(out, preset=recipe.name, seq_length=recipe.train.seq_length,
-                         micro_batch=recipe.train.micro_batch, grad_accum=1, steps=3, arch=recipe.arch_config())
+                         micro_batch=recipe.train.micro_batch, grad_accum=1, steps=3, arch=recipe.arch_config(),
+                         device=device)
         else:
-            report = run(out, preset=args.preset)
+            report = run(out, preset=args.preset, device=device)
     elif args.what == "lsp":
         from codefill.bench_lsp import run
 
@@ -419,6 +447,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     from codefill.training.train_config import LoraConfig, preset
 
+    device = _device(args)  # before anything is read: a device that is not here is the first error
+    if args.repo and device != "cpu":
+        raise CliError(f"--repo (refresh) runs on cpu only so far, not --device {device}")
     cfg = preset(args.preset or ("refresh" if args.repo else "lora"))
     overrides = {k: getattr(args, k) for k in ("max_steps", "lr", "end_lr", "warmup_ratio", "micro_batch",
                                                "grad_accum", "clip_norm", "weight_decay", "save_every",
@@ -445,14 +476,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     if cfg.dp > 1 or cfg.tp > 1:
         from codefill.training.launch_train import train_on_ranks
 
-        losses = train_on_ranks(Path(args.model), data, out, cfg, held_out_data=held, resume=args.resume)
+        losses = train_on_ranks(Path(args.model), data, out, cfg, held_out_data=held, resume=args.resume,
+                                device=device)
         ranks = f"{cfg.dp} data-parallel" if cfg.tp == 1 else f"{cfg.tp} tensor-parallel"
         last = f"; final loss {losses[-1]:.4f}" if losses else ""
         print(f"trained {len(losses)} steps on {ranks} ranks{last}; model in {out / 'model'}")
     else:
         from codefill.training.trainer import train
 
-        r = train(Path(args.model), data, out, cfg, held_out_data=held, resume=args.resume)
+        r = train(Path(args.model), data, out, cfg, held_out_data=held, resume=args.resume, device=device)
         last = f"; final loss {r.losses[-1]:.4f}" if r.losses else ""
         print(f"trained to step {r.steps}{last}, {r.tokens_per_s:,.0f} tokens/s; model in {r.model_dir}")
 
@@ -520,14 +552,50 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help='print {"ids": [...], "text": "..."} on the last line')
     p.add_argument("--tp", type=int, help="run on N tensor-parallel worker ranks (msrun) instead of in-process")
+    _device_arg(p)
 
 
 def _cache_args(p: argparse.ArgumentParser, *, max_seq_len_help: str, max_batch_help: str) -> None:
-    """worker and workers: the KV cache's slots."""
+    """worker and workers: the KV cache's slots, where the model runs, and the memory plan that sizes the cache
+    when the slots are not given (inference_workers/memory_plan.py)."""
     from codefill.inference_workers.startup import SERVING_SLOTS  # the one default, shared with the launchers
 
-    p.add_argument("--max-seq-len", type=int, help=max_seq_len_help)
-    p.add_argument("--max-batch", type=int, default=SERVING_SLOTS, help=max_batch_help)
+    p.add_argument("--max-seq-len", type=int, help=f"{max_seq_len_help}; default: as the memory plan allows")
+    p.add_argument("--max-batch", type=int,
+                   help=f"{max_batch_help}; default: as many as fit in memory, at most {SERVING_SLOTS}")
+    _device_arg(p)
+    p.add_argument("--device-memory", type=float, metavar="GiB",
+                   help="memory per device for the memory plan (default: measured; $CODEFILL_DEVICE_MEMORY)")
+    p.add_argument("--memory-fraction", type=float, help="share of that memory the plan may use (default 0.9)")
+
+
+def _device_arg(p: argparse.ArgumentParser) -> None:
+    """--device and --precision, for every command that runs the model (resolved by _device)."""
+    p.add_argument("--device", help="where the model runs: cpu, ascend or gpu (default: $CODEFILL_DEVICE, else cpu)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                   help="weights, activations and KV cache (default: $CODEFILL_PRECISION, else fp32 on cpu and bf16 "
+                        "on accelerators; model/precision.py)")
+
+
+def _device(args: argparse.Namespace, check: bool = True) -> str:
+    """--device, else $CODEFILL_DEVICE, else cpu; DeviceError unless that device is present here (check).
+    --precision is checked against it and exported as $CODEFILL_PRECISION to every process the command starts."""
+    import os
+
+    from codefill.model.device import device_setting, resolve_device
+    from codefill.model.precision import PRECISION_ENV, resolve
+
+    device = resolve_device(args.device) if check else device_setting(args.device)
+    precision = resolve(getattr(args, "precision", None), device)
+    if getattr(args, "precision", None):
+        os.environ[PRECISION_ENV] = precision
+    return device
+
+
+def _memory(args: argparse.Namespace):
+    from codefill.inference_workers.memory_plan import MemoryConfig
+
+    return MemoryConfig.from_flags(args.device_memory, args.memory_fraction)
 
 
 def _remote_args(p: argparse.ArgumentParser) -> None:
@@ -543,6 +611,7 @@ def _eval_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="eval_results", metavar="DIR")
     p.add_argument("--endpoint", help="evaluate the workers serving MODEL_DIR there (e.g. `codefill workers --tp N`); "
                                       "MODEL_DIR then gives only the tokenizer")
+    _device_arg(p)
 
 
 def _add_model_commands(sub: argparse._SubParsersAction) -> None:
@@ -583,6 +652,10 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, help="longest middle, in tokens (default: lsp.server.Settings)")
     p.add_argument("--worker-max-seq-len", type=int, help="context length of the worker this server starts")
     p.add_argument("--request-timeout", type=float, help="seconds of worker silence before a request fails")
+    _device_arg(p)
+    p.add_argument("--curve-server-key", metavar="WORKER.key", help="--endpoint on another machine: its public key")
+    p.add_argument("--curve-secret-key", metavar="NAME.key_secret",
+                   help="--endpoint on another machine: this client's key pair (its NAME.key is in the worker's list)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("http", help="serve llama.cpp's /infill and OpenAI's /v1/completions on the same workers")
@@ -605,7 +678,7 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--endpoint", required=True, help="ipc://PATH or tcp://127.0.0.1:PORT (others: --allow-remote)")
     p.add_argument("--ready-file", help="where to write the ready/error status JSON")
     _cache_args(p, max_seq_len_help="positions per cache slot (prompt + new tokens)",
-                max_batch_help="cache slots: requests decoded together (default %(default)s)")
+                max_batch_help="cache slots: requests decoded together")
     p.add_argument("--max-queue", type=int, help="waiting requests before OVERLOADED")
     p.add_argument("--prefill-chunk", type=int, help="prompt ids prefilled per engine iteration")
     p.add_argument("--step-timeout", type=float, help="seconds; a longer model call fails the worker (not ready)")
@@ -739,6 +812,7 @@ def _add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lora-alpha", type=float)
     p.add_argument("--lora-dropout", type=float)
     p.add_argument("--lora-targets", help="comma-separated of wq,wk,wv,wo,w1,w2,w3")
+    _device_arg(p)
     p.set_defaults(func=cmd_train)
 
 
@@ -795,6 +869,7 @@ def _add_bench_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-tp", action="store_true", help="workers: skip part (a), TP=1 vs TP=2")
     p.add_argument("--recipe", metavar="RECIPE.toml", help="train: time the recipe's model and rows instead")
     p.add_argument("--out", default="bench_results")
+    _device_arg(p)
     p.set_defaults(func=cmd_bench)
 
 

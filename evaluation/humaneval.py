@@ -232,15 +232,17 @@ def decode_continuation(tok, ids: Sequence[int]) -> str:
     return tok.decode_infilling(ids)
 
 
-def model_completer(model_dir: str | Path, config: HumanEvalConfig) -> Complete:
-    """A `Complete` over a MODEL_DIR: an in-process batch-1 Runner with a cache of min(max_seq_len, 2048)."""
+def model_completer(model_dir: str | Path, config: HumanEvalConfig, device: str = "cpu") -> Complete:
+    """A `Complete` over a MODEL_DIR: an in-process batch-1 Runner on `device` with a cache of
+    min(max_seq_len, 2048)."""
     from codefill.inference_workers.runner import Runner
     from codefill.model.checkpoint import load_model_dir
     from codefill.model.sampling import SamplingConfig
     from codefill.model.tokenizer import Tokenizer
 
     files = load_model_dir(model_dir)
-    gen = Runner(files.config, files.weights, max_seq_len=min(files.config.max_seq_len, MAX_SEQ_LEN), max_batch=1)
+    gen = Runner(files.config, files.weights, max_seq_len=min(files.config.max_seq_len, MAX_SEQ_LEN), max_batch=1,
+                 device=device)
     tok = Tokenizer(files.tokenizer_path)
     stop_ids = frozenset({tok.eos_id})
     top_p = config.top_p if config.temperature > 0 else 1.0
@@ -303,11 +305,11 @@ def execute(problems: Sequence[Problem], samples: Sequence[Sample], config: Huma
 
 
 def run(model_dir: str | Path, config: HumanEvalConfig = HumanEvalConfig(), out_dir: str | Path = "eval_results",
-        endpoint: str | None = None) -> dict:
-    """`codefill eval humaneval`: the model in MODEL_DIR, in this process; or, with `endpoint`, the workers
-    serving it there (MODEL_DIR then gives only the tokenizer; see worker_completer.py)."""
+        endpoint: str | None = None, device: str = "cpu") -> dict:
+    """`codefill eval humaneval`: the model in MODEL_DIR, in this process on `device`; or, with `endpoint`, the
+    workers serving it there (MODEL_DIR then gives only the tokenizer; see worker_completer.py)."""
     if endpoint is None:
-        return run_with(lambda: model_completer(model_dir, config), config, out_dir, model=str(model_dir))
+        return run_with(lambda: model_completer(model_dir, config, device), config, out_dir, model=str(model_dir))
 
     def make_complete() -> Complete:
         from codefill.model.checkpoint import model_dir_tokenizer_path

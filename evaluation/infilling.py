@@ -292,10 +292,10 @@ def build_baseline(tok, held: HeldOutConfig):
 
 def run(model_dir: str | Path, out_dir: str | Path, config: InfillConfig = InfillConfig(), *,
         held_out: HeldOutConfig | None = None, baseline: str | None = None, humaneval: bool = True,
-        endpoint: str | None = None, progress: bool = True) -> dict:
+        endpoint: str | None = None, progress: bool = True, device: str = "cpu") -> dict:
     """Evaluate a MODEL_DIR (or, with baseline="ngram", the n-gram baseline built with its tokenizer on the
     train files of `held_out`'s source) on HumanEval infilling and/or held-out FIM. Writes OUT/NAME.json and
-    OUT/NAME_tasks.jsonl, NAME = infill or infill_ngram; returns the summary."""
+    OUT/NAME_tasks.jsonl, NAME = infill or infill_ngram; returns the summary. device: where the model runs."""
     from codefill.model.checkpoint import load_model_dir, model_dir_tokenizer_path
     from codefill.model.tokenizer import Tokenizer
     from codefill.training.fim_eval import generator_complete
@@ -328,7 +328,8 @@ def run(model_dir: str | Path, out_dir: str | Path, config: InfillConfig = Infil
     else:
         from codefill.inference_workers.runner import Runner
 
-        complete = generator_complete(Runner(files.config, files.weights, max_seq_len=max_seq_len, max_batch=1))
+        complete = generator_complete(Runner(files.config, files.weights, max_seq_len=max_seq_len, max_batch=1,
+                                             device=device))
         name, what = "infill", str(model_dir)
     return _score(complete, tok, max_seq_len, what, name, model_dir, out_dir, config, held_out, humaneval, progress)
 

@@ -6,7 +6,9 @@
     workers.stop()
 
 The TP size is checked against the model's config (sharding.check_model_dir_for_tp) before msrun starts, so a size
-that does not divide the heads, KV heads, FFN or vocabulary never starts a rank.
+that does not divide the heads, KV heads, FFN or vocabulary never starts a rank. So are the device (present
+here: model/device.py) and the memory plan (memory_plan.py): the launcher chooses the cache size once and
+gives the same --max-seq-len / --max-batch to every rank, which must agree.
 
 msrun starts the ranks with whichever `python` comes first on PATH, so the launcher puts this interpreter's
 bin directory first. Ranks run `inference_workers/ranks.py`; each writes `rank-R.json` (its pid) into a
@@ -40,10 +42,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from codefill.inference_workers.client import WorkerError
+from codefill.inference_workers.memory_plan import MemoryConfig, plan_model_dir
 from codefill.inference_workers.protocol import WireError
 from codefill.inference_workers.security import ServerKeys, check_bind
 from codefill.inference_workers.sharding import TensorParallelError, check_model_dir_for_tp
 from codefill.inference_workers.startup import SERVING_SLOTS, rank_arguments
+from codefill.model.device import check_device_present
 
 RANKS_SCRIPT = Path(__file__).with_name("ranks.py")
 POLL_S = 0.2
@@ -191,12 +195,16 @@ def start_job(script: str | Path, script_args: list[str], tp: int, *, run_dir: P
 def start_workers(model_dir: str | Path, tp: int, endpoint: str | None = None, *, master_addr: str = "127.0.0.1",
                   master_port: int | None = None, nnodes: int = 1, node_rank: int = 0,
                   log_dir: str | Path | None = None, ready_timeout_s: float = 600.0, max_seq_len: int | None = None,
-                  max_batch: int = SERVING_SLOTS, threads: int | None = None, allow_remote: bool = False,
-                  keys: ServerKeys | None = None) -> Job:
+                  max_batch: int | None = None, threads: int | None = None, allow_remote: bool = False,
+                  keys: ServerKeys | None = None, device: str = "cpu",
+                  memory: MemoryConfig | None = None) -> Job:
     """Validate, start msrun on ranks.py, and return once rank 0 serves (`job.endpoint`) or, on a node other
     than 0, once its ranks have joined. Raises TensorParallelError before starting anything if `tp` does
-    not fit the model, LaunchError (with the failing rank's traceback) if a rank fails or time runs out."""
+    not fit the model, DeviceError if `device` is not present, MemoryPlanError if the model does not fit its
+    memory, LaunchError (with the failing rank's traceback) if a rank fails or time runs out. max_seq_len /
+    max_batch None: chosen by the memory plan (at most the defaults: 2048, SERVING_SLOTS slots)."""
     check_model_dir_for_tp(model_dir, tp)
+    check_device_present(device)
     if endpoint is not None:
         try:
             check_bind(endpoint, allow_remote, keys)  # before any rank starts
@@ -204,14 +212,19 @@ def start_workers(model_dir: str | Path, tp: int, endpoint: str | None = None, *
             raise LaunchError(str(e)) from e
     if nnodes < 1 or tp % nnodes:
         raise TensorParallelError(f"tensor-parallel size {tp} cannot be spread evenly over {nnodes} nodes")
+    memory = memory or MemoryConfig()
+    plan = plan_model_dir(model_dir, tp, device, memory, max_seq_len=max_seq_len, max_batch=max_batch,
+                          default_max_batch=SERVING_SLOTS, local_ranks=tp // nnodes)
     run_dir = Path(tempfile.mkdtemp(prefix="codefill-workers-"))  # mode 0700: a private ipc:// socket
     endpoint = endpoint or f"ipc://{run_dir / 'worker.sock'}"
     ready_file = run_dir / "ready.json"
-    args = rank_arguments(model_dir, tp, endpoint, ready_file=ready_file, run_dir=run_dir, max_batch=max_batch,
-                          threads=threads or default_threads(tp // nnodes), max_seq_len=max_seq_len,
-                          allow_remote=allow_remote,
+    args = rank_arguments(model_dir, tp, endpoint, ready_file=ready_file, run_dir=run_dir,
+                          max_batch=plan.max_batch, threads=threads or default_threads(tp // nnodes),
+                          max_seq_len=plan.max_seq_len, allow_remote=allow_remote,
                           curve_secret_key=keys.secret_key_file if keys is not None else None,
-                          curve_authorized_clients=keys.authorized_clients if keys is not None else None)
+                          curve_authorized_clients=keys.authorized_clients if keys is not None else None,
+                          device=device, device_memory_gib=memory.device_memory_gib,
+                          memory_fraction=memory.fraction)
     job = start_job(RANKS_SCRIPT, args, tp, run_dir=run_dir, log_dir=Path(log_dir) if log_dir else None,
                     master_addr=master_addr, master_port=master_port, nnodes=nnodes, node_rank=node_rank)
     job.owns_run_dir = True
@@ -245,8 +258,9 @@ def start_workers(model_dir: str | Path, tp: int, endpoint: str | None = None, *
 def run_workers(model_dir: str | Path, tp: int, endpoint: str | None = None, *, master_addr: str = "127.0.0.1",
                 master_port: int | None = None, nnodes: int = 1, node_rank: int = 0,
                 log_dir: str | Path | None = None, ready_timeout_s: float = 600.0, stop_timeout_s: float = 30.0,
-                max_seq_len: int | None = None, max_batch: int = SERVING_SLOTS, threads: int | None = None,
-                allow_remote: bool = False, keys: ServerKeys | None = None) -> int:
+                max_seq_len: int | None = None, max_batch: int | None = None, threads: int | None = None,
+                allow_remote: bool = False, keys: ServerKeys | None = None, device: str = "cpu",
+                memory: MemoryConfig | None = None) -> int:
     """`codefill workers`: start, print the endpoint, supervise until SIGTERM/SIGINT (then drain and stop: 0)
     or a rank failure (LaunchError with its traceback; the CLI exits non-zero)."""
     stop = {"requested": False}
@@ -259,7 +273,7 @@ def run_workers(model_dir: str | Path, tp: int, endpoint: str | None = None, *, 
         job = start_workers(model_dir, tp, endpoint, master_addr=master_addr, master_port=master_port,
                             nnodes=nnodes, node_rank=node_rank, log_dir=log_dir, ready_timeout_s=ready_timeout_s,
                             max_seq_len=max_seq_len, max_batch=max_batch, threads=threads,
-                            allow_remote=allow_remote, keys=keys)
+                            allow_remote=allow_remote, keys=keys, device=device, memory=memory)
         where = job.endpoint if node_rank == 0 else f"node {node_rank} (rank 0 serves on node 0)"
         print(f"codefill workers: {tp} ranks ready, serving on {where}; logs in {job.log_dir}", flush=True)
         job.wait(lambda: stop["requested"])  # LaunchError (job already killed) if a rank fails
@@ -272,13 +286,14 @@ def run_workers(model_dir: str | Path, tp: int, endpoint: str | None = None, *, 
 
 def generate_with_workers(model_dir: str | Path, tp: int, prompt_ids: list[int], max_new_tokens: int,
                           sampling=None, stop_ids=(), *, max_seq_len: int | None = None,
-                          ready_timeout_s: float = 600.0, request_timeout_s: float = 300.0) -> list[tuple[int, float]]:
+                          ready_timeout_s: float = 600.0, request_timeout_s: float = 300.0,
+                          device: str = "cpu") -> list[tuple[int, float]]:
     """`codefill generate/infill --tp N`: start N ranks, run one request through rank 0's socket, stop them.
     Returns (token id, log-prob) pairs, as Runner.generate yields them; `sampling` as WorkerClient takes it."""
     from codefill.inference_workers.client import WorkerClient
 
     job = start_workers(model_dir, tp, max_seq_len=max_seq_len or len(prompt_ids) + max_new_tokens, max_batch=1,
-                        ready_timeout_s=ready_timeout_s)
+                        ready_timeout_s=ready_timeout_s, device=device)
     try:
         with WorkerClient(job.endpoint, timeout_s=request_timeout_s) as client:
             tokens, _ = client.complete(prompt_ids, max_new_tokens, sampling, list(stop_ids))

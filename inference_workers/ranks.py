@@ -19,24 +19,30 @@ import sys
 from pathlib import Path
 
 from codefill.inference_workers import startup
+from codefill.inference_workers.memory_plan import MemoryConfig
 from codefill.inference_workers.runner import Runner
 from codefill.inference_workers.sharding import TensorParallelError
 
 
 def open_rank(model_dir: str | Path, tp: int, *, max_seq_len: int | None, max_batch: int, threads: int,
-              run_dir: str | Path | None = None, pin: bool = True) -> Runner | None:
+              run_dir: str | Path | None = None, pin: bool = True, device: str = "cpu",
+              memory: MemoryConfig | None = None) -> Runner | None:
     """Join the msrun job and load this rank's shard. Rank 0 gets the warmed-up runner; any other rank follows
     rank 0's steps until it closes the runner and then gets None. pin: give each of this host's ranks its own
-    cores (`startup.pin_cores`; the launcher sets CODEFILL_LOCAL_RANKS, the number of ranks on this host)."""
+    cores (`startup.pin_cores`; the launcher sets CODEFILL_LOCAL_RANKS, the number of ranks on this host).
+    device: this rank binds that device's id DEVICE_ID (its local rank, set by msrun) before joining, so
+    `init()` picks the device's collective library (HCCL, NCCL; MindSpore's own on CPU); the launcher has
+    checked it is present and planned the memory (memory_plan.py) before starting any rank."""
     from mindspore.communication import get_group_size, get_rank, init
 
     from codefill.inference_workers.coordination import Channel, follow
-    from codefill.model.device import configure_mindspore
+    from codefill.model.device import check_device_present, configure_mindspore
 
     local_rank, local_world = int(os.environ.get("DEVICE_ID", "0")), int(os.environ.get("CODEFILL_LOCAL_RANKS", "0"))
     if pin and local_world > 1:
         startup.pin_cores(local_rank, local_world)
-    configure_mindspore()
+    check_device_present(device)
+    configure_mindspore(device)
     startup.set_threads(threads)
     startup.exit_with_parent()
     init()
@@ -47,7 +53,8 @@ def open_rank(model_dir: str | Path, tp: int, *, max_seq_len: int | None, max_ba
         raise TensorParallelError(f"rank {rank}: msrun started {world} ranks but --tp is {tp}")
     channel = Channel(rank, world, max_batch) if world > 1 else None
     runner = Runner.from_model_dir(model_dir, max_seq_len=max_seq_len, max_batch=max_batch, rank=rank, world=world,
-                                   channel=channel, compile_cache=True)
+                                   channel=channel, compile_cache=True, device=device, memory=memory,
+                                   local_ranks=max(1, local_world))
     if rank == 0:
         runner.warm_up()
         return runner
@@ -61,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     ready_file = Path(args.ready_file) if args.ready_file else None
     try:
         runner = open_rank(args.model, args.tp, max_seq_len=args.max_seq_len, max_batch=args.max_batch,
-                           threads=args.threads, run_dir=args.run_dir)
+                           threads=args.threads, run_dir=args.run_dir, device=args.device,
+                           memory=MemoryConfig.from_flags(args.device_memory, args.memory_fraction))
     except BaseException as e:
         if _is_rank0():
             startup.report_error(ready_file, e)

@@ -57,10 +57,10 @@ from codefill.errors import CodefillError
 from codefill.model import llama
 from codefill.model.checkpoint import CheckpointError
 from codefill.model.config import LlamaConfig
-from codefill.model.device import configure_mindspore
+from codefill.model.device import TARGETS, configure_mindspore
 from codefill.model.ascend_attention import use_ascend_attention
 from codefill.model.kernels import KernelStatus, load as load_kernels, use_kernels
-from codefill.model.precision import apply_precision, resolve as resolve_precision
+from codefill.model.precision import PLAN_DTYPES, apply_precision, resolve as resolve_precision
 from codefill.model.sampling import SamplingConfig, log_softmax, sample
 
 from .coordination import (
@@ -77,6 +77,7 @@ from .coordination import (
     reload_failures,
     reload_status,
 )
+from .memory_plan import MemoryConfig, plan_model_dir
 from .sharding import TensorParallelError, load_rank_weights, shard_shapes, shard_transformer
 
 DEFAULT_MAX_SEQ_LEN = 2048  # positions per cache slot when not given (fewer if the model was trained for fewer)
@@ -151,7 +152,7 @@ def check_same_architecture(serving: LlamaConfig, new: LlamaConfig, where: str) 
 
 
 def graph_cache_dir(config: LlamaConfig, max_seq_len: int, max_batch: int, rank: int, world: int,
-                    kernels: Path | None = None, precision: str = "fp32") -> Path:
+                    kernels: Path | None = None, precision: str = "fp32", device: str = "cpu") -> Path:
     """Where a worker keeps its compiled graphs between restarts (MindSpore's compile cache), one directory per
     everything the graphs depend on: architecture, cache shape, rank and TP size, MindSpore's version, the
     source of the modules that build them, the kernel library they call (None: the stock ops) and the
@@ -163,7 +164,7 @@ def graph_cache_dir(config: LlamaConfig, max_seq_len: int, max_batch: int, rank:
     import codefill.inference_workers.tp_cells as tp_cells
     import codefill.model.llama as llama_module
 
-    parts = [json.dumps(config.to_dict(), sort_keys=True), f"{max_seq_len} {max_batch} {rank} {world}",
+    parts = [json.dumps(config.to_dict(), sort_keys=True), f"{max_seq_len} {max_batch} {rank} {world} {device}",
              ms.__version__, str(kernels), precision, *(Path(m.__file__).read_text() for m in (llama_module, tp_cells)),
              Path(__file__).read_text()]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
@@ -180,7 +181,7 @@ class Runner:
 
     def __init__(self, config: LlamaConfig, weights: dict[str, np.ndarray], *, max_seq_len: int | None = None,
                  max_batch: int = DEFAULT_MAX_BATCH, rank: int = 0, world: int = 1, channel=None,
-                 compile_cache: bool = False, precision: str | None = None):
+                 compile_cache: bool = False, device: str = "cpu", precision: str | None = None):
         max_seq_len = default_max_seq_len(config) if max_seq_len is None else max_seq_len
         if not 0 < max_seq_len <= config.max_seq_len:
             raise GenerationError(f"max_seq_len {max_seq_len} must be in [1, {config.max_seq_len}] "
@@ -191,14 +192,15 @@ class Runner:
             raise TensorParallelError(f"a channel is needed exactly when there are other ranks (world {world})")
         # Workers keep their compiled graphs across restarts (CODEFILL_COMPILE_CACHE=0 turns that off).
         use_cache = compile_cache and os.environ.get("CODEFILL_COMPILE_CACHE", "1") != "0"
-        self.precision = resolve_precision(precision)  # weights, activations and cache (model/precision.py)
+        self.device = device
+        self.precision = resolve_precision(precision, device)  # weights, activations and cache (model/precision.py)
         # The attention path, one switch by device: Ascend's fused operators; on CPU the serving kernels
         # (float32), or why the stock ops are used.
-        on_ascend = ms.get_context("device_target") == "Ascend"
-        kernels = (load_kernels() if self.precision == "fp32" and not on_ascend
-                   else KernelStatus(None, f"{'Ascend' if on_ascend else self.precision}: the stock ops"))
-        configure_mindspore(compile_cache=graph_cache_dir(config, max_seq_len, max_batch, rank, world, kernels.library,
-                                                            self.precision)
+        on_ascend = device == "ascend"
+        kernels = (load_kernels(TARGETS[device]) if self.precision == "fp32"
+                   else KernelStatus(None, f"{self.precision}: the stock ops"))
+        configure_mindspore(device, compile_cache=graph_cache_dir(config, max_seq_len, max_batch, rank, world,
+                                                                  kernels.library, self.precision, device)
                             if use_cache else None)
         self.config, self.rank, self.world = config, rank, world
         self.max_seq_len, self.max_batch = max_seq_len, max_batch
@@ -222,13 +224,21 @@ class Runner:
         self.busy = False  # inside a step: set while the ranks may be inside a collective
 
     @classmethod
-    def from_model_dir(cls, path: str | Path, *, max_seq_len: int | None = None, max_batch: int = DEFAULT_MAX_BATCH,
-                       rank: int = 0, world: int = 1, channel=None, compile_cache: bool = False,
+    def from_model_dir(cls, path: str | Path, *, max_seq_len: int | None = None,
+                       max_batch: int | None = DEFAULT_MAX_BATCH, rank: int = 0, world: int = 1, channel=None,
+                       compile_cache: bool = False, device: str = "cpu", memory: MemoryConfig | None = None,
+                       default_max_batch: int = DEFAULT_MAX_BATCH, local_ranks: int = 1,
                        precision: str | None = None) -> "Runner":
-        """This rank's shard of a MODEL_DIR or split directory; max_seq_len None: the default for the model."""
+        """This rank's shard of a MODEL_DIR or split directory, after its memory plan (memory_plan.py) is
+        checked against `device`'s memory in the precision's dtype, before any weight is read; max_seq_len /
+        max_batch None: chosen by the plan, at most the model's default / default_max_batch."""
+        precision = resolve_precision(precision, device)
+        plan = plan_model_dir(path, world, device, memory, max_seq_len=max_seq_len, max_batch=max_batch,
+                              default_max_batch=default_max_batch, local_ranks=local_ranks,
+                              dtype=PLAN_DTYPES[precision])
         config, weights = load_rank_weights(path, rank, world)
-        return cls(config, weights, max_seq_len=max_seq_len, max_batch=max_batch, rank=rank, world=world,
-                   channel=channel, compile_cache=compile_cache, precision=precision)
+        return cls(config, weights, max_seq_len=plan.max_seq_len, max_batch=plan.max_batch, rank=rank, world=world,
+                   channel=channel, compile_cache=compile_cache, device=device, precision=precision)
 
     def _graphs(self) -> tuple[_Step, _Decode, _DecodeOne | None]:
         i32, kv, mb = ms.int32, self.kv_heads, self.max_batch

@@ -60,11 +60,14 @@ def write_rank_file(run_dir: str | Path, rank: int) -> None:
 
 def rank_arguments(model_dir: str | Path, tp: int, endpoint: str, *, ready_file: Path, run_dir: Path,
                    max_batch: int, threads: int, max_seq_len: int | None = None, allow_remote: bool = False,
-                   curve_secret_key: Path | None = None, curve_authorized_clients: Path | None = None) -> list[str]:
+                   curve_secret_key: Path | None = None, curve_authorized_clients: Path | None = None,
+                   device: str = "cpu", device_memory_gib: float | None = None,
+                   memory_fraction: float | None = None) -> list[str]:
     """The arguments of `ranks.py` for every rank of a serving job (`parse_rank_arguments` reads them)."""
     args = ["--model", str(Path(model_dir).absolute()), "--tp", str(tp), "--endpoint", endpoint,
             "--ready-file", str(ready_file), "--run-dir", str(run_dir),
-            "--max-batch", str(max_batch), "--threads", str(threads)]
+            "--max-batch", str(max_batch), "--threads", str(threads), "--device", device]
+    args += memory_arguments(device_memory_gib, memory_fraction)
     if max_seq_len is not None:
         args += ["--max-seq-len", str(max_seq_len)]
     if allow_remote:
@@ -85,10 +88,19 @@ def parse_rank_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-seq-len", type=int, help="positions per cache slot (default: the runner's)")
     p.add_argument("--max-batch", type=int, default=SERVING_SLOTS, help="cache slots (rows of a decode step)")
     p.add_argument("--threads", type=int, default=1, help="MindSpore kernel threads of this rank")
+    p.add_argument("--device", default="cpu", help="cpu, ascend or gpu; each rank binds its local rank's device")
+    p.add_argument("--device-memory", type=float, help="GiB per device for the memory plan (default: measured)")
+    p.add_argument("--memory-fraction", type=float, help="share of the device's memory the plan may use")
     p.add_argument("--allow-remote", action="store_true", help="rank 0 may bind a non-local endpoint")
     p.add_argument("--curve-secret-key", help="rank 0's CURVE key pair (NAME.key_secret)")
     p.add_argument("--curve-authorized-clients", help="directory of client NAME.key files allowed in")
     return p.parse_args(argv)
+
+
+def memory_arguments(device_memory_gib: float | None, memory_fraction: float | None) -> list[str]:
+    """The memory plan's flags of a worker or rank command line (only those given)."""
+    args = [] if device_memory_gib is None else ["--device-memory", str(device_memory_gib)]
+    return args + ([] if memory_fraction is None else ["--memory-fraction", str(memory_fraction)])
 
 
 # --- what a rank process sets up ------------------------------------------------------------------------
@@ -139,10 +151,12 @@ _OWNED_DIRS: dict[int, Path] = {}  # worker pid -> the temp dir spawn_worker mad
 
 
 def worker_command(model_dir: str | Path, endpoint: str, ready_file: Path, *, max_seq_len: int | None = None,
-                   max_batch: int | None = None, engine: Any = None) -> list[str]:
+                   max_batch: int | None = None, engine: Any = None, device: str = "cpu",
+                   device_memory_gib: float | None = None, memory_fraction: float | None = None) -> list[str]:
     """`python -m codefill.inference_workers.worker ...` (the `codefill worker` command) for spawn_worker."""
     cmd = [sys.executable, "-m", "codefill.inference_workers.worker", "--model", str(model_dir),
-           "--endpoint", endpoint, "--ready-file", str(ready_file), "--parent-pid", str(os.getpid())]
+           "--endpoint", endpoint, "--ready-file", str(ready_file), "--parent-pid", str(os.getpid()),
+           "--device", device, *memory_arguments(device_memory_gib, memory_fraction)]
     if max_seq_len is not None:
         cmd += ["--max-seq-len", str(max_seq_len)]
     if max_batch is not None:
@@ -158,7 +172,8 @@ def worker_command(model_dir: str | Path, endpoint: str, ready_file: Path, *, ma
 
 def spawn_worker(model_dir: str | Path, endpoint: str | None = None, *, timeout_s: float = 300.0,
                  max_seq_len: int | None = None, max_batch: int | None = None,
-                 engine: Any = None) -> tuple[subprocess.Popen, str]:
+                 engine: Any = None, device: str = "cpu", device_memory_gib: float | None = None,
+                 memory_fraction: float | None = None) -> tuple[subprocess.Popen, str]:
     """Start a worker on `model_dir` and wait until it is serving.
 
     endpoint None: a private ipc:// socket in a new temp directory (mode 0700, so only this user can
@@ -166,8 +181,12 @@ def spawn_worker(model_dir: str | Path, endpoint: str | None = None, *, timeout_
     worker.log in that directory, never to ours: a language server's stdout is its JSON-RPC channel.
     Raises WorkerError with the child's error, traceback or log tail if it exits or is not ready in time.
     Stop it with `stop_worker(process)`. max_batch: cache slots (the worker's default when None); engine: an
-    engine.EngineConfig, passed as command-line flags.
+    engine.EngineConfig, passed as command-line flags. device: checked present here, before the worker starts;
+    device_memory_gib, memory_fraction: its memory plan's (memory_plan.py).
     """
+    from codefill.model.device import check_device_present
+
+    check_device_present(device)
     tmp = Path(tempfile.mkdtemp(prefix="codefill-worker-"))
     endpoint = endpoint or f"ipc://{tmp / 'worker.sock'}"
     try:
@@ -177,7 +196,8 @@ def spawn_worker(model_dir: str | Path, endpoint: str | None = None, *, timeout_
         raise WorkerError(str(e)) from e
     ready_file, log_path = tmp / "ready.json", tmp / "worker.log"
     cmd = worker_command(model_dir, endpoint, ready_file, max_seq_len=max_seq_len, max_batch=max_batch,
-                         engine=engine)
+                         engine=engine, device=device, device_memory_gib=device_memory_gib,
+                         memory_fraction=memory_fraction)
     with open(log_path, "wb") as log:
         process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     _OWNED_DIRS[process.pid] = tmp

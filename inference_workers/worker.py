@@ -40,6 +40,7 @@ from typing import Any
 import zmq
 
 from codefill.inference_workers.engine import Engine, EngineConfig
+from codefill.inference_workers.memory_plan import MemoryConfig
 from codefill.inference_workers.protocol import (
     Cancel,
     ErrorReply,
@@ -53,6 +54,7 @@ from codefill.inference_workers.protocol import (
 )
 from codefill.inference_workers.security import ServerKeys, check_bind, secure_server
 from codefill.inference_workers.startup import SERVING_SLOTS, report_error, write_ready_file
+from codefill.model.device import check_device_present
 
 _POLL_MS = 100  # longest wait of the socket loop: watchdog, drain and parent checks run at least this often
 _MAX_FRAMES_PER_TURN = 256  # frames read before the loop flushes replies and checks the watchdog again
@@ -227,21 +229,28 @@ class _SocketLoop:
 
 
 def main(model_dir: str | Path, endpoint: str, ready_file: str | Path | None = None, *,
-         max_seq_len: int | None = None, max_batch: int = SERVING_SLOTS, parent_pid: int | None = None,
-         config: EngineConfig = EngineConfig(), allow_remote: bool = False, keys: ServerKeys | None = None) -> None:
+         max_seq_len: int | None = None, max_batch: int | None = None, parent_pid: int | None = None,
+         config: EngineConfig = EngineConfig(), allow_remote: bool = False, keys: ServerKeys | None = None,
+         device: str = "cpu", memory: MemoryConfig | None = None) -> None:
     """The single-process worker: load `model_dir` on a Runner of world size 1 with `max_batch` cache slots,
     serve it.
 
-    max_seq_len: positions per slot (prompt + new tokens); None leaves the runner's default.
+    device: where the model runs (checked present first); memory: its memory plan's settings, checked
+    before any weight is loaded (memory_plan.py). max_batch None: as many slots as fit, at most SERVING_SLOTS.
+
+    max_seq_len: positions per slot (prompt + new tokens); None: the runner's default, or less if the memory
+    plan says so.
     parent_pid: exit when this process is no longer our parent (set by spawn_worker, so that a crashed
     language server does not leave a worker holding the model in memory).
     """
     try:
         check_bind(endpoint, allow_remote, keys)  # before loading anything
+        check_device_present(device)
         from codefill.inference_workers.runner import Runner
         from codefill.inference_workers.stops import token_bytes_of_model_dir
 
-        runner = Runner.from_model_dir(model_dir, max_seq_len=max_seq_len, max_batch=max_batch, compile_cache=True)
+        runner = Runner.from_model_dir(model_dir, max_seq_len=max_seq_len, max_batch=max_batch, compile_cache=True,
+                                       device=device, memory=memory, default_max_batch=SERVING_SLOTS)
         runner.warm_up()  # both graphs compiled (or loaded from the compile cache) before "ready"
         table = token_bytes_of_model_dir(model_dir)
     except Exception as e:

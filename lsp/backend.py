@@ -42,8 +42,9 @@ class Link:
 
 
 class Backend:
-    def __init__(self, model_dir: Path, settings: Settings, notify: Callable[[str], None]):
+    def __init__(self, model_dir: Path, settings: Settings, notify: Callable[[str], None], keys=None):
         self.model_dir, self.settings, self.notify = model_dir, settings, notify
+        self.keys = keys  # security.ClientKeys for a remote endpoint (CURVE), or None
         self.process: subprocess.Popen | None = None  # one worker we spawned
         self.job = None  # launch.Job: tensor-parallel ranks we started
         self.link: Link | None = None
@@ -151,7 +152,7 @@ class Backend:
             if s.tp > 1:
                 from codefill.inference_workers.launch import start_workers
 
-                kwargs = {"ready_timeout_s": s.worker_start_timeout_s}
+                kwargs = {"ready_timeout_s": s.worker_start_timeout_s, "device": s.worker_device}
                 if s.worker_max_seq_len is not None:
                     kwargs["max_seq_len"] = s.worker_max_seq_len
                 self.job = await asyncio.to_thread(start_workers, self.model_dir, s.tp, **kwargs)
@@ -159,9 +160,12 @@ class Backend:
                 logger.info("%d tensor-parallel ranks on %s", s.tp, endpoint)
             else:
                 self.process, endpoint = await asyncio.to_thread(
-                    spawn_worker, self.model_dir, timeout_s=s.worker_start_timeout_s, max_seq_len=s.worker_max_seq_len)
+                    spawn_worker, self.model_dir, timeout_s=s.worker_start_timeout_s, max_seq_len=s.worker_max_seq_len,
+                    device=s.worker_device)
                 logger.info("worker %d on %s, log %s", self.process.pid, endpoint, worker_log(self.process))
-        client = AsyncWorkerClient(endpoint, timeout_s=s.request_timeout_s)
+        # CURVE keys are for the endpoint the user named; workers this server started are local
+        client = AsyncWorkerClient(endpoint, timeout_s=s.request_timeout_s,
+                                   keys=self.keys if s.endpoint is not None else None)
         try:
             pong = await client.ping()
         except BaseException:

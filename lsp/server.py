@@ -117,6 +117,7 @@ class CodefillServer(LanguageServer):
         self.tokenizer: Tokenizer | None = None
         self.settings = Settings()
         self.backend: Backend | None = None
+        self.client_keys = None  # security.ClientKeys for a remote --endpoint
         self.completer: Completer | None = None
         self.requests = Requests()
         self.debounce = Debounce()
@@ -144,7 +145,7 @@ class CodefillServer(LanguageServer):
         if self.backend is None:
             if self.tokenizer is None:
                 raise CompletionError("codefill was started without a tokenizer (call lsp.server.main)")
-            self.backend = Backend(self.model_dir, self.settings, self.show_error)
+            self.backend = Backend(self.model_dir, self.settings, self.show_error, keys=self.client_keys)
             self.completer = Completer(self.tokenizer)
         return self.backend
 
@@ -472,13 +473,14 @@ def exit_(ls: CodefillServer, params: None) -> None:
 
 
 def main(model_dir: str | Path | None = None, endpoint: str | None = None, settings: Settings | None = None,
-         tcp: str | None = None) -> int:
+         tcp: str | None = None, client_keys=None) -> int:
     """Serve LSP over stdio (or one TCP connection) until the client sends exit; returns the exit status.
 
     `model_dir` is required: the server tokenizes (workers see token ids only). A worker is started on it,
     unless `endpoint` names a running one. Bad arguments raise before serving: TokenizerError (no model dir,
     no or bad tokenizer.model), WorkerError (an endpoint that is not local), TransportError (a bad --tcp).
-    Worker failures after that are LSP error responses, never an exit.
+    Worker failures after that are LSP error responses, never an exit. client_keys: security.ClientKeys, with
+    which `endpoint` may be another machine's (a worker bound with --allow-remote and CURVE keys).
     """
     if model_dir is None:
         raise TokenizerError(
@@ -490,13 +492,14 @@ def main(model_dir: str | Path | None = None, endpoint: str | None = None, setti
         settings = settings.merged({"endpoint": endpoint})
     if settings.endpoint is not None:
         try:
-            check_endpoint(settings.endpoint)
+            check_endpoint(settings.endpoint, allow_remote=client_keys is not None)
         except WireError as e:
             raise WorkerError(str(e)) from e
     address = transport.parse_tcp(tcp) if tcp is not None else None
     server.model_dir = Path(model_dir)
     server.tokenizer = Tokenizer(server.model_dir / TOKENIZER_NAME)
     server.settings = settings
+    server.client_keys = client_keys
     try:
         if address is None:
             transport.serve_stdio(server)

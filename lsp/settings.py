@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from codefill.errors import CodefillError
+from codefill.model.device import TARGETS
 
 
 class SettingsError(CodefillError, ValueError):
@@ -32,6 +33,7 @@ class Settings:
     request_timeout_s: float = 60.0  # longest silence from the worker during one request
     worker_start_timeout_s: float = 300.0  # model load + graph compile; minutes for a 7B on CPU
     worker_max_seq_len: int | None = None  # context of a started worker; None = the worker's default (2048)
+    worker_device: str = "cpu"  # where a started worker runs the model: "cpu", "ascend" or "gpu"
     reconnect_interval_s: float = 2.0  # while the worker is down, how often it is pinged (and restarted if ours)
 
     # --- the prompt (lsp/prompt.py) ---
@@ -82,6 +84,7 @@ class Settings:
             need(_is_num(getattr(self, key)) and getattr(self, key) >= 0, key, "must be a number >= 0")
         need(self.debounce_min_ms <= self.debounce_max_ms, "debounce_max_ms", "must be >= debounce_min_ms")
         need(self.fim_order in ("spm", "psm"), "fim_order", 'must be "spm" or "psm"')
+        need(self.worker_device in TARGETS, "worker_device", f"must be one of {', '.join(TARGETS)}")
         need(self.min_mean_logprob is None or (_is_num(self.min_mean_logprob) and self.min_mean_logprob <= 0),
              "min_mean_logprob", "must be a number <= 0 or null")
         need(self.endpoint is None or isinstance(self.endpoint, str), "endpoint", "must be a string or null")

@@ -17,13 +17,16 @@ it changes the type of its weights and caches; the model's forward keeps norms a
 
 from __future__ import annotations
 
+import os
+
 import mindspore as ms
 
 from codefill.errors import CodefillError
 
 DTYPES = {"fp32": ms.float32, "bf16": ms.bfloat16, "fp16": ms.float16}
-BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+PLAN_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # memory_plan's names
 DEVICE_DEFAULTS = {"cpu": "fp32", "ascend": "bf16", "gpu": "bf16"}
+PRECISION_ENV = "CODEFILL_PRECISION"
 CPU_PRECISIONS = ("fp32", "fp16")  # MindSpore's CPU kernels: no bfloat16 MatMul
 
 
@@ -32,10 +35,11 @@ class PrecisionError(CodefillError, ValueError):
 
 
 def resolve(name: str | None, device: str = "cpu") -> str:
-    """The policy to use: `name`, or the device's default; refused when unknown or not runnable there."""
+    """The policy to use: `name`, else $CODEFILL_PRECISION (which `--precision` sets for every process a
+    command starts), else the device's default; refused when unknown or not runnable there."""
     if device not in DEVICE_DEFAULTS:
         raise PrecisionError(f"unknown device {device!r}: choose one of {sorted(DEVICE_DEFAULTS)}")
-    name = DEVICE_DEFAULTS[device] if name is None else name
+    name = name or os.environ.get(PRECISION_ENV) or DEVICE_DEFAULTS[device]
     if name not in DTYPES:
         raise PrecisionError(f"unknown precision {name!r}: choose one of {sorted(DTYPES)}")
     if device == "cpu" and name not in CPU_PRECISIONS:

@@ -29,6 +29,9 @@ BOUNDARY_ERRORS = [
     ("codefill.inference_workers.runner", "GenerationError", ValueError),
     ("codefill.inference_workers.sharding", "TensorParallelError", ValueError),
     ("codefill.inference_workers.launch", "LaunchError", RuntimeError),
+    ("codefill.model.device", "DeviceError", Exception),
+    ("codefill.model.precision", "PrecisionError", ValueError),
+    ("codefill.inference_workers.memory_plan", "MemoryPlanError", Exception),
 ]
 
 

@@ -17,13 +17,15 @@ RANK_SCRIPT = Path(__file__).with_name("train_rank.py")
 
 def train_on_ranks(model_dir: str | Path, data: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
                    held_out_data: str | Path | None = None, resume: bool = False,
-                   stop_after: int | None = None, timeout_s: float | None = None) -> list[float]:
+                   stop_after: int | None = None, timeout_s: float | None = None,
+                   device: str = "cpu") -> list[float]:
     """Run the job on dp * tp ranks to the end; return rank 0's per-step losses. A failing rank raises
-    TrainError with its traceback."""
+    TrainError with its traceback; a device not present here raises DeviceError before msrun starts."""
     import time
 
     from codefill.inference_workers.launch import _alive, start_job
     from codefill.model.checkpoint import CheckpointError, read_model_config
+    from codefill.model.device import check_device_present
 
     from .train_config import check_train_tp
 
@@ -32,10 +34,11 @@ def train_on_ranks(model_dir: str | Path, data: str | Path, out_dir: str | Path,
     except CheckpointError as e:
         raise TrainError(str(e)) from e
     check_train_tp(cfg, arch)
+    check_device_present(device)
     world = cfg.dp * cfg.tp
 
     args = ["--model", str(Path(model_dir).absolute()), "--data", str(Path(data).absolute()),
-            "--output", str(Path(out_dir).absolute()), "--config", json.dumps(cfg.to_dict())]
+            "--output", str(Path(out_dir).absolute()), "--config", json.dumps(cfg.to_dict()), "--device", device]
     if held_out_data is not None:
         args += ["--held-out-data", str(Path(held_out_data).absolute())]
     if resume:

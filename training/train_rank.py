@@ -21,6 +21,7 @@ def main() -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--stop-after", type=int)
     p.add_argument("--run-dir", help="where each rank leaves rank-R.json with its pid (for the launcher)")
+    p.add_argument("--device", default="cpu", help="cpu, ascend or gpu: this rank binds its local rank's device")
     args = p.parse_args()
 
     from mindspore.communication import get_group_size, get_rank, init
@@ -30,7 +31,7 @@ def main() -> None:
     from codefill.training.train_config import TrainConfig
     from codefill.training.trainer import train
 
-    configure_mindspore()
+    configure_mindspore(args.device)  # before init(): it picks the device's collective library (HCCL, NCCL)
     init()
     rank, world = get_rank(), get_group_size()
     if args.run_dir:

@@ -85,16 +85,17 @@ def split_held_out(ids: np.ndarray, labels: np.ndarray, n: int, seed: int):
 
 def train(model_dir: str | Path, data: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
           held_out_data: str | Path | None = None, resume: bool = False, rank: int = 0, world: int = 1,
-          progress: bool = True, stop_after: int | None = None) -> TrainResult:
+          progress: bool = True, stop_after: int | None = None, device: str = "cpu") -> TrainResult:
     """Run (or resume) a finetune; see the module docstring. `stop_after`: return after that many optimiser
-    steps in total (as if interrupted), for tests of resume."""
+    steps in total (as if interrupted), for tests of resume. device: where a one-rank run trains (ranks of
+    several configured theirs before joining the job)."""
     from codefill.model.checkpoint import load_model_dir
     from codefill.model.device import configure_mindspore
 
     if world != cfg.dp * cfg.tp:
         raise TrainError(f"the run has {world} ranks but the config asks for dp {cfg.dp} x tp {cfg.tp}")
     if world == 1:  # ranks configured MindSpore before joining the job (train_rank.py)
-        configure_mindspore()
+        configure_mindspore(device)
     files = load_model_dir(model_dir)
     check_train_tp(cfg, files.config)
     ids, labels = read_dataset(data)

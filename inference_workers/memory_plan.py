@@ -162,7 +162,7 @@ def plan(config: LlamaConfig, tp: int, device: str, available: Available, *, dty
     if dtype is None:  # the precision policy's (model/precision.py): --precision, else the device's default
         from codefill.model.precision import PLAN_DTYPES, resolve
 
-        dtype = PLAN_DTYPES[resolve(None, parse_device(device))]
+        dtype = PLAN_DTYPES[resolve(None, device)]
     if dtype not in DTYPE_BYTES:
         raise MemoryPlanError(f"serving dtype {dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
     b = DTYPE_BYTES[dtype]

@@ -63,3 +63,26 @@ def test_a_checkpoint_loads_into_half_precision_and_reloads(pair, tmp_path):
     before = runner.prefill([1, 17, 42])
     runner.reload(model_dir)  # the same weights again, converted the same way
     np.testing.assert_array_equal(runner.prefill([1, 17, 42]), before)
+
+
+def test_the_flag_reaches_every_process_and_the_memory_plan(monkeypatch, capsys, tmp_path):
+    import os
+
+    from codefill.cli import main
+    from codefill.inference_workers.memory_plan import Available, plan
+    from helpers import make_tiny_model_dir
+
+    monkeypatch.setenv(precision.PRECISION_ENV, "fp32")  # restored after the test: the CLI sets it
+    model_dir = make_tiny_model_dir(tmp_path, "tiny-gqa")
+    assert main(["generate", "--model", str(model_dir), "--prompt-ids", "1,17,42", "--max-new-tokens", "3",
+                 "--precision", "fp16", "--json"]) in (0, None)
+    assert os.environ[precision.PRECISION_ENV] == "fp16"  # what workers and msrun ranks it starts inherit
+    cfg = preset("codellama-7b")
+    sizes = {}
+    for name in ("fp16", "fp32"):
+        monkeypatch.setenv(precision.PRECISION_ENV, name)
+        sizes[name] = plan(cfg, 1, "cpu", Available(10**12, "test"), default_max_seq_len=2048, default_max_batch=1)
+    assert sizes["fp32"].weights == 2 * sizes["fp16"].weights
+    assert main(["generate", "--model", str(model_dir), "--prompt-ids", "1", "--max-new-tokens", "1",
+                 "--precision", "bf16"]) == 2
+    assert "bf16 does not run on cpu" in capsys.readouterr().err

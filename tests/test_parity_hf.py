@@ -165,3 +165,25 @@ def test_batched_decode_rows_are_independent():
     # Slot 1 idle (scratch position), slot 0 goes on: slot 0 is unaffected.
     logits = gen.decode_step([7, 0], [len(p0) + 1, gen.idle_position])
     np.testing.assert_allclose(logits[0], hf_logits(hf, p0 + [5, 7])[-1], rtol=0, atol=ATOL)
+
+
+def test_half_precision_against_hf_in_float32(pair):
+    """The precision policy's float16 path (model/precision.py) against transformers in float32 on the same
+    weights. Tolerance: logits here spread over several units; float16 weights, activations and KV cache stay
+    within 0.1 of them. Greedy agreement is measured teacher-forced (each step fed transformers' own greedy
+    token, so one flipped near-tie does not derail the rest): at least 90% of NEW_TOKENS steps pick the same
+    token (measured: 39, 40 and 40 of 40 on these three models, logits within 0.008-0.022)."""
+    cfg, hf, _ = pair
+    state = hf.state_dict()
+    weights = {ours: state[theirs].numpy().copy() for ours, theirs in hf_name_map(cfg).items()}
+    half = Runner(cfg, weights, max_seq_len=CACHE, max_batch=1, precision="fp16")
+    prompt = random_prompt(cfg, 40, seed=4)
+    np.testing.assert_allclose(half.prefill(prompt), hf_logits(hf, prompt)[-1], rtol=0, atol=0.1)
+    prompt = prompt[:24]
+    expected = hf_greedy(hf, prompt, NEW_TOKENS)
+    logits = half.prefill(prompt)
+    same = 0
+    for i, token in enumerate(expected):
+        same += int(np.argmax(logits)) == token
+        logits = half.decode_step([token], [len(prompt) + i])[0]
+    assert same >= 0.9 * NEW_TOKENS, (same, NEW_TOKENS)

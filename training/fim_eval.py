@@ -3,23 +3,27 @@
     tasks = make_tasks(root, paths, FimEvalConfig())        # from the held-out list tokenize_fim writes
     score = evaluate_model_dir(model_dir, tasks, config)    # an in-process Runner, greedy
     score = evaluate(tasks, tok, complete, config)          # any `complete(prompt_ids, max_new, stop_ids)`
-    print(score.report("after")); score.better_than(before)
+    print(score.report("after")); served = FimScore([as_served(r) for r in score.results])
 
 A task hides a span of 1 to `max_middle_lines` whole lines of a file (the lines an editor user would type
 next), starting at a non-blank line. Start lines and span lengths come from a random stream seeded by
-(seed, path), so the tasks of a file depend only on that file and the config; files are visited in path order
-and their tasks interleaved (first task of every file, then the second...) up to `max_tasks`, so a small
-budget still spreads over the files. Each prompt keeps `context_lines` lines before the span and half as many
-after it, then drops lines from the far ends until it fits the model's context with `max_new_tokens` to spare.
+(seed, path), so the tasks of a file depend only on that file and the config. Each file gets `tasks_per_file`
+spans, by default an equal share of `max_tasks` (ceil(max_tasks / files)): a repository with few held-out
+files gets many spans from each, and a file with fewer non-blank lines than its share gets a span at every
+one of them (the whole file). Files are visited in path order and their tasks interleaved (first task of
+every file, then the second...) up to `max_tasks`, so a small budget still spreads over the files. Each prompt
+keeps `context_lines` lines before the span and half as many after it, then drops lines from the far ends
+until it fits the model's context with `max_new_tokens` to spare.
 
-The model's answer is its greedy continuation up to <EOT> (or EOS), read with `fim.decode_middle`. Metrics,
+The model's answer is its greedy continuation up to <EOT> (or EOS), read with `fim.decode_middle`;
+`as_served` turns it into what the language server would show at that cursor (lsp/postprocess.fit). Metrics,
 both on text with trailing whitespace stripped from every line and trailing blank lines dropped:
 
     exact match      the answer equals the hidden span
     edit similarity  1 - Levenshtein(answer, span) / max(len(answer), len(span)), in [0, 1] (1: equal)
 
-`better_than` orders scores as `codefill train --repo` decides: more exact matches, ties broken by the
-higher mean edit similarity; equal is not better.
+Which of two scores is better is not decided here: `codefill train --repo` compares them span by span with
+a confidence level (paired_decision.py).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from codefill.lsp.postprocess import fit
 from codefill.model.fim import cut_middle, infilling_prompt_tokens
 from codefill.model.tokenizer import Tokenizer
 
@@ -40,8 +45,8 @@ Complete = Callable[[list[int], int, frozenset[int]], list[int]]
 
 @dataclass(frozen=True)
 class FimEvalConfig:
-    max_tasks: int = 64  # bound on the whole evaluation (tasks x max_new_tokens decode steps at most)
-    tasks_per_file: int = 4
+    max_tasks: int = 256  # bound on the whole evaluation (tasks x max_new_tokens decode steps at most)
+    tasks_per_file: int | None = None  # None: ceil(max_tasks / number of files)
     max_middle_lines: int = 3
     context_lines: int = 40  # lines kept before the span; half as many after it
     max_new_tokens: int = 64
@@ -52,6 +57,8 @@ class FimEvalConfig:
     def __post_init__(self):
         for name in ("max_tasks", "tasks_per_file", "max_middle_lines", "max_new_tokens", "max_seq_len"):
             v = getattr(self, name)
+            if v is None and name == "tasks_per_file":
+                continue
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise DataError(f"FimEvalConfig.{name} must be a positive integer, got {v!r}")
         if not isinstance(self.context_lines, int) or self.context_lines < 0:
@@ -103,13 +110,6 @@ class FimScore:
         return (f"{name}: exact match {self.exact_matches}/{self.n} ({self.exact_match:.1%}), "
                 f"edit similarity {self.edit_similarity:.3f}")
 
-    def better_than(self, other: "FimScore") -> bool:
-        if self.n != other.n:
-            raise DataError(f"cannot compare scores over {self.n} and {other.n} tasks")
-        if self.exact_matches != other.exact_matches:
-            return self.exact_matches > other.exact_matches
-        return self.edit_similarity > other.edit_similarity
-
 
 # --- metrics ---------------------------------------------------------------------------------------------
 
@@ -146,12 +146,14 @@ def exact_match(prediction: str, reference: str) -> bool:
 # --- tasks -----------------------------------------------------------------------------------------------
 
 
-def file_tasks(path: str, text: str, config: FimEvalConfig) -> list[FimTask]:
-    """The tasks of one file, in line order (see the module docstring)."""
+def file_tasks(path: str, text: str, config: FimEvalConfig, per_file: int | None = None) -> list[FimTask]:
+    """The tasks of one file, in line order (see the module docstring): `per_file` of them (default
+    config.tasks_per_file), or one at every non-blank line when the file has fewer."""
+    per_file = per_file or config.tasks_per_file or config.max_tasks
     lines = text.splitlines(keepends=True)
     starts = [i for i, line in enumerate(lines) if line.strip()]
     rng = random.Random(f"{config.seed}\0{path}")  # str seeds hash with SHA-512: stable across runs
-    chosen = sorted(rng.sample(starts, min(config.tasks_per_file, len(starts))))
+    chosen = sorted(rng.sample(starts, min(per_file, len(starts))))
     tasks = []
     for i in chosen:
         k = min(rng.randint(1, config.max_middle_lines), len(lines) - i)
@@ -164,15 +166,16 @@ def file_tasks(path: str, text: str, config: FimEvalConfig) -> list[FimTask]:
 def make_tasks(root: str | Path, paths: Sequence[str], config: FimEvalConfig = FimEvalConfig()) -> list[FimTask]:
     """Tasks from the files `paths` (relative to `root`), interleaved across files, at most max_tasks."""
     root = Path(root)
+    share = config.tasks_per_file or -(-config.max_tasks // max(1, len(paths)))
     per_file = []
     for path in sorted(paths):
         try:
             text = (root / path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise DataError(f"cannot read held-out file {root / path}: {e}") from e
-        per_file.append(file_tasks(path, text, config))
+        per_file.append(file_tasks(path, text, config, share))
     tasks: list[FimTask] = []
-    for round_ in range(config.tasks_per_file):
+    for round_ in range(share):
         for ts in per_file:
             if round_ < len(ts) and len(tasks) < config.max_tasks:
                 tasks.append(ts[round_])
@@ -214,6 +217,14 @@ def evaluate(tasks: Sequence[FimTask], tok: Tokenizer, complete: Complete,
         score.results.append(FimResult(task, prediction, exact_match(prediction, task.middle),
                                        edit_similarity(prediction, task.middle), stopped))
     return score
+
+
+def as_served(r: FimResult) -> FimResult:
+    """The answer as the language server would show it at the task's cursor (no suggestion: empty)."""
+    fitted = fit(r.task.prefix, r.task.suffix, r.prediction, ended=r.stopped)
+    shown = fitted.text if fitted is not None else ""
+    return FimResult(r.task, shown, exact_match(shown, r.task.middle), edit_similarity(shown, r.task.middle),
+                     r.stopped)
 
 
 def generator_complete(generator) -> Complete:

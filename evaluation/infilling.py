@@ -50,7 +50,7 @@ from codefill.training.source_files import (STDLIB, STDLIB_EXCLUDE, SourceConfig
 
 from .eval_error import EvalError
 from .humaneval import Problem, load_problems, program
-from .sandbox import SandboxLimits, check_sandbox, network_isolation, run_many
+from .sandbox import SandboxLimits, check_sandbox, isolation, network_isolation, run_many
 
 MODES = ("single", "multi")
 
@@ -219,6 +219,7 @@ def config_summary(config: InfillConfig) -> dict:
     d = asdict(config)
     d["layout"] = "SPM" if config.spm else "PSM"
     d["network_isolation"] = network_isolation()
+    d["sandbox_isolation"] = isolation()
     return d
 
 

@@ -716,13 +716,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from codefill import native_logs
+
+    native_logs.quiet()  # before anything imports mindspore, here and in every process we start
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except KeyboardInterrupt:
         return 130
     except CodefillError as e:  # bad input or environment; anything else is a bug and keeps its traceback
-        print(f"codefill: error: {e}", file=sys.stderr)
+        where = f"\n({native_logs.where()})" if "mindspore" in sys.modules else ""
+        print(f"codefill: error: {e}{where}", file=sys.stderr)
         return 2
     return 0
 

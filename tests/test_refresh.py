@@ -81,6 +81,26 @@ def test_a_few_files_get_many_spans_each_and_a_tiny_file_is_used_whole(tmp_path)
     assert FimEvalConfig().max_tasks >= 200  # hundreds of spans by default
 
 
+def test_the_held_out_share_grows_until_there_are_enough_lines_and_no_further_than_the_cap(tmp_path):
+    from codefill.training.refresh import MAX_AUTO_HELD_OUT, held_out_fraction_for
+    from codefill.training.source_files import SourceConfig, iter_source_files
+
+    for i in range(60):
+        (tmp_path / f"m{i}.py").write_text("".join(f"x{i}_{k} = {k}\n\n" for k in range(10)))  # 10 non-blank
+
+    def held_lines(fraction):
+        return sum(10 for f in iter_source_files(tmp_path, SourceConfig(held_out_fraction=fraction)) if f.held_out)
+
+    assert held_out_fraction_for(tmp_path, 0) == 0.05
+    fractions = [held_out_fraction_for(tmp_path, n) for n in (20, 40, 60)]
+    assert fractions == sorted(fractions) and fractions[0] >= 0.05
+    for n, f in zip((20, 40, 60), fractions):
+        assert held_lines(f) >= n  # enough lines...
+        assert held_lines(f - 2e-9) < n or f == 0.05  # ...and the smallest share that has them
+    assert held_out_fraction_for(tmp_path, 10_000) <= MAX_AUTO_HELD_OUT
+    assert held_lines(held_out_fraction_for(tmp_path, 10_000)) <= 10 * 60 * 0.35  # capped, not everything
+
+
 def test_tasks_are_deterministic_whole_lines_and_spread_over_files(tmp_path):
     lines = FIXED_CORPUS.splitlines(keepends=True)
     for name, part in (("a.py", lines[:40]), ("b.py", lines[40:]), ("c.py", lines[10:30])):

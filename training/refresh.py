@@ -2,7 +2,9 @@
 on the user's repository, and switch the running workers to it only if it got better.
 
     1. tokenize   the repository's train files into FIM rows, OUT.data/train.mindrecord (tokenize_fim; a
-                  deterministic share of files is held out and listed in OUT.data/train.heldout.json).
+                  deterministic share of files is held out and listed in OUT.data/train.heldout.json). The
+                  share starts at 5% and, unless --held-out-fraction is given, grows (up to 20%) until the
+                  held-out files hold enough non-blank lines for the evaluation's spans (held_out_fraction_for).
                   An existing OUT.data is reused (resume); delete it to re-read the repository.
     2. before     greedy FIM score of MODEL_DIR on spans cut from the held-out files (fim_eval.py: 256 by
                   default, more per file when there are few files), each answer scored as the language
@@ -28,7 +30,7 @@ from pathlib import Path
 
 from .fim_eval import FimEvalConfig, FimScore, as_served, evaluate_model_dir, make_tasks
 from .paired_decision import Decision, DecisionConfig, decide
-from .source_files import SourceConfig
+from .source_files import SourceConfig, held_out_score, iter_source_files
 from .train_config import TrainConfig
 from .train_error import TrainError
 
@@ -64,6 +66,26 @@ def data_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".data") / "train.mindrecord"
 
 
+MAX_AUTO_HELD_OUT = 0.2  # the adaptive held-out share never keeps more than this of the files from training
+
+
+def held_out_fraction_for(repo: str | Path, min_lines: int, start: float = SourceConfig().held_out_fraction,
+                          cap: float = MAX_AUTO_HELD_OUT) -> float:
+    """The smallest held-out fraction >= `start` (and <= `cap`) whose held-out files hold at least `min_lines`
+    non-blank lines, the span starts an evaluation can draw. Files join the held-out part in the order of
+    their held_out_score, so a larger fraction only adds files to the ones a smaller one held out."""
+    scored = sorted((held_out_score(f.path), sum(1 for line in f.text.splitlines() if line.strip()))
+                    for f in iter_source_files(repo, SourceConfig(held_out_fraction=0.0)))
+    lines, fraction = 0, start
+    for score, n in scored:
+        if score >= fraction:
+            if lines >= min_lines or score >= cap:
+                break
+            fraction = min(cap, score + 1e-9)
+        lines += n
+    return fraction
+
+
 def served(score: FimScore) -> FimScore:
     return FimScore([as_served(r) for r in score.results])
 
@@ -77,7 +99,7 @@ def compare(before: FimScore, after: FimScore, config: DecisionConfig = Decision
 
 
 def refresh(model_dir: str | Path, repo: str | Path, out: str | Path, cfg: TrainConfig, *,
-            seq_length: int | None = None, held_out_fraction: float = SourceConfig().held_out_fraction,
+            seq_length: int | None = None, held_out_fraction: float | None = None,
             eval_config: FimEvalConfig = FimEvalConfig(), decision: DecisionConfig = DecisionConfig(),
             publish: str | None = None,
             publish_timeout_s: float = 600.0, resume: bool = False, progress: bool = True,
@@ -94,12 +116,14 @@ def refresh(model_dir: str | Path, repo: str | Path, out: str | Path, cfg: Train
         check_train_tp(cfg, read_model_config(model_dir)[0])
     data = data_path(out)
     if not data.exists():
+        if held_out_fraction is None:
+            held_out_fraction = held_out_fraction_for(repo, eval_config.max_tasks)
         log(tokenize_fim(model_dir, Path(repo), data, seq_length or cfg.seq_length,
                          sources=SourceConfig(held_out_fraction=held_out_fraction)).report())
     root, held_out = read_held_out_list(held_out_list_path(data))
     tasks = make_tasks(root, held_out, eval_config)
     if not tasks:
-        raise TrainError(f"no held-out files in {root} (held_out_fraction {held_out_fraction}, listed in "
+        raise TrainError(f"no held-out files in {root} (listed in "
                          f"{held_out_list_path(data)}): nothing to measure the new weights on; pass a larger "
                          f"--held-out-fraction (and delete {data.parent} to re-tokenize)")
     log(f"evaluating {model_dir} on {len(tasks)} FIM spans from {len(held_out)} held-out files")

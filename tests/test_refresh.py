@@ -75,9 +75,10 @@ def test_a_few_files_get_many_spans_each_and_a_tiny_file_is_used_whole(tmp_path)
     (tmp_path / "big.py").write_text("".join(lines) * 4)
     (tmp_path / "tiny.py").write_text("x = 1\n\ny = 2\nz = 3\n")
     tasks = make_tasks(tmp_path, ["big.py", "tiny.py"], FimEvalConfig(max_tasks=100))
-    assert len(tasks) == 53  # 50 from big.py (its share), 3 from tiny.py: every non-blank line
+    assert len(tasks) == 100  # tiny.py gives every non-blank line, big.py the rest of the budget
     assert sorted(t.line for t in tasks if t.path == "tiny.py") == [0, 2, 3]
-    assert len({t.line for t in tasks if t.path == "big.py"}) == 50
+    assert len({t.line for t in tasks if t.path == "big.py"}) == 97
+    assert [t.path for t in tasks[:6]] == ["big.py", "tiny.py"] * 3  # interleaved while both have spans
     assert FimEvalConfig().max_tasks >= 200  # hundreds of spans by default
 
 

@@ -7,11 +7,11 @@
 
 A task hides a span of 1 to `max_middle_lines` whole lines of a file (the lines an editor user would type
 next), starting at a non-blank line. Start lines and span lengths come from a random stream seeded by
-(seed, path), so the tasks of a file depend only on that file and the config. Each file gets `tasks_per_file`
-spans, by default an equal share of `max_tasks` (ceil(max_tasks / files)): a repository with few held-out
-files gets many spans from each, and a file with fewer non-blank lines than its share gets a span at every
-one of them (the whole file). Files are visited in path order and their tasks interleaved (first task of
-every file, then the second...) up to `max_tasks`, so a small budget still spreads over the files. Each prompt
+(seed, path), so the tasks of a file depend only on that file and the config. Files are visited in path order
+and their tasks interleaved (first task of every file, then the second...) up to `max_tasks`, so the budget is
+shared equally: a repository with few held-out files gets many spans from each, a file with fewer non-blank
+lines than its share gets a span at every one of them (the whole file) and leaves the rest of its share to
+the longer files. `tasks_per_file` caps a file's spans (default: no cap but max_tasks). Each prompt
 keeps `context_lines` lines before the span and half as many after it, then drops lines from the far ends
 until it fits the model's context with `max_new_tokens` to spare.
 
@@ -46,7 +46,7 @@ Complete = Callable[[list[int], int, frozenset[int]], list[int]]
 @dataclass(frozen=True)
 class FimEvalConfig:
     max_tasks: int = 256  # bound on the whole evaluation (tasks x max_new_tokens decode steps at most)
-    tasks_per_file: int | None = None  # None: ceil(max_tasks / number of files)
+    tasks_per_file: int | None = None  # a cap per file; None: none but max_tasks
     max_middle_lines: int = 3
     context_lines: int = 40  # lines kept before the span; half as many after it
     max_new_tokens: int = 64
@@ -146,14 +146,14 @@ def exact_match(prediction: str, reference: str) -> bool:
 # --- tasks -----------------------------------------------------------------------------------------------
 
 
-def file_tasks(path: str, text: str, config: FimEvalConfig, per_file: int | None = None) -> list[FimTask]:
-    """The tasks of one file, in line order (see the module docstring): `per_file` of them (default
-    config.tasks_per_file), or one at every non-blank line when the file has fewer."""
-    per_file = per_file or config.tasks_per_file or config.max_tasks
+def file_tasks(path: str, text: str, config: FimEvalConfig) -> list[FimTask]:
+    """The tasks of one file in the order they were drawn (see the module docstring): tasks_per_file of them
+    (else max_tasks), or one at every non-blank line when the file has fewer."""
+    per_file = config.tasks_per_file or config.max_tasks
     lines = text.splitlines(keepends=True)
     starts = [i for i, line in enumerate(lines) if line.strip()]
     rng = random.Random(f"{config.seed}\0{path}")  # str seeds hash with SHA-512: stable across runs
-    chosen = sorted(rng.sample(starts, min(per_file, len(starts))))
+    chosen = rng.sample(starts, min(per_file, len(starts)))
     tasks = []
     for i in chosen:
         k = min(rng.randint(1, config.max_middle_lines), len(lines) - i)
@@ -164,18 +164,19 @@ def file_tasks(path: str, text: str, config: FimEvalConfig, per_file: int | None
 
 
 def make_tasks(root: str | Path, paths: Sequence[str], config: FimEvalConfig = FimEvalConfig()) -> list[FimTask]:
-    """Tasks from the files `paths` (relative to `root`), interleaved across files, at most max_tasks."""
+    """Tasks from the files `paths` (relative to `root`), interleaved across files, at most max_tasks: each
+    file's drawn tasks taken in turn, so files share the budget equally and what a short file cannot use
+    goes to the longer ones."""
     root = Path(root)
-    share = config.tasks_per_file or -(-config.max_tasks // max(1, len(paths)))
     per_file = []
     for path in sorted(paths):
         try:
             text = (root / path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise DataError(f"cannot read held-out file {root / path}: {e}") from e
-        per_file.append(file_tasks(path, text, config, share))
+        per_file.append(file_tasks(path, text, config))
     tasks: list[FimTask] = []
-    for round_ in range(share):
+    for round_ in range(max(map(len, per_file), default=0)):
         for ts in per_file:
             if round_ < len(ts) and len(tasks) < config.max_tasks:
                 tasks.append(ts[round_])

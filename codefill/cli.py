@@ -630,7 +630,9 @@ def _add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-improvement", type=float, metavar="MARGIN",
                    help="--repo: better only if the 95%% interval of the gain in mean edit similarity lies above "
                         "MARGIN (0.01) and no measure got significantly worse")
-    p.add_argument("--held-out-fraction", type=float, help="--repo: share of files held out for evaluation (0.05)")
+    p.add_argument("--held-out-fraction", type=float,
+                   help="--repo: share of files held out for evaluation (default 0.05, raised up to 0.2 until the "
+                        "held-out files hold a line for every evaluated span)")
     p.add_argument("--eval-tasks", type=int, help="--repo: held-out FIM spans evaluated before and after (256)")
     p.add_argument("--eval-max-new-tokens", type=int, help="--repo: longest answer per FIM task (64)")
     for name, typ in (("max-steps", int), ("lr", float), ("end-lr", float), ("warmup-ratio", float),

@@ -17,7 +17,8 @@ import time
 
 import pytest
 
-from codefill.inference_workers.client import AsyncWorkerClient, Token, WorkerClient, WorkerError
+from codefill.inference_workers.client import AsyncWorkerClient, WorkerClient, WorkerError
+from codefill.inference_workers.protocol import Token
 from codefill.inference_workers.launch import free_port
 from codefill.inference_workers.security import ClientKeys, generate_keys
 from helpers import make_tiny_model_dir

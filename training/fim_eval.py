@@ -238,10 +238,12 @@ def generator_complete(generator) -> Complete:
     return complete
 
 
-def evaluate_model_dir(model_dir: str | Path, tasks: Sequence[FimTask],
-                       config: FimEvalConfig = FimEvalConfig()) -> FimScore:
+def evaluate_model_dir(model_dir: str | Path, tasks: Sequence[FimTask], config: FimEvalConfig = FimEvalConfig(),
+                       progress: str | None = None) -> FimScore:
     """Greedy FIM score of a MODEL_DIR on `tasks`, on a batch-1 Runner built for the evaluation's context
-    (max_seq_len capped at the model's own)."""
+    (max_seq_len capped at the model's own). `progress`: a tqdm bar on stderr with that label."""
+    from tqdm import tqdm
+
     from codefill.inference_workers.runner import Runner
     from codefill.model.checkpoint import load_model_dir
 
@@ -249,4 +251,11 @@ def evaluate_model_dir(model_dir: str | Path, tasks: Sequence[FimTask],
     if config.max_seq_len > files.config.max_seq_len:
         config = replace(config, max_seq_len=files.config.max_seq_len)
     generator = Runner(files.config, files.weights, max_seq_len=config.max_seq_len, max_batch=1)
-    return evaluate(tasks, Tokenizer(files.tokenizer_path), generator_complete(generator), config)
+    complete = generator_complete(generator)
+    with tqdm(total=len(tasks), desc=progress, unit="span", disable=progress is None) as bar:
+        def counted(prompt: list[int], max_new_tokens: int, stop_ids: frozenset[int]) -> list[int]:
+            out = complete(prompt, max_new_tokens, stop_ids)
+            bar.update()
+            return out
+
+        return evaluate(tasks, Tokenizer(files.tokenizer_path), counted, config)

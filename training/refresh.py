@@ -127,7 +127,7 @@ def refresh(model_dir: str | Path, repo: str | Path, out: str | Path, cfg: Train
                          f"{held_out_list_path(data)}): nothing to measure the new weights on; pass a larger "
                          f"--held-out-fraction (and delete {data.parent} to re-tokenize)")
     log(f"evaluating {model_dir} on {len(tasks)} FIM spans from {len(held_out)} held-out files")
-    before = served(evaluate_model_dir(model_dir, tasks, eval_config))
+    before = served(evaluate_model_dir(model_dir, tasks, eval_config, progress="before" if progress else None))
     log("  " + before.report("before"))
 
     if cfg.dp > 1 or cfg.tp > 1:
@@ -145,7 +145,7 @@ def refresh(model_dir: str | Path, repo: str | Path, out: str | Path, cfg: Train
         log(f"trained to step {r.steps}" + (f"; final loss {r.losses[-1]:.4f}" if r.losses else ""))
         new_dir = r.model_dir
 
-    after = served(evaluate_model_dir(new_dir, tasks, eval_config))
+    after = served(evaluate_model_dir(new_dir, tasks, eval_config, progress="after" if progress else None))
     result = RefreshResult(Path(new_dir), before, after, compare(before, after, decision))
     if publish is not None and result.better:
         from codefill.inference_workers.client import WorkerClient, WorkerError

@@ -36,7 +36,8 @@ Order of work, so that a score of 0 can never come from a broken evaluation:
 5. Score: pass@k with the unbiased estimator (`pass_at_k.py`) for every k in `ks`, averaged over problems.
 
 Outputs in out_dir: humaneval_samples.jsonl (one row per sample), humaneval.json (the summary `run` returns:
-config, pass@k, counts, whether network isolation was on, limits, timings), humaneval.md (a short table).
+config, pass@k, counts, whether network isolation was on and which sandbox isolation, limits, timings),
+humaneval.md (a short table).
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ from tqdm import tqdm
 
 from .eval_error import EvalError
 from .pass_at_k import mean_pass_at_k
-from .sandbox import STATUSES, ExecResult, SandboxLimits, check_sandbox, network_isolation, run_many, run_program
+from .sandbox import (STATUSES, ExecResult, SandboxLimits, check_sandbox, isolation, network_isolation, run_many,
+                      run_program)
 
 HUMANEVAL_SIZE = 164
 STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
@@ -366,6 +368,7 @@ def run_with(make_complete: Callable[[], Complete], config: HumanEvalConfig, out
         "statuses": statuses,
         "not_run": not_run,
         "network_isolation": network_isolation(),
+        "sandbox_isolation": isolation(),
         "limits": asdict(config.limits),
         "execution_check": check,
         "seconds": {"check": check["seconds"], "load": round(load_s, 3), "generate": round(generate_s, 3),
@@ -408,6 +411,7 @@ def markdown(summary: dict) -> str:
         f"max_new_tokens {c['max_new_tokens']}) |",
         f"| passed / failed / timeout | {st['passed']} / {st['failed']} / {st['timeout']} |",
         f"| network isolation | {'on' if summary['network_isolation'] else 'OFF'} |",
+        f"| sandbox | {summary.get('sandbox_isolation', 'unknown')} |",
         f"| seconds (generate / execute / total) | {summary['seconds']['generate']:.0f} / "
         f"{summary['seconds']['execute']:.0f} / {summary['seconds']['total']:.0f} |",
         "",
@@ -421,12 +425,15 @@ def report(summary: dict) -> str:
     st = summary["statuses"]
     sampling = "greedy" if c["temperature"] == 0 else f"temperature {c['temperature']}, top_p {c['top_p']}"
     not_run = "".join(f", {n} not run ({reason})" for reason, n in summary["not_run"].items())
-    isolation = ("network isolation on (empty network namespace)" if summary["network_isolation"] else
-                 "network isolation OFF (unshare unavailable: programs could reach the network)")
+    sandbox_line = ("network isolation on, in a bubblewrap sandbox (read-only filesystem, own PID namespace)"
+                    if summary.get("sandbox_isolation") == "bubblewrap" else
+                    "network isolation on (empty network namespace) but NO bubblewrap: programs could write "
+                    "outside their directory" if summary["network_isolation"] else
+                    "network isolation OFF (unshare unavailable: programs could reach the network)")
     s = summary["seconds"]
     return (f"HumanEval on {summary['model_dir']}: {scores} over {summary['problems']} problems x {c['samples']} "
             f"sample(s) ({sampling}, max_new_tokens {c['max_new_tokens']}); {st['passed']} passed, "
-            f"{st['failed']} failed, {st['timeout']} timed out{not_run}; {isolation}; execution check: "
+            f"{st['failed']} failed, {st['timeout']} timed out{not_run}; {sandbox_line}; execution check: "
             f"{summary['execution_check']['canonical_passed']} canonical solutions passed and a known-bad "
             f"completion failed; {s['total']:.0f} s (generation {s['generate']:.0f} s, execution "
             f"{s['execute']:.0f} s).")

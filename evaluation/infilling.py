@@ -18,10 +18,10 @@ solution lines after it; the tests are never shown. The model's greedy middle (u
                  of each line and trailing blank lines ignored), plus the mean edit similarity
 
 Every task is also scored "served" ("single_served", "multi_served"): its answer passed through the language
-server's own post-processing (lsp/postprocess.fit, below), which is what an editor shows at that cursor, and
-single-line tasks once more cut after their first line break that follows some text ("single_eol"), the
-one-line rule alone. As generated is the papers' protocol and measures the raw model, whose middle may run
-past the span before it emits <EOT>; the others measure the product.
+server's own post-processing (lsp/postprocess.fit, through fim_eval.as_served), which is what an editor
+shows at that cursor, and single-line tasks once more cut after their first line break that follows some
+text ("single_eol"), the one-line rule alone. As generated is the papers' protocol and measures the raw
+model, whose middle may run past the span before it emits <EOT>; the others measure the product.
 
 Held-out FIM uses training/fim_eval.py unchanged: tasks of 1-3 whole lines cut from the held-out files of a
 directory or repository (the same by-file split as `codefill data tokenize --mode fim`), exact match and edit
@@ -43,15 +43,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from codefill.lsp.postprocess import fit
-from codefill.training.fim_eval import (Complete, FimEvalConfig, FimResult, FimScore, FimTask, edit_similarity,
-                                        evaluate, exact_match)
+from codefill.training.fim_eval import (Complete, FimEvalConfig, FimResult, FimScore, FimTask, as_served,
+                                        edit_similarity, evaluate, exact_match)
 from codefill.training.source_files import (STDLIB, STDLIB_EXCLUDE, SourceConfig, iter_source_files,
                                             source_root)
 
 from .eval_error import EvalError
 from .humaneval import Problem, load_problems, program
-from .sandbox import SandboxLimits, check_sandbox, network_isolation, run_many
+from .sandbox import SandboxLimits, check_sandbox, isolation, network_isolation, run_many
 
 MODES = ("single", "multi")
 
@@ -195,14 +194,6 @@ def _to_end_of_line(r: FimResult) -> FimResult:
                      r.stopped or cut != r.prediction)
 
 
-def as_served(r: FimResult) -> FimResult:
-    """The answer as the language server would show it at the task's cursor (no suggestion: empty)."""
-    fitted = fit(r.task.prefix, r.task.suffix, r.prediction, ended=r.stopped)
-    shown = fitted.text if fitted is not None else ""
-    return FimResult(r.task, shown, exact_match(shown, r.task.middle), edit_similarity(shown, r.task.middle),
-                     r.stopped)
-
-
 def _counted(complete: Complete, bar: tqdm) -> Complete:
     """`complete`, advancing the progress bar `bar` (a disabled one when progress is off) once per task."""
 
@@ -228,6 +219,7 @@ def config_summary(config: InfillConfig) -> dict:
     d = asdict(config)
     d["layout"] = "SPM" if config.spm else "PSM"
     d["network_isolation"] = network_isolation()
+    d["sandbox_isolation"] = isolation()
     return d
 
 

@@ -14,6 +14,14 @@ Both raise `WorkerError` (the one error type of this boundary) for a worker that
 something unreadable, or is silent for longer than `timeout_s`; its subclass `WorkerOverloaded` when the
 worker refuses a request at once (full queue, draining). Other finish reasons (DEADLINE, CANCELLED,
 SUPERSEDED, the stop rules) are normal ends: the caller reads `Finished.finish_reason`.
+
+A dead worker is noticed within `liveness_s` (2 s by default), not at `timeout_s`: while a call waits, a
+silence of PING_EVERY_S sends a Ping (the worker's socket loop answers it at once, even while its model
+thread is busy), and a silence of `liveness_s`, pings included, fails the call with a WorkerError naming
+the endpoint. That covers a worker process killed, a tensor-parallel job torn down by its launcher, and a
+remote host gone. The DEALER also runs ZeroMQ heartbeats (ZMTP PING/PONG every HEARTBEAT_IVL_MS, the
+connection dropped after HEARTBEAT_TIMEOUT_MS without an answer), so a connection to a host that vanished
+without closing it is dropped and redialled instead of left half-open.
 """
 
 from __future__ import annotations
@@ -51,6 +59,9 @@ from codefill.inference_workers.protocol import (
 from codefill.inference_workers.security import ClientKeys, secure_client
 
 REPLY_TYPES = (Token, Finished, ErrorReply, Pong, Reloaded)
+LIVENESS_S = 2.0  # default: nothing at all heard for this long while waiting (pings included) = gone
+PING_EVERY_S = 0.5  # silence after which a waiting call pings the worker (at most liveness_s / 4)
+HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS = 500, 1500
 
 
 class WorkerError(CodefillError, RuntimeError):
@@ -132,6 +143,9 @@ def _connect(ctx: zmq.Context, endpoint: str, keys: ClientKeys | None, timeout_s
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDTIMEO, max(1, int(timeout_s * 1000)))
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
     if keys is not None:
         try:
             secure_client(sock, keys)
@@ -151,15 +165,45 @@ def _new_request_id() -> str:
     return uuid.uuid4().hex
 
 
+def _gone(endpoint: str, silent_s: float, what: str) -> WorkerError:
+    return WorkerError(f"no reply from worker at {endpoint} for {silent_s:.1f} s while {what}, health pings "
+                       f"included: the worker died or the connection to it is down")
+
+
+class _Silence:
+    """When to ping and when to give up, for one wait (see the module docstring)."""
+
+    def __init__(self, timeout_s: float, liveness_s: float):
+        self.start = time.monotonic()
+        self.deadline = self.start + timeout_s
+        self.liveness_s = liveness_s
+        self.heard = self.start  # last frame of any kind from the worker, or the start of this wait
+
+    def next_wait_s(self) -> float:
+        """Seconds to wait for a frame before the next ping (or the end)."""
+        now = time.monotonic()
+        every = min(PING_EVERY_S, self.liveness_s / 4)  # a few pings go unanswered before the verdict
+        return max(0.0, min(self.deadline, self.heard + self.liveness_s, now + every) - now)
+
+    def check(self, endpoint: str, timeout_s: float, what: str) -> None:
+        """WorkerError if the wait is over; else the caller pings and waits again."""
+        now = time.monotonic()
+        if now >= self.deadline:
+            raise WorkerError(f"no reply from worker at {endpoint} within {timeout_s} s while {what}")
+        if now - self.heard >= self.liveness_s:
+            raise _gone(endpoint, now - self.heard, what)
+
+
 class WorkerClient:
     """Blocking client on a DEALER socket. Not thread-safe (no zmq socket is); one per thread."""
 
     def __init__(self, endpoint: str, timeout_s: float = 60.0, context: zmq.Context | None = None, *,
-                 keys: ClientKeys | None = None):
-        self.endpoint, self.timeout_s = endpoint, timeout_s
+                 keys: ClientKeys | None = None, liveness_s: float = LIVENESS_S):
+        self.endpoint, self.timeout_s, self.liveness_s = endpoint, timeout_s, liveness_s
         self._ctx = context or zmq.Context.instance()
         self._sock = _connect(self._ctx, endpoint, keys, timeout_s)
         self._nonces = itertools.count(1)
+        self._liveness_pings: set[int] = set()  # nonces of the pings _recv sent while waiting
 
     def close(self) -> None:
         self._sock.close(linger=0)
@@ -170,10 +214,23 @@ class WorkerClient:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _recv(self, what: str) -> Any:
-        if not self._sock.poll(int(self.timeout_s * 1000), zmq.POLLIN):
-            raise WorkerError(f"no reply from worker at {self.endpoint} within {self.timeout_s} s while {what}")
-        return _decode_reply(self.endpoint, self._sock.recv())
+    def _recv(self, what: str, timeout_s: float | None = None) -> Any:
+        """The next frame; WorkerError at the timeout, or sooner when the worker is gone (module docstring)."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        silence = _Silence(timeout_s, self.liveness_s)
+        while True:
+            if self._sock.poll(int(silence.next_wait_s() * 1000) + 1, zmq.POLLIN):
+                msg = _decode_reply(self.endpoint, self._sock.recv())
+                if not (isinstance(msg, Pong) and msg.nonce in self._liveness_pings):
+                    return msg
+                self._liveness_pings.discard(msg.nonce)  # ours: the worker is alive; keep waiting
+                silence.heard = time.monotonic()
+                continue
+            silence.check(self.endpoint, timeout_s, what)
+            nonce = next(self._nonces)
+            with contextlib.suppress(zmq.ZMQError):  # no connection: the silence check will say so
+                self._sock.send(encode(Ping(nonce)), zmq.NOBLOCK)
+                self._liveness_pings.add(nonce)
 
     def send(self, msg: Any) -> None:
         try:
@@ -231,10 +288,10 @@ class WorkerClient:
         deadline = time.monotonic() + timeout_s
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not self._sock.poll(int(left * 1000) + 1, zmq.POLLIN):
+            if left <= 0:
                 raise WorkerError(f"no answer from worker at {self.endpoint} within {timeout_s} s to the reload of "
                                   f"{msg.model_dir}")
-            reply = _decode_reply(self.endpoint, self._sock.recv())
+            reply = self._recv(f"reloading {msg.model_dir}", left)
             if isinstance(reply, ErrorReply) and reply.request_id == "":
                 raise WorkerError(f"worker at {self.endpoint} rejected a frame: {reply.message}")
             if isinstance(reply, Reloaded) and reply.request_id == request_id:
@@ -255,14 +312,16 @@ class WorkerClient:
 class AsyncWorkerClient:
     """asyncio client on a zmq.asyncio DEALER socket; create and use it inside one running event loop."""
 
-    def __init__(self, endpoint: str, timeout_s: float = 60.0, *, keys: ClientKeys | None = None):
-        self.endpoint, self.timeout_s = endpoint, timeout_s
+    def __init__(self, endpoint: str, timeout_s: float = 60.0, *, keys: ClientKeys | None = None,
+                 liveness_s: float = LIVENESS_S):
+        self.endpoint, self.timeout_s, self.liveness_s = endpoint, timeout_s, liveness_s
         self._ctx = zmq.asyncio.Context.instance()
         self._sock = _connect(self._ctx, endpoint, keys, timeout_s)
         self._nonces = itertools.count(1)
         self._queues: dict[str | int, asyncio.Queue] = {}  # request id or ping nonce -> its replies
         self._reader: asyncio.Task | None = None
         self._reader_error: WorkerError | None = None
+        self._heard = 0.0  # monotonic time of the last frame from the worker
 
     def close(self) -> None:
         if self._reader is not None:
@@ -276,6 +335,7 @@ class AsyncWorkerClient:
     async def _read_forever(self) -> None:
         while True:
             frame = await self._sock.recv()
+            self._heard = time.monotonic()
             try:
                 msg = decode(frame, REPLY_TYPES)
             except WireError as e:
@@ -289,15 +349,20 @@ class AsyncWorkerClient:
             # else: a reply to an abandoned request; drop it
 
     async def _get(self, q: asyncio.Queue, what: str) -> Any:
-        # asyncio.timeout, not wait_for: Python 3.11's wait_for drops a cancellation that arrives as the
-        # queue hands over a reply, and the request would then run on without sending Cancel.
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                return await q.get()
-        except TimeoutError:
-            raise WorkerError(
-                f"no reply from worker at {self.endpoint} within {self.timeout_s} s while {what}"
-            ) from None
+        """The next reply in `q`; WorkerError at the timeout, or sooner when the worker is gone."""
+        silence = _Silence(self.timeout_s, self.liveness_s)
+        while True:
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for drops a cancellation that arrives as the
+            # queue hands over a reply, and the request would then run on without sending Cancel.
+            try:
+                async with asyncio.timeout(silence.next_wait_s()):
+                    return await q.get()
+            except TimeoutError:
+                pass
+            silence.heard = max(silence.heard, self._heard)  # any frame counts, another request's too
+            silence.check(self.endpoint, self.timeout_s, what)
+            with contextlib.suppress(zmq.ZMQError):  # no connection: the silence check will say so
+                self._sock.send(encode(Ping(next(self._nonces))), zmq.NOBLOCK)
 
     async def _send(self, msg: Any) -> None:
         try:

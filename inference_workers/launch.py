@@ -41,6 +41,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from codefill import native_logs
 from codefill.inference_workers.client import WorkerError
 from codefill.inference_workers.memory_plan import MemoryConfig, plan_model_dir
 from codefill.inference_workers.protocol import WireError
@@ -69,10 +70,9 @@ def default_threads(local_ranks: int) -> int:
 
 
 def msrun_env(local_ranks: int) -> dict[str, str]:
-    env = dict(os.environ)
+    env = native_logs.quiet_env(dict(os.environ))  # MindSpore's C++ log: errors only, into a file
     env["CODEFILL_LOCAL_RANKS"] = str(local_ranks)  # startup.pin_cores splits this host's cores by it
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    env.setdefault("GLOG_v", "3")  # MindSpore's C++ log: errors only, so rank logs show tracebacks clearly
     return env
 
 

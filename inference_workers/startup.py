@@ -27,6 +27,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from codefill import native_logs
 from codefill.inference_workers.client import WorkerError
 from codefill.inference_workers.protocol import WireError, check_endpoint
 
@@ -199,7 +200,8 @@ def spawn_worker(model_dir: str | Path, endpoint: str | None = None, *, timeout_
                          engine=engine, device=device, device_memory_gib=device_memory_gib,
                          memory_fraction=memory_fraction)
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                   env=native_logs.quiet_env(dict(os.environ)))
     _OWNED_DIRS[process.pid] = tmp
 
     def fail(why: str) -> WorkerError:

@@ -26,4 +26,18 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
   [ -n "$extras" ] && touch ".venv/.codefill-$(sha256sum pyproject.toml | cut -c1-16)"
 fi
+
+# bubblewrap: the isolation `codefill eval` runs every generated program in (evaluation/sandbox.py). Without
+# it evaluation still runs, with rlimits and no network only, and says so.
+if ! command -v bwrap >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q bubblewrap >.venv/apt-bubblewrap.log 2>&1; then
+      echo "note: apt-get install bubblewrap failed (see .venv/apt-bubblewrap.log); the evaluation sandbox" \
+           "falls back to rlimits and no network" >&2
+    fi
+  else
+    echo "note: bubblewrap (bwrap) is not installed; install it (apt-get install bubblewrap) for the" \
+         "evaluation sandbox's filesystem, PID and IPC isolation" >&2
+  fi
+fi
 echo "environment ready: .venv ($(.venv/bin/python --version))"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+import uuid
 from dataclasses import replace
 
 import pytest
@@ -28,24 +29,39 @@ def alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def wait_dead(pid: int, within_s: float = 3.0) -> bool:
+def processes_with(token: str) -> list[int]:
+    """Pids (as seen here, outside any namespace) of running processes whose command line holds `token`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if token.encode() in f.read() and alive(int(entry)):
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def all_gone(token: str, within_s: float = 3.0) -> bool:
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
-        if not alive(pid):
+        if not processes_with(token):
             return True
         time.sleep(0.05)
     return False
 
 
-def pid_from(result) -> int:
-    return int(next(line for line in result.output_tail.splitlines() if line.startswith("CHILD "))[6:])
+def sleeper(token: str) -> str:
+    """A command line (for the program to start) that sleeps 100 s and carries `token` in its argv."""
+    return f"[sys.executable, '-c', 'import time; time.sleep(100)', '{token}']"
 
 
 def test_passing_program_passes_isolated():
     r = run_program("""\
 import os, sys
 assert sys.flags.isolated == 1 and sys.flags.no_site == 1 and sys.flags.dont_write_bytecode == 1
-assert set(os.environ) <= {"PATH", "HOME", "TMPDIR", "LANG", "LC_CTYPE"}, sorted(os.environ)
+assert set(os.environ) <= {"PATH", "HOME", "TMPDIR", "LANG", "LC_CTYPE", "PWD"}, sorted(os.environ)
 assert os.environ["PATH"] == "/usr/bin:/bin"
 assert os.environ["HOME"] == os.environ["TMPDIR"] == os.getcwd()
 assert sys.stdin.read() == ""
@@ -71,13 +87,13 @@ def test_syntax_error_fails_and_output_tail_is_bounded():
 
 def test_infinite_loop_times_out_and_its_child_dies():
     limits = SandboxLimits(timeout_s=1.0)
+    token = f"codefill-canary-{uuid.uuid4().hex}"
     start = time.monotonic()
-    r = run_program("""\
+    r = run_program(f"""\
 import os, sys, time
 pid = os.fork()
 if pid == 0:
-    time.sleep(100)
-    os._exit(0)
+    os.execv(sys.executable, {sleeper(token)})
 print("CHILD", pid, flush=True)
 while True:
     pass
@@ -85,17 +101,20 @@ while True:
     elapsed = time.monotonic() - start
     assert r.status == "timeout" and r.returncode == -9, r
     assert 0.9 <= elapsed < 3.0, elapsed
-    assert wait_dead(pid_from(r)), "the program's forked child survived the timeout"
+    assert "CHILD" in r.output_tail
+    assert all_gone(token), "the program's forked child survived the timeout"
 
 
 def test_a_grandchild_left_behind_by_a_normal_exit_is_killed():
-    r = run_program("""\
-import subprocess, sys
-child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(100)"])
-print("CHILD", child.pid, flush=True)
+    token = f"codefill-canary-{uuid.uuid4().hex}"
+    r = run_program(f"""\
+import subprocess, sys, time
+child = subprocess.Popen({sleeper(token)})
+time.sleep(0.3)
+print("CHILD", child.pid, child.poll(), flush=True)
 """)
-    assert r.status == "passed", r
-    assert wait_dead(pid_from(r)), "a subprocess the program left running survived it"
+    assert r.status == "passed" and "CHILD" in r.output_tail and "None" in r.output_tail, r  # it was running
+    assert all_gone(token), "a subprocess the program left running survived it"
 
 
 def test_memory_hog_fails_without_harm():
@@ -159,6 +178,7 @@ def test_no_network_inside_the_sandbox(monkeypatch):
         assert r.status == "failed" and "REFUSED" in r.output_tail and "CONNECTED" not in r.output_tail, r
         # control: the same program without the namespace reaches the listening socket
         monkeypatch.setattr(sandbox, "_unshare_path", lambda: None)
+        monkeypatch.setattr(sandbox, "_bwrap_path", lambda: None)
         control = run_program(CONNECT.format(port=port))
         assert control.passed and "CONNECTED" in control.output_tail, control
 

@@ -397,6 +397,41 @@ async def test_worker_down_then_back(tiny_dir, fake, tmp_path):
 
 
 @ASYNC
+async def test_a_worker_gone_mid_request_is_noticed_in_seconds_not_at_the_timeout(tiny_dir, fake, tmp_path):
+    """With the default 60 s request timeout: the worker stops while a completion streams; that request
+    fails within seconds naming the endpoint, the editor is told once, and completions resume by themselves
+    when a worker is back on the endpoint."""
+    fake.reply = "return a + b + c"
+    fake.token_delay_s = 1.0  # the request is still streaming when the worker goes
+    client = await connect(tiny_dir, fake, tmp_path, options={"reconnect_interval_s": 0.3})
+    try:
+        uri = "file:///work/gone.py"
+        open_doc(client, uri, "def f(a, b, c):\n    \n")
+        pending = asyncio.ensure_future(ask(client, uri, 1, 4))
+        deadline = time.monotonic() + 10
+        while not fake.requests:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        fake.stop()
+        t0 = time.monotonic()
+        with pytest.raises(Exception, match=f"no reply from worker at {fake.endpoint} .*died"):
+            await pending
+        assert time.monotonic() - t0 < 10  # not the 60 s timeout
+        assert len((await ask(client, uri, 1, 3)).items) == 0  # while down: empty at once
+        fake.token_delay_s = 0.0
+        fake.start()
+        deadline = time.monotonic() + 15
+        while not (await stats(client)).worker.up:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        assert len((await ask(client, uri, 1, 4)).items) == 1
+        shown = [m for m in client.messages if m.type == types.MessageType.Error]
+        assert len(shown) == 1 and fake.endpoint in shown[0].message, shown
+    finally:
+        await client.shutdown_session()
+
+
+@ASYNC
 async def test_telemetry_stats_and_rotating_log(tiny_dir, fake, tmp_path):
     fake.reply = "return 1"
     state = tmp_path / "state"

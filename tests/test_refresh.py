@@ -64,16 +64,42 @@ def test_exact_match_ignores_trailing_whitespace_only():
     assert normalise("a \n\nb  \n\n") == "a\n\nb"
 
 
-def test_better_is_more_exact_matches_then_higher_edit_similarity():
+def test_score_report():
     task = FimTask("f.py", 0, "", "x\n", "")
+    score = FimScore([FimResult(task, "", e, s, True) for e, s in ((True, 1.0), (False, 0.5))])
+    assert score.report("after") == "after: exact match 1/2 (50.0%), edit similarity 0.750"
 
-    def score(*pairs):
-        return FimScore([FimResult(task, "", e, s, True) for e, s in pairs])
 
-    assert score((True, 1.0), (False, 0.1)).better_than(score((False, 0.9), (False, 0.9)))
-    assert score((False, 0.6), (False, 0.6)).better_than(score((False, 0.5), (False, 0.6)))
-    assert not score((False, 0.5)).better_than(score((False, 0.5)))  # equal is not better
-    assert score((True, 1.0), (False, 0.5)).report("after") == "after: exact match 1/2 (50.0%), edit similarity 0.750"
+def test_a_few_files_get_many_spans_each_and_a_tiny_file_is_used_whole(tmp_path):
+    lines = FIXED_CORPUS.splitlines(keepends=True)
+    (tmp_path / "big.py").write_text("".join(lines) * 4)
+    (tmp_path / "tiny.py").write_text("x = 1\n\ny = 2\nz = 3\n")
+    tasks = make_tasks(tmp_path, ["big.py", "tiny.py"], FimEvalConfig(max_tasks=100))
+    assert len(tasks) == 100  # tiny.py gives every non-blank line, big.py the rest of the budget
+    assert sorted(t.line for t in tasks if t.path == "tiny.py") == [0, 2, 3]
+    assert len({t.line for t in tasks if t.path == "big.py"}) == 97
+    assert [t.path for t in tasks[:6]] == ["big.py", "tiny.py"] * 3  # interleaved while both have spans
+    assert FimEvalConfig().max_tasks >= 200  # hundreds of spans by default
+
+
+def test_the_held_out_share_grows_until_there_are_enough_lines_and_no_further_than_the_cap(tmp_path):
+    from codefill.training.refresh import MAX_AUTO_HELD_OUT, held_out_fraction_for
+    from codefill.training.source_files import SourceConfig, iter_source_files
+
+    for i in range(60):
+        (tmp_path / f"m{i}.py").write_text("".join(f"x{i}_{k} = {k}\n\n" for k in range(10)))  # 10 non-blank
+
+    def held_lines(fraction):
+        return sum(10 for f in iter_source_files(tmp_path, SourceConfig(held_out_fraction=fraction)) if f.held_out)
+
+    assert held_out_fraction_for(tmp_path, 0) == 0.05
+    fractions = [held_out_fraction_for(tmp_path, n) for n in (20, 40, 60)]
+    assert fractions == sorted(fractions) and fractions[0] >= 0.05
+    for n, f in zip((20, 40, 60), fractions):
+        assert held_lines(f) >= n  # enough lines...
+        assert held_lines(f - 2e-9) < n or f == 0.05  # ...and the smallest share that has them
+    assert held_out_fraction_for(tmp_path, 10_000) <= MAX_AUTO_HELD_OUT
+    assert held_lines(held_out_fraction_for(tmp_path, 10_000)) <= 10 * 60 * 0.35  # capped, not everything
 
 
 def test_tasks_are_deterministic_whole_lines_and_spread_over_files(tmp_path):
@@ -373,8 +399,8 @@ def test_train_repo_measures_decides_and_publishes(old_dir, worker, tmp_path, ca
                  "--eval-tasks", "4", "--eval-max-new-tokens", "12", "--publish", worker])
     text = capsys.readouterr().out
     assert code == 0, text
-    assert "4 tasks from 1 files" in text and "before: exact match" in text and "after : exact match" in text
-    assert "decision: the new weights" in text
+    assert "4 spans from 1 files" in text and "before: exact match" in text and "after : exact match" in text
+    assert "decision: the new weights" in text and "95% interval [" in text and "because " in text
     assert (out / "model" / "model.safetensors").is_file()
     reference = greedy_reference(out / "model", PROMPTS[:1], 8)[0]
     with WorkerClient(worker, timeout_s=60) as client:
@@ -397,12 +423,75 @@ def test_train_repo_publishes_weights_that_got_better(old_dir, worker, tmp_path,
     out = tmp_path / "run"
     code = main(["train", "--repo", str(repo), "--model", str(old_dir), "--output", str(out), "--preset", "tiny-test",
                  "--seq-length", "64", "--max-steps", "60", "--held-out-fraction", str(fraction),
-                 "--eval-tasks", "4", "--eval-max-new-tokens", "12", "--publish", worker])
+                 "--eval-tasks", "24", "--eval-max-new-tokens", "12", "--publish", worker])
     text = capsys.readouterr().out
     assert code == 0, text
     assert "decision: the new weights are better" in text, text
+    assert "is above the margin 0.01" in text, text
     assert f"published {out / 'model'}" in text, text
     reference = greedy_reference(out / "model", PROMPTS[:1], 8)[0]
     with WorkerClient(worker, timeout_s=60) as client:
         served = [t.token_id for t in client.complete(PROMPTS[0], 8)[0]]
     assert served == reference
+
+
+# --- the decision on real finetunes: no change, a worse model ------------------------------------------------
+
+
+PATTERN = "".join(FIXED_CORPUS.splitlines(keepends=True)[:6]) * 4
+
+
+def test_a_finetune_that_changes_nothing_is_not_better_at_any_seed(old_dir, worker, tmp_path, capsys):
+    """A learning rate of 1e-9 leaves the weights (and so every greedy answer) as they were: the paired
+    differences are all 0 and no seed of the bootstrap may call that better; nothing is published."""
+    from codefill.cli import main
+    from codefill.training.fim_eval import FimEvalConfig, evaluate_model_dir
+    from codefill.training.paired_decision import DecisionConfig
+    from codefill.training.refresh import compare, served
+
+    fraction = 0.3
+    repo = _repo(tmp_path, fraction, 6, lambda k: PATTERN)
+    out = tmp_path / "run"
+    code = main(["train", "--repo", str(repo), "--model", str(old_dir), "--output", str(out), "--preset", "tiny-test",
+                 "--seq-length", "64", "--max-steps", "4", "--lr", "1e-9", "--end-lr", "0",
+                 "--held-out-fraction", str(fraction), "--eval-tasks", "24", "--eval-max-new-tokens", "12",
+                 "--publish", worker])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "decision: the new weights are not better" in text and "not published" in text, text
+    assert "difference +0.000" in text and "[+0.000, +0.000]" in text, text
+    from codefill.training.refresh import data_path
+    from codefill.training.tokenize_data import held_out_list_path, read_held_out_list
+
+    root, held = read_held_out_list(held_out_list_path(data_path(out)))
+    cfg = FimEvalConfig(max_tasks=24, max_new_tokens=12)
+    tasks = make_tasks(root, held, cfg)
+    before, after = (served(evaluate_model_dir(d, tasks, cfg)) for d in (old_dir, out / "model"))
+    for seed in range(30):
+        for margin in (0.0, 0.01):
+            assert not compare(before, after, DecisionConfig(min_improvement=margin, seed=seed)).better
+
+
+def test_a_finetune_made_worse_is_refused(tmp_path_factory, worker, tmp_path, capsys):
+    """Start from a model that has learnt the repository's pattern, then finetune it hard on files that
+    contradict it: the held-out answers get worse, and the refresh must refuse to publish."""
+    from codefill.cli import main
+
+    fraction = 0.3
+    good_repo = _repo(tmp_path_factory.mktemp("good"), fraction, 6, lambda k: PATTERN)
+    base = tmp_path / "base"
+    assert main(["train", "--repo", str(good_repo), "--model", str(make_tiny_model_dir(tmp_path_factory)),
+                 "--output", str(base), "--preset", "tiny-test", "--seq-length", "64", "--max-steps", "60",
+                 "--held-out-fraction", str(fraction), "--eval-tasks", "24", "--eval-max-new-tokens", "12"]) == 0
+    capsys.readouterr()
+    noise = "".join(f"q{k * 7 % 13} = z{k % 5} ** {k}\n" for k in range(60))
+    bad_repo = _repo(tmp_path, fraction, 6, lambda k: PATTERN if k == 6 else noise)  # file 6 is held out
+    out = tmp_path / "worse"
+    code = main(["train", "--repo", str(bad_repo), "--model", str(base / "model"), "--output", str(out),
+                 "--preset", "tiny-test", "--seq-length", "64", "--max-steps", "60", "--lr", "1e-2",
+                 "--held-out-fraction", str(fraction), "--eval-tasks", "24", "--eval-max-new-tokens", "12",
+                 "--publish", worker])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "decision: the new weights are not better" in text and "not published" in text, text
+    assert "got worse" in text, text

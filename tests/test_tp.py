@@ -3,7 +3,8 @@
 TP=2 and TP=1 (through the same rank code) must give the single-process Runner's greedy tokens and
 logits; prefix reuse and rollback must give a cold prefill's logits; bad TP sizes are refused before any
 process starts; a split directory loads the same shards as cutting at load time; rank 0 serves over ZeroMQ;
-a rank that dies turns into a non-zero exit with its traceback, within seconds.
+a rank that dies turns into a non-zero exit with its traceback within seconds, and a client's request in
+flight into an error naming the endpoint within seconds too.
 """
 
 from __future__ import annotations
@@ -207,8 +208,17 @@ def test_killed_rank_makes_codefill_workers_exit_nonzero_with_the_reason(gqa_dir
         for path in Path(endpoint[len("ipc://"):]).parent.glob("rank-*.json"):
             info = json.loads(path.read_text())
             pids[info["rank"]] = info["pid"]
-        os.kill(pids[1], signal.SIGKILL)
-        t = time.monotonic()
+        with WorkerClient(endpoint, timeout_s=60) as client:  # a client of workers someone else started
+            assert len(client.complete(PROMPT, 2)[0]) == 2
+            stream = client.generate(PROMPT, MAX_SEQ_LEN - len(PROMPT))
+            next(stream)  # in flight when rank 1 dies
+            os.kill(pids[1], signal.SIGKILL)
+            t = time.monotonic()
+            with pytest.raises(WorkerError, match=f"no reply from worker at {endpoint} .*died"):
+                for _ in stream:
+                    pass
+            noticed_s = time.monotonic() - t
+        assert noticed_s < 10, noticed_s  # not the 60 s request timeout
         _, err = proc.communicate(timeout=30)
         assert time.monotonic() - t < 10
         assert proc.returncode == 2

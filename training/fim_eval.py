@@ -3,23 +3,27 @@
     tasks = make_tasks(root, paths, FimEvalConfig())        # from the held-out list tokenize_fim writes
     score = evaluate_model_dir(model_dir, tasks, config)    # an in-process Runner, greedy
     score = evaluate(tasks, tok, complete, config)          # any `complete(prompt_ids, max_new, stop_ids)`
-    print(score.report("after")); score.better_than(before)
+    print(score.report("after")); served = FimScore([as_served(r) for r in score.results])
 
 A task hides a span of 1 to `max_middle_lines` whole lines of a file (the lines an editor user would type
 next), starting at a non-blank line. Start lines and span lengths come from a random stream seeded by
-(seed, path), so the tasks of a file depend only on that file and the config; files are visited in path order
-and their tasks interleaved (first task of every file, then the second...) up to `max_tasks`, so a small
-budget still spreads over the files. Each prompt keeps `context_lines` lines before the span and half as many
-after it, then drops lines from the far ends until it fits the model's context with `max_new_tokens` to spare.
+(seed, path), so the tasks of a file depend only on that file and the config. Files are visited in path order
+and their tasks interleaved (first task of every file, then the second...) up to `max_tasks`, so the budget is
+shared equally: a repository with few held-out files gets many spans from each, a file with fewer non-blank
+lines than its share gets a span at every one of them (the whole file) and leaves the rest of its share to
+the longer files. `tasks_per_file` caps a file's spans (default: no cap but max_tasks). Each prompt
+keeps `context_lines` lines before the span and half as many after it, then drops lines from the far ends
+until it fits the model's context with `max_new_tokens` to spare.
 
-The model's answer is its greedy continuation up to <EOT> (or EOS), read with `fim.decode_middle`. Metrics,
+The model's answer is its greedy continuation up to <EOT> (or EOS), read with `fim.decode_middle`;
+`as_served` turns it into what the language server would show at that cursor (lsp/postprocess.fit). Metrics,
 both on text with trailing whitespace stripped from every line and trailing blank lines dropped:
 
     exact match      the answer equals the hidden span
     edit similarity  1 - Levenshtein(answer, span) / max(len(answer), len(span)), in [0, 1] (1: equal)
 
-`better_than` orders scores as `codefill train --repo` decides: more exact matches, ties broken by the
-higher mean edit similarity; equal is not better.
+Which of two scores is better is not decided here: `codefill train --repo` compares them span by span with
+a confidence level (paired_decision.py).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from codefill.lsp.postprocess import fit
 from codefill.model.fim import cut_middle, infilling_prompt_tokens
 from codefill.model.tokenizer import Tokenizer
 
@@ -40,8 +45,8 @@ Complete = Callable[[list[int], int, frozenset[int]], list[int]]
 
 @dataclass(frozen=True)
 class FimEvalConfig:
-    max_tasks: int = 64  # bound on the whole evaluation (tasks x max_new_tokens decode steps at most)
-    tasks_per_file: int = 4
+    max_tasks: int = 256  # bound on the whole evaluation (tasks x max_new_tokens decode steps at most)
+    tasks_per_file: int | None = None  # a cap per file; None: none but max_tasks
     max_middle_lines: int = 3
     context_lines: int = 40  # lines kept before the span; half as many after it
     max_new_tokens: int = 64
@@ -52,6 +57,8 @@ class FimEvalConfig:
     def __post_init__(self):
         for name in ("max_tasks", "tasks_per_file", "max_middle_lines", "max_new_tokens", "max_seq_len"):
             v = getattr(self, name)
+            if v is None and name == "tasks_per_file":
+                continue
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise DataError(f"FimEvalConfig.{name} must be a positive integer, got {v!r}")
         if not isinstance(self.context_lines, int) or self.context_lines < 0:
@@ -103,13 +110,6 @@ class FimScore:
         return (f"{name}: exact match {self.exact_matches}/{self.n} ({self.exact_match:.1%}), "
                 f"edit similarity {self.edit_similarity:.3f}")
 
-    def better_than(self, other: "FimScore") -> bool:
-        if self.n != other.n:
-            raise DataError(f"cannot compare scores over {self.n} and {other.n} tasks")
-        if self.exact_matches != other.exact_matches:
-            return self.exact_matches > other.exact_matches
-        return self.edit_similarity > other.edit_similarity
-
 
 # --- metrics ---------------------------------------------------------------------------------------------
 
@@ -147,11 +147,13 @@ def exact_match(prediction: str, reference: str) -> bool:
 
 
 def file_tasks(path: str, text: str, config: FimEvalConfig) -> list[FimTask]:
-    """The tasks of one file, in line order (see the module docstring)."""
+    """The tasks of one file in the order they were drawn (see the module docstring): tasks_per_file of them
+    (else max_tasks), or one at every non-blank line when the file has fewer."""
+    per_file = config.tasks_per_file or config.max_tasks
     lines = text.splitlines(keepends=True)
     starts = [i for i, line in enumerate(lines) if line.strip()]
     rng = random.Random(f"{config.seed}\0{path}")  # str seeds hash with SHA-512: stable across runs
-    chosen = sorted(rng.sample(starts, min(config.tasks_per_file, len(starts))))
+    chosen = rng.sample(starts, min(per_file, len(starts)))
     tasks = []
     for i in chosen:
         k = min(rng.randint(1, config.max_middle_lines), len(lines) - i)
@@ -162,7 +164,9 @@ def file_tasks(path: str, text: str, config: FimEvalConfig) -> list[FimTask]:
 
 
 def make_tasks(root: str | Path, paths: Sequence[str], config: FimEvalConfig = FimEvalConfig()) -> list[FimTask]:
-    """Tasks from the files `paths` (relative to `root`), interleaved across files, at most max_tasks."""
+    """Tasks from the files `paths` (relative to `root`), interleaved across files, at most max_tasks: each
+    file's drawn tasks taken in turn, so files share the budget equally and what a short file cannot use
+    goes to the longer ones."""
     root = Path(root)
     per_file = []
     for path in sorted(paths):
@@ -172,7 +176,7 @@ def make_tasks(root: str | Path, paths: Sequence[str], config: FimEvalConfig = F
             raise DataError(f"cannot read held-out file {root / path}: {e}") from e
         per_file.append(file_tasks(path, text, config))
     tasks: list[FimTask] = []
-    for round_ in range(config.tasks_per_file):
+    for round_ in range(max(map(len, per_file), default=0)):
         for ts in per_file:
             if round_ < len(ts) and len(tasks) < config.max_tasks:
                 tasks.append(ts[round_])
@@ -216,6 +220,14 @@ def evaluate(tasks: Sequence[FimTask], tok: Tokenizer, complete: Complete,
     return score
 
 
+def as_served(r: FimResult) -> FimResult:
+    """The answer as the language server would show it at the task's cursor (no suggestion: empty)."""
+    fitted = fit(r.task.prefix, r.task.suffix, r.prediction, ended=r.stopped)
+    shown = fitted.text if fitted is not None else ""
+    return FimResult(r.task, shown, exact_match(shown, r.task.middle), edit_similarity(shown, r.task.middle),
+                     r.stopped)
+
+
 def generator_complete(generator) -> Complete:
     """`complete` over an in-process inference_workers.runner.Runner (greedy, slot 0)."""
     from codefill.model.sampling import SamplingConfig
@@ -226,10 +238,12 @@ def generator_complete(generator) -> Complete:
     return complete
 
 
-def evaluate_model_dir(model_dir: str | Path, tasks: Sequence[FimTask],
-                       config: FimEvalConfig = FimEvalConfig()) -> FimScore:
+def evaluate_model_dir(model_dir: str | Path, tasks: Sequence[FimTask], config: FimEvalConfig = FimEvalConfig(),
+                       progress: str | None = None) -> FimScore:
     """Greedy FIM score of a MODEL_DIR on `tasks`, on a batch-1 Runner built for the evaluation's context
-    (max_seq_len capped at the model's own)."""
+    (max_seq_len capped at the model's own). `progress`: a tqdm bar on stderr with that label."""
+    from tqdm import tqdm
+
     from codefill.inference_workers.runner import Runner
     from codefill.model.checkpoint import load_model_dir
 
@@ -237,4 +251,11 @@ def evaluate_model_dir(model_dir: str | Path, tasks: Sequence[FimTask],
     if config.max_seq_len > files.config.max_seq_len:
         config = replace(config, max_seq_len=files.config.max_seq_len)
     generator = Runner(files.config, files.weights, max_seq_len=config.max_seq_len, max_batch=1)
-    return evaluate(tasks, Tokenizer(files.tokenizer_path), generator_complete(generator), config)
+    complete = generator_complete(generator)
+    with tqdm(total=len(tasks), desc=progress, unit="span", disable=progress is None) as bar:
+        def counted(prompt: list[int], max_new_tokens: int, stop_ids: frozenset[int]) -> list[int]:
+            out = complete(prompt, max_new_tokens, stop_ids)
+            bar.update()
+            return out
+
+        return evaluate(tasks, Tokenizer(files.tokenizer_path), counted, config)

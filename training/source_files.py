@@ -175,10 +175,15 @@ def skip_reason(path: str, data: bytes, config: SourceConfig) -> tuple[str | Non
     return None, text
 
 
-def is_held_out(path: str, fraction: float) -> bool:
-    """Deterministic by-file split: SHA-256 of the relative path as a number in [0, 1), below `fraction`."""
+def held_out_score(path: str) -> float:
+    """SHA-256 of the relative path as a number in [0, 1): the file is held out when this is below the fraction."""
     h = int.from_bytes(hashlib.sha256(path.encode("utf-8", errors="surrogateescape")).digest()[:8], "big")
-    return h / 2**64 < fraction
+    return h / 2**64
+
+
+def is_held_out(path: str, fraction: float) -> bool:
+    """Deterministic by-file split: held_out_score(path) below `fraction`."""
+    return held_out_score(path) < fraction
 
 
 def iter_source_files(root: str | Path, config: SourceConfig, summary: SourceSummary | None = None

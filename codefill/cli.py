@@ -906,7 +906,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except CodefillError as e:  # bad input or environment; anything else is a bug and keeps its traceback
-        where = f"\n({native_logs.where()})" if "mindspore" in sys.modules else ""
+        where = f" ({native_logs.where()})" if "mindspore" in sys.modules else ""
         print(f"codefill: error: {e}{where}", file=sys.stderr)
         return 2
     return 0

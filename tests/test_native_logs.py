@@ -34,15 +34,17 @@ def tiny_dir(tmp_path_factory):
 
 
 def test_generate_prints_no_native_log_lines(tiny_dir, tmp_path):
-    """`codefill generate` on the tiny model: its graphs make MindSpore warn (expander_fallback) unless told
-    otherwise; the control run with MindSpore's own defaults shows that they do."""
+    """`codefill generate` on the tiny model with the stock ops (CODEFILL_KERNELS=reference; the CPU kernels
+    happen not to trigger it): its graphs make MindSpore warn (expander_fallback) unless told otherwise; the
+    control run with MindSpore's own defaults shows that they do."""
     args = ["generate", "--model", str(tiny_dir), "--prompt-ids", "1,5,6,7", "--max-new-tokens", "4"]
-    done = run(args, clean_env(tmp_path / "cache"))
+    done = run(args, clean_env(tmp_path / "cache") | {"CODEFILL_KERNELS": "reference"})
     assert done.returncode == 0, done.stderr
     for stream in (done.stdout, done.stderr):
         assert "[WARNING]" not in stream and "[ERROR]" not in stream and "expander" not in stream, stream
     assert list((tmp_path / "cache" / "logs").glob("rank_*/logs/mindspore*")), "no MindSpore log file written"
-    control = clean_env(tmp_path / "cache2") | {"GLOG_v": "2", "GLOG_logtostderr": "1"}  # the user's choice wins
+    control = clean_env(tmp_path / "cache2") | {"GLOG_v": "2", "GLOG_logtostderr": "1",  # the user's choice wins
+                                               "CODEFILL_KERNELS": "reference"}
     loud = run(args, control)
     assert loud.returncode == 0 and "[WARNING]" in loud.stderr, loud.stderr[-2000:]
 

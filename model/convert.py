@@ -153,8 +153,10 @@ def checkpoint_family(hf_dir: str | Path) -> str:
         if all(json.dumps(t)[1:-1] in text or t in text for t in (family.prefix, family.suffix, family.middle)):
             return family.name
     files = sorted(p.name for p in hf_dir.glob("tokenizer*"))
-    raise CheckpointError(f"{hf_dir}: no known family has model_type {model_type!r} with tokenizer files {files} "
-                          f"(known: {', '.join(f'{n} ({f.hf_model_type}, {f.tokenizer_file})' for n, f in FAMILIES.items())}); "
+    wanted = " or ".join(dict.fromkeys(f.tokenizer_file for f in FAMILIES.values() if f.hf_model_type == model_type))
+    raise CheckpointError(f"{hf_dir}: no {wanted or 'tokenizer'} of a known family for model_type {model_type!r} "
+                          f"(tokenizer files here: {files}; known: "
+                          f"{', '.join(f'{n} ({f.hf_model_type}, {f.tokenizer_file})' for n, f in FAMILIES.items())}); "
                           f"pass the family explicitly if it is one of them")
 
 

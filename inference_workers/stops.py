@@ -40,8 +40,8 @@ class StopRuleError(CodefillError, ValueError):
 
 def token_bytes_of_model_dir(model_dir: str | Path) -> list[bytes]:
     """id -> bytes for every id the model can emit: the tokenizer's table (`token_bytes()` of
-    model/tokenizer.py or model/bpe_tokenizer.py), padded with b"" up to the architecture's vocabulary
-    (byte-level BPE checkpoints pad it beyond the tokenizer's ids: Qwen2.5-Coder 151665 -> 151936)."""
+    model/tokenizer.py or model/bpe_tokenizer.py; byte-level BPE checkpoints pad the vocabulary beyond the
+    tokenizer's ids, Qwen2.5-Coder 151665 -> 151936, and those ids have no bytes)."""
     from codefill.inference_workers.sharding import load_tokenizer, read_tp_config
     from codefill.model.checkpoint import CheckpointError
     from codefill.model.tokenizer import TokenizerError
@@ -51,7 +51,9 @@ def token_bytes_of_model_dir(model_dir: str | Path) -> list[bytes]:
         table = load_tokenizer(model_dir).token_bytes()
     except (CheckpointError, TokenizerError) as e:
         raise StopRuleError(f"cannot build the token table of {model_dir}: {e}") from e
-    return table + [b""] * (cfg.vocab_size - len(table))
+    if len(table) != cfg.vocab_size:  # check_vocab has refused this already; a table must cover every id
+        raise StopRuleError(f"the token table of {model_dir} has {len(table)} ids, the model {cfg.vocab_size}")
+    return table
 
 
 @dataclass

@@ -11,6 +11,10 @@ have `add_prefix_space` false, checked at load), so `encode_infilling` is `encod
 - special tokens decode to nothing (`skip_special_tokens`), as SentencePiece's control pieces do.
 
 The FIM, BOS, EOS and stop tokens are the family's (families.py), looked up by their text in the vocabulary.
+
+Checkpoints pad the model's vocabulary beyond the file's tokens (Qwen2.5-Coder: 151665 tokens, 151936 rows),
+and a model can emit a padding id. Given the model's `vocab_size`, ids in [n_tokens, vocab_size) are valid and
+stand for nothing: they decode to "" and have no bytes, as control pieces do.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ def _byte_decoder() -> dict[str, int]:
 
 
 class BpeTokenizer:
-    def __init__(self, path: str | Path, family: Family):
+    def __init__(self, path: str | Path, family: Family, vocab_size: int | None = None):
         self.path, self.family = Path(path), family
         if not self.path.is_file():
             raise TokenizerError(f"tokenizer {self.path} does not exist or is not a file")
@@ -56,7 +60,8 @@ class BpeTokenizer:
                                  f"('ByteLevel') tokenizer.json files")
         self._tk.encode_special_tokens = True
         self._special = {t.content for t in self._tk.get_added_tokens_decoder().values() if t.special}
-        self.vocab_size: int = max(self._tk.get_vocab(with_added_tokens=True).values()) + 1
+        self.n_tokens: int = max(self._tk.get_vocab(with_added_tokens=True).values()) + 1  # the file's ids
+        self.vocab_size: int = max(self.n_tokens, vocab_size or 0)  # the model's ids (padding beyond n_tokens)
         if self.decode(self.encode("a")) != "a":
             raise TokenizerError(f"{self.path} adds a prefix space or more to every text; "
                                  f"codefill's byte-level families never do")
@@ -113,7 +118,7 @@ class BpeTokenizer:
 
     def piece(self, i: int) -> str:
         self._check_ids([i])
-        return self._tk.id_to_token(i)
+        return self._tk.id_to_token(i) or ""  # a padding id has no token
 
     def piece_to_id(self, piece: str) -> int | None:
         return self._tk.token_to_id(piece)
@@ -134,7 +139,7 @@ class BpeTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         ids = [int(i) for i in ids if i != -1]
         self._check_ids(ids)
-        return self._tk.decode(ids, skip_special_tokens=True)
+        return self._tk.decode([i for i in ids if i < self.n_tokens], skip_special_tokens=True)
 
     def decode_infilling(self, ids: Sequence[int]) -> str:
         return self.decode(ids)
@@ -143,7 +148,7 @@ class BpeTokenizer:
         """id -> the bytes its token stands for (special tokens: none), for the workers' stop-rule table."""
         inverse, table = _byte_decoder(), []
         for i in range(self.vocab_size):
-            token = self._tk.id_to_token(i)
+            token = self._tk.id_to_token(i) if i < self.n_tokens else None
             if token is None or token in self._special:
                 table.append(b"")
             else:  # a character outside the byte alphabet (in an added token) stands for its own UTF-8

@@ -69,7 +69,9 @@ def tokenizer_name(config: LlamaConfig) -> str:
 def open_tokenizer(config: LlamaConfig, path: str | Path) -> Tokenizer | BpeTokenizer:
     """The family's tokenizer from its file (TokenizerError if it cannot be read)."""
     family = FAMILIES[config.family]
-    return Tokenizer(path) if family.tokenizer_file == TOKENIZER_NAME else BpeTokenizer(path, family)
+    if family.tokenizer_file == TOKENIZER_NAME:
+        return Tokenizer(path)
+    return BpeTokenizer(path, family, config.vocab_size)  # ids past the file's tokens: padding rows
 
 
 # --- checks shared with convert.py ----------------------------------------------------------------------
@@ -104,7 +106,7 @@ def check_vocab(config: LlamaConfig, tokenizer_path: Path, where: str) -> None:
         tok = open_tokenizer(config, tokenizer_path)
     except TokenizerError as e:
         raise CheckpointError(f"{where}: {e}") from e
-    n = tok.vocab_size
+    n = tok.n_tokens if isinstance(tok, BpeTokenizer) else tok.vocab_size
     if n != config.vocab_size and not (isinstance(tok, BpeTokenizer) and n <= config.vocab_size):
         raise CheckpointError(f"{where}: tokenizer {tokenizer_path} has {n} pieces but the config's "
                               f"vocab_size is {config.vocab_size}")

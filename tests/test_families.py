@@ -297,3 +297,15 @@ def test_qwen_tp2_and_tp1_equal_single_process(qwen_dir, tmp_path):
     np.testing.assert_allclose(tp2["greedy_logits"], tp1["greedy_logits"], atol=1e-4, rtol=0)
     np.testing.assert_allclose(tp2["greedy_logits"][0], first_logits, atol=1e-4, rtol=0)
     np.testing.assert_allclose(tp2["reuse_logits"], tp2["cold_logits"], atol=1e-5, rtol=0)
+
+
+def test_padding_ids_decode_to_nothing(family_dirs):
+    """The checkpoint's vocabulary (512) is wider than the tokenizer's tokens (400), as Qwen's is: a model can
+    emit a padding id, which decodes to nothing rather than failing the request."""
+    _, _, model_dir = family_dirs
+    tok = load_tokenizer(model_dir)
+    assert tok.n_tokens == 400 and tok.vocab_size == 512
+    body = tok.encode("x = 1")
+    assert tok.decode_infilling(body[:1] + [450, 511] + body[1:]) == "x = 1"
+    with pytest.raises(Exception, match=r"outside the vocabulary \[0, 512\)"):
+        tok.decode([512])

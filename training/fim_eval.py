@@ -237,4 +237,4 @@ def evaluate_model_dir(model_dir: str | Path, tasks: Sequence[FimTask],
     if config.max_seq_len > files.config.max_seq_len:
         config = replace(config, max_seq_len=files.config.max_seq_len)
     generator = Runner(files.config, files.weights, max_seq_len=config.max_seq_len, max_batch=1)
-    return evaluate(tasks, Tokenizer(files.tokenizer_path), generator_complete(generator), config)
+    return evaluate(tasks, files.tokenizer(), generator_complete(generator), config)

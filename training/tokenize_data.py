@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from codefill.model.checkpoint import model_dir_tokenizer_path
+from codefill.model.checkpoint import load_tokenizer as checkpoint_tokenizer
 from codefill.model.tokenizer import Tokenizer
 
 from .data_error import DataError
@@ -59,7 +59,7 @@ class DataSummary:
 
 
 def load_tokenizer(model_dir: str | Path) -> Tokenizer:
-    return Tokenizer(model_dir_tokenizer_path(model_dir))
+    return checkpoint_tokenizer(model_dir)
 
 
 def _check_seq_length(seq_length: int, minimum: int = 1) -> int:

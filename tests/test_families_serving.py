@@ -78,3 +78,25 @@ async def test_lsp_completion_on_qwen_equals_in_process_path(client, qwen_dir):
         assert [item.insert_text for item in result.items] == expected, marked
         shown += bool(expected)
     assert shown, "the random model should show a completion for at least one document"
+
+
+def test_cli_convert_then_infill_deepseek(tmp_path):
+    """`codefill convert` then `codefill infill` as a user runs them, on a DeepSeek-Coder checkpoint: the ids are
+    the in-process greedy ids of the family's FIM prompt, ending at one of its stop ids."""
+    import json
+
+    from helpers import run_codefill
+
+    hf_dir = make_family_hf_dir(tmp_path / "hf", "deepseek-coder", seed=2)
+    run_codefill("convert", "--from-hf", hf_dir, "--output", tmp_path / "model")
+    tok = load_tokenizer(tmp_path / "model")
+    prefix, suffix = "def area(r):\n    return ", "\n\nprint(area(2))\n"
+    done = run_codefill("infill", "--model", tmp_path / "model", "--prefix", prefix, "--suffix", suffix,
+                        "--max-new-tokens", "12", "--json")
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    prompt = infilling_prompt_tokens(tok, prefix, suffix)
+    gen = Runner.from_model_dir(tmp_path / "model", max_seq_len=len(prompt) + 12, max_batch=1)  # as the CLI sizes it
+    assert prompt[:2] == [tok.piece_to_id("<｜begin▁of▁sentence｜>"), tok.piece_to_id("<｜fim▁begin｜>")]
+    expected = [t for t, _ in gen.generate(prompt, 12, SamplingConfig(), stop_ids=frozenset(tok.stop_ids))]
+    assert out["ids"] == expected
+    assert out["text"] == decode_middle(tok, expected)

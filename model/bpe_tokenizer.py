@@ -50,9 +50,10 @@ class BpeTokenizer:
         if not self.path.is_file():
             raise TokenizerError(f"tokenizer {self.path} does not exist or is not a file")
         try:
-            spec = json.loads(self.path.read_text(encoding="utf-8"))
-            self._tk = tokenizers.Tokenizer.from_str(json.dumps(spec))
-        except (OSError, ValueError, Exception) as e:  # tokenizers raises plain Exception on a bad spec
+            text = self.path.read_text(encoding="utf-8")
+            spec = json.loads(text)
+            self._tk = tokenizers.Tokenizer.from_str(text)
+        except Exception as e:  # OSError, JSONDecodeError, and the plain Exception tokenizers raises on a bad spec
             raise TokenizerError(f"cannot load tokenizer {self.path}: {e}") from e
         decoder = (spec.get("decoder") or {}).get("type")
         if decoder != "ByteLevel":

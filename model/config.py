@@ -126,8 +126,7 @@ class LlamaConfig:
             max_seq_len=hf.get("max_position_embeddings", 2048),
             rope_scaling_factor=rope_factor,
             attention_bias=model_type == "qwen2",  # Qwen2Attention always has q/k/v biases; no key says so
-            # transformers' default when the key is absent: tied for qwen2, untied for llama
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", model_type == "qwen2")),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),  # transformers' default: untied
             family=family,
         )
         head_dim = hf.get("head_dim")

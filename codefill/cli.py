@@ -527,7 +527,8 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     _bundled_model_arg(p)
     p.add_argument("--prefix", required=True)
     p.add_argument("--suffix", required=True)
-    p.add_argument("--spm", action="store_true", help="suffix-prefix-middle order (default prefix-suffix-middle)")
+    p.add_argument("--spm", action="store_true", help="suffix-prefix-middle order where the family was trained with it (Code Llama); "
+                        "default prefix-suffix-middle")
     _generation_args(p)
     p.set_defaults(func=cmd_infill)
 

@@ -13,6 +13,7 @@ import pytest
 
 from codefill.model.checkpoint import load_model_dir, load_tokenizer
 from codefill.model.convert import hf_to_model_dir, model_dir_to_hf
+from codefill.model.fim import infilling_prompt_tokens
 from codefill.training import tokenize_data
 from codefill.training.fim_examples import FimConfig, fim_example
 from codefill.training.train_config import LoraConfig
@@ -95,3 +96,39 @@ def test_full_finetune_lowers_loss_and_exports(family_dir, tmp_path):
     written = json.loads((back / "config.json").read_text())
     assert written["tie_word_embeddings"] is False  # Qwen's head was trained apart from its embedding
     assert (back / "tokenizer.json").is_file()
+
+
+def test_refresh_on_a_qwen_repository_publishes_to_its_worker(tmp_path, capsys):
+    """`codefill train --repo` on Qwen2.5-Coder: FIM rows and held-out tasks in Qwen's layout, LoRA on its
+    biased projections, and the merged weights published to a worker serving the Qwen MODEL_DIR, which then
+    answers with exactly the new weights."""
+    from codefill.cli import main
+    from codefill.inference_workers.client import WorkerClient
+    from codefill.inference_workers.runner import Runner
+    from codefill.inference_workers.startup import spawn_worker, stop_worker
+    from test_refresh import _repo
+
+    model_dir = hf_to_model_dir(make_family_hf_dir(tmp_path / "hf", "qwen2.5-coder", seed=13), tmp_path / "model")
+    fraction = 0.3
+    body = "".join(FIXED_CORPUS.splitlines(keepends=True)[:6]) * 4
+    repo = _repo(tmp_path, fraction, 6, lambda k: body)
+    out = tmp_path / "run"
+    process, endpoint = spawn_worker(model_dir, max_seq_len=128, max_batch=2, timeout_s=300)
+    try:
+        code = main(["train", "--repo", str(repo), "--model", str(model_dir), "--output", str(out), "--preset",
+                     "tiny-test", "--seq-length", "64", "--max-steps", "40", "--held-out-fraction", str(fraction),
+                     "--eval-tasks", "4", "--eval-max-new-tokens", "12", "--publish", endpoint])
+        text = capsys.readouterr().out
+        assert code == 0, text
+        assert "before: exact match" in text and "after : exact match" in text, text
+        assert load_model_dir(out / "model").config == load_model_dir(model_dir).config
+        prompt = infilling_prompt_tokens(load_tokenizer(model_dir), "def f(x):\n    return ", "\n")
+        new = [t for t, _ in Runner.from_model_dir(out / "model", max_seq_len=128, max_batch=1).generate(prompt, 8)]
+        with WorkerClient(endpoint, timeout_s=60) as client:
+            served = [t.token_id for t in client.complete(prompt, 8)[0]]
+        if "are better" in text:
+            assert f"published {out / 'model'}" in text and served == new
+        else:
+            assert "not published" in text and served != new
+    finally:
+        stop_worker(process)

@@ -124,8 +124,8 @@ def tokenize_fim(model_dir: str | Path, input_dir: str | Path, output: str | Pat
     row_length = _check_seq_length(seq_length, minimum=16)
     tok = load_tokenizer(model_dir)
     if not tok.has_infilling:
-        raise DataError(f"tokenizer of {model_dir} has no infilling pieces; FIM data needs a Code Llama base "
-                        f"tokenizer (7B/13B), not a Python or 34B one")
+        raise DataError(f"tokenizer of {model_dir} has no infilling pieces of its family {tok.family.name}; FIM "
+                        f"data needs them (for Code Llama the 7B/13B base tokenizer, not a Python or 34B one)")
     held_out_path = held_out_list_path(output)
     existing = [str(p) for p in [*output_paths(output), held_out_path] if p.exists()]
     if existing and not overwrite:   # checked up front, not after a long run

@@ -309,3 +309,16 @@ def test_padding_ids_decode_to_nothing(family_dirs):
     assert tok.decode_infilling(body[:1] + [450, 511] + body[1:]) == "x = 1"
     with pytest.raises(Exception, match=r"outside the vocabulary \[0, 512\)"):
         tok.decode([512])
+
+
+def test_http_reads_the_family_template_continue_writes(family_dirs):
+    """Continue renders its own FIM template for these families into `prompt` (its templates for Qwen and
+    DeepSeek models); the HTTP server reads prefix and suffix back out with the served family's markers."""
+    from codefill.http_api.fim_text import split_fim_text
+
+    family, _, model_dir = family_dirs
+    tok = load_tokenizer(model_dir)
+    template = {"qwen2.5-coder": "<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>",
+                "deepseek-coder": "<｜fim▁begin｜>{prefix}<｜fim▁hole｜>{suffix}<｜fim▁end｜>"}[family]
+    assert split_fim_text(tok, template.format(prefix=PREFIX, suffix=SUFFIX)) == (PREFIX, SUFFIX)
+    assert split_fim_text(tok, PREFIX) is None  # no markers: a plain prefix

@@ -21,9 +21,11 @@ A family trained with repository-level context (Qwen2.5-Coder: `model/fim.py` `r
 gets the chunks and the path in its own layout instead of comments, PSM (the only order it was trained on):
 
     [<|repo_name|>] + encode(REPO_NAME + "\n") + ([<|file_sep|>] + encode(path + "\n" + text + "\n")) per chunk
-        + [<|file_sep|>] + encode(path + "\n") + [<|fim_prefix|>] + prefix + [<|fim_suffix|>] + suffix + [<|fim_middle|>]
+        + [<|file_sep|>] + encode(path + "\n")
+        + [<|fim_prefix|>] + encode(prefix) + [<|fim_suffix|>] + encode(suffix) + [<|fim_middle|>]
 
-and without chunks or a path, the plain FIM prompt (chunks without a path: the path "untitled"). `Prompt.context` is then that header written as text.
+and without chunks or a path (or with `path_header` off), the plain FIM prompt; chunks without a path get the
+path "untitled". `Prompt.context` is then that header written as text.
 
 SPM is the default, for two reasons. Typing appends to the *end* of an SPM prompt (the prefix comes last),
 so consecutive keystrokes share almost every token: the workers' prefix cache reuses the KV cache and can
@@ -150,7 +152,7 @@ def build_prompt(tok: Tokenizer, prefix: str, suffix: str, config: PromptConfig 
     family = tok.family
     repo = family.file_sep is not None  # other files as the family's own file sections
     if repo:
-        header = f"{path}\n" if path else ""  # the current file's section line, after a <|file_sep|>
+        header = f"{path}\n" if (config.path_header and path) else ""  # the current file's line, after a <|file_sep|>
         chunk_texts = [f"{c.path}\n{c.text}\n" for c in chunks]  # each after a <|file_sep|>
         repo_line = len(tok.encode(f"{REPO_NAME}\n")) + 1
     else:
@@ -163,8 +165,8 @@ def build_prompt(tok: Tokenizer, prefix: str, suffix: str, config: PromptConfig 
             return infilling_prompt_tokens(tok, "".join(chunk_texts[:k]) + head + pre, suf, spm=config.spm)
         if not k and not head:
             return infilling_prompt_tokens(tok, pre, suf)
-        return repository_prompt_tokens(tok, REPO_NAME, [(c.path, c.text) for c in chunks[:k]], path or UNTITLED,
-                                        pre, suf)
+        return repository_prompt_tokens(tok, REPO_NAME, [(c.path, c.text) for c in chunks[:k]],
+                                        head[:-1] if head else UNTITLED, pre, suf)
 
     def context_text(k: int, head: str) -> str:
         if not repo:

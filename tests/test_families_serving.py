@@ -100,3 +100,27 @@ def test_cli_convert_then_infill_deepseek(tmp_path):
     expected = [t for t, _ in gen.generate(prompt, 12, SamplingConfig(), stop_ids=frozenset(tok.stop_ids))]
     assert out["ids"] == expected
     assert out["text"] == decode_middle(tok, expected)
+
+
+def test_http_infill_with_extra_files_on_qwen(qwen_dir, tmp_path):
+    """llama.vim's /infill body (with an `input_extra` file) against `codefill http` on the Qwen MODEL_DIR: the
+    answer is the in-process middle of the repository-level prompt the language server's code builds."""
+    from codefill.lsp.completion import Completer
+    from codefill.lsp.settings import Settings
+    from codefill.model.fim import cut_middle
+    from http_helpers import post, running_http
+    from test_http_e2e import LLAMA_VIM, MAX_SEQ_LEN as HTTP_SEQ, SUFFIX as HTTP_SUFFIX
+
+    tok = load_tokenizer(qwen_dir)
+    completer = Completer(tok)
+    extra = LLAMA_VIM["input_extra"][0]
+    plan = completer.plan(HTTP_SEQ, Settings(), LLAMA_VIM["input_prefix"] + LLAMA_VIM["prompt"], HTTP_SUFFIX,
+                          path=None, language_id=None, chunks=[Chunk(extra["filename"], extra["text"])], max_new=24)
+    assert plan.prompt.ids[0] == tok.piece_to_id("<|repo_name|>") and plan.prompt.n_chunks == 1
+    gen = Runner.from_model_dir(qwen_dir, max_seq_len=HTTP_SEQ, max_batch=1)
+    out = gen.generate(plan.prompt.ids, 24, SamplingConfig(), stop_ids=frozenset(completer.stop_ids))
+    expected = tok.decode_infilling(cut_middle(tok, [t for t, _ in out])[0])
+    with running_http(qwen_dir, tmp_path / "http.log", "--worker-max-seq-len", str(HTTP_SEQ)) as url:
+        status, res = post(url + "/infill", LLAMA_VIM)
+    assert status == 200, res
+    assert expected and res["content"] == expected

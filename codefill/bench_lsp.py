@@ -136,15 +136,14 @@ def _llama_server_pass(model_dir: Path, work: Path, text: str, cursor: int, n_ke
     import urllib.request
 
     from codefill import llamacpp
-    from codefill.inference_workers.sharding import tokenizer_path
-    from codefill.model.tokenizer import Tokenizer
+    from codefill.inference_workers.sharding import load_tokenizer
 
     try:
         anchor = llamacpp.ensure()
         gguf = anchor.convert(model_dir, work)
     except llamacpp.AnchorUnavailable as e:
         return {"unavailable": str(e)}, []
-    tok = Tokenizer(tokenizer_path(model_dir))
+    tok = load_tokenizer(model_dir)
     # One window for every keystroke, as an editor plugin keeps it while the user types on one line: the prefix
     # starts where the last keystroke's prefix fits 3/4 of the budget, the suffix is cut to the rest.
     start = 0

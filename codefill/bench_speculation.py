@@ -74,12 +74,12 @@ def run(out_dir: str | Path, model_dir: str | Path | None = None) -> dict:
     from codefill.bundled import bundled_model_dir
     from codefill.inference_workers.runner import Runner
     from codefill.inference_workers.stops import token_bytes_of_model_dir
-    from codefill.model.tokenizer import Tokenizer
+    from codefill.model.checkpoint import load_tokenizer
 
     model_dir = Path(model_dir) if model_dir else bundled_model_dir()
     runner = Runner.from_model_dir(model_dir, max_seq_len=PROMPT + TOKENS + SPECULATE + 8, max_batch=2)
     token_bytes = token_bytes_of_model_dir(model_dir)
-    prompts = _cuts(Tokenizer(model_dir / "tokenizer.model"))
+    prompts = _cuts(load_tokenizer(model_dir))
     _suggest(runner, *_engine(runner, token_bytes, SPECULATE), prompts[0])  # compile every graph first
     modes: dict[str, dict] = {}
     for speculate in (0, SPECULATE):

@@ -205,13 +205,12 @@ def run(out_dir: str | Path, model_dir: str | Path | None = None, preset: str = 
     from codefill.inference_workers.client import WorkerClient
     from codefill.inference_workers.startup import spawn_worker, stop_worker
     from codefill.inference_workers.engine import EngineConfig
-    from codefill.model.checkpoint import TOKENIZER_NAME
-    from codefill.model.tokenizer import Tokenizer
+    from codefill.model.checkpoint import load_tokenizer
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_dir = _model_dir(out_dir, model_dir, preset, seed)
-    tok = Tokenizer(model_dir / TOKENIZER_NAME)
+    tok = load_tokenizer(model_dir)
     source = Path(sysconfig.get_paths()["stdlib"]) / SOURCE_FILE
     text = source.read_text()
     cursor = 12_000  # well inside the file: a full context on both sides

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from codefill.errors import CodefillError
+from codefill.model.families import FAMILIES
 
 
 class CliError(CodefillError):
@@ -29,7 +30,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from codefill.model import convert
 
     if args.from_hf:
-        out = convert.hf_to_model_dir(Path(args.from_hf), Path(args.output))
+        out = convert.hf_to_model_dir(Path(args.from_hf), Path(args.output), family=args.family)
     else:
         out = convert.model_dir_to_hf(Path(args.to_hf), Path(args.output))
     print(f"wrote {out}")
@@ -86,10 +87,9 @@ def _run(args: argparse.Namespace, prompt: list[int], stop_ids: frozenset[int]) 
 
 def _tokenizer(model_dir: Path):
     """The tokenizer of a MODEL_DIR or of a directory written by `codefill split`."""
-    from codefill.inference_workers.sharding import tokenizer_path
-    from codefill.model.tokenizer import Tokenizer
+    from codefill.inference_workers.sharding import load_tokenizer
 
-    return Tokenizer(tokenizer_path(model_dir))
+    return load_tokenizer(model_dir)
 
 
 def _emit(args: argparse.Namespace, ids: list[int], text: str) -> None:
@@ -114,7 +114,7 @@ def cmd_infill(args: argparse.Namespace) -> None:
 
     tok = _tokenizer(_model_or_bundled(args))
     prompt = infilling_prompt_tokens(tok, args.prefix, args.suffix, spm=args.spm)
-    ids = _run(args, prompt, frozenset({tok.eot_id, tok.eos_id}))
+    ids = _run(args, prompt, frozenset(tok.stop_ids))
     _emit(args, ids, decode_middle(tok, ids))
 
 
@@ -625,6 +625,9 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--from-hf", metavar="HF_DIR")
     g.add_argument("--to-hf", metavar="MODEL_DIR")
     p.add_argument("--output", required=True)
+    p.add_argument("--family", choices=list(FAMILIES), default=None,
+                   help="with --from-hf: the model family, when the checkpoint does not show it (default: from "
+                        "its model_type and tokenizer files)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("generate", help="continue a prompt")
@@ -639,7 +642,8 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     _bundled_model_arg(p)
     p.add_argument("--prefix", required=True)
     p.add_argument("--suffix", required=True)
-    p.add_argument("--spm", action="store_true", help="suffix-prefix-middle order (default prefix-suffix-middle)")
+    p.add_argument("--spm", action="store_true", help="suffix-prefix-middle order where the family was trained with it (Code Llama); "
+                        "default prefix-suffix-middle")
     _generation_args(p)
     p.set_defaults(func=cmd_infill)
 

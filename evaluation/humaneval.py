@@ -240,12 +240,11 @@ def model_completer(model_dir: str | Path, config: HumanEvalConfig, device: str 
     from codefill.inference_workers.runner import Runner
     from codefill.model.checkpoint import load_model_dir
     from codefill.model.sampling import SamplingConfig
-    from codefill.model.tokenizer import Tokenizer
 
     files = load_model_dir(model_dir)
     gen = Runner(files.config, files.weights, max_seq_len=min(files.config.max_seq_len, MAX_SEQ_LEN), max_batch=1,
                  device=device)
-    tok = Tokenizer(files.tokenizer_path)
+    tok = files.tokenizer()
     stop_ids = frozenset({tok.eos_id})
     top_p = config.top_p if config.temperature > 0 else 1.0
 
@@ -314,12 +313,11 @@ def run(model_dir: str | Path, config: HumanEvalConfig = HumanEvalConfig(), out_
         return run_with(lambda: model_completer(model_dir, config, device), config, out_dir, model=str(model_dir))
 
     def make_complete() -> Complete:
-        from codefill.model.checkpoint import model_dir_tokenizer_path
-        from codefill.model.tokenizer import Tokenizer
+        from codefill.model.checkpoint import load_tokenizer
 
         from . import worker_completer
 
-        tok = Tokenizer(model_dir_tokenizer_path(model_dir))
+        tok = load_tokenizer(model_dir)
         client = worker_completer.connect(endpoint)
         return worker_completer.text_complete(client, tok, config, worker_completer.context(client, tok))
 

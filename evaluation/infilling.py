@@ -288,8 +288,7 @@ def run(model_dir: str | Path, out_dir: str | Path, config: InfillConfig = Infil
     """Evaluate a MODEL_DIR (or, with baseline="ngram", the n-gram baseline built with its tokenizer on the
     train files of `held_out`'s source) on HumanEval infilling and/or held-out FIM. Writes OUT/NAME.json and
     OUT/NAME_tasks.jsonl, NAME = infill or infill_ngram; returns the summary. device: where the model runs."""
-    from codefill.model.checkpoint import load_model_dir, model_dir_tokenizer_path
-    from codefill.model.tokenizer import Tokenizer
+    from codefill.model.checkpoint import load_model_dir, load_tokenizer
     from codefill.training.fim_eval import generator_complete
 
     if not humaneval and held_out is None:
@@ -300,7 +299,7 @@ def run(model_dir: str | Path, out_dir: str | Path, config: InfillConfig = Infil
         raise EvalError("the n-gram baseline is built from the train files of a source: give one (--source)")
     if baseline is not None and endpoint is not None:
         raise EvalError("give either --baseline or --endpoint: the baseline runs in this process")
-    tok = Tokenizer(model_dir_tokenizer_path(model_dir))
+    tok = load_tokenizer(model_dir)
     if not tok.has_infilling:
         raise EvalError(f"the tokenizer of {model_dir} has no infilling pieces; infilling needs a Code Llama base "
                         f"tokenizer (7B/13B), not a Python or 34B one")

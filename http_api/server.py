@@ -45,7 +45,7 @@ from codefill.lsp.backend import Backend, WorkerDown
 from codefill.lsp.completion import Completer
 from codefill.lsp.prompt import PromptError
 from codefill.lsp.settings import Settings
-from codefill.model.checkpoint import TOKENIZER_NAME
+from codefill.model.checkpoint import load_tokenizer
 from codefill.model.tokenizer import Tokenizer, TokenizerError
 
 from . import schema
@@ -355,7 +355,7 @@ def main(model_dir: str | Path, settings: Settings, config: HttpConfig,
     """Serve until SIGINT or SIGTERM; the worker this server started is stopped on the way out.
     Bad arguments raise HttpError or TokenizerError before anything starts."""
     check_listen(config)
-    tok = Tokenizer(Path(model_dir) / TOKENIZER_NAME)
+    tok = load_tokenizer(Path(model_dir))
     Completer(tok).stop_ids  # TokenizerError naming the missing pieces: a model without FIM cannot serve /infill
 
     async def serve() -> None:

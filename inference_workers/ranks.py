@@ -76,8 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         raise
     if runner is None:  # a follower, released by rank 0
         return
-    from codefill.inference_workers.sharding import tokenizer_path
-    from codefill.inference_workers.stops import token_bytes
+    from codefill.inference_workers.stops import token_bytes_of_model_dir
     from codefill.inference_workers.worker import serve
 
     try:
@@ -86,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
             from codefill.inference_workers.security import ServerKeys
 
             keys = ServerKeys(Path(args.curve_secret_key), Path(args.curve_authorized_clients))
-        serve(runner, args.endpoint, table=token_bytes(tokenizer_path(args.model)), ready_file=ready_file,
+        serve(runner, args.endpoint, table=token_bytes_of_model_dir(args.model), ready_file=ready_file,
               allow_remote=args.allow_remote, keys=keys)
     finally:
         if runner.busy:

@@ -8,7 +8,8 @@ the same transform, and the parallel Cells it puts in (tp_cells.py) carry the ba
 - column-parallel wq, wk, wv, w1, w3: rank r of N keeps output rows [r*out/N, (r+1)*out/N). For attention
   that is query heads [r*H/N, (r+1)*H/N) and KV heads [r*KV/N, (r+1)*KV/N). Query head h reads KV head h // R
   (R = H / KV), so a rank's query heads need exactly its own KV heads: attention runs with no communication,
-  on H/N query and KV/N key/value heads, with a per-rank KV cache [max_batch, KV/N, S, D].
+  on H/N query and KV/N key/value heads, with a per-rank KV cache [max_batch, KV/N, S, D]. Qwen2's q/k/v
+  biases [out] are cut like the rows they add to.
 - row-parallel wo, w2: rank r keeps input columns [r*in/N, ...) and computes a partial sum x_r @ W_r^T,
   all-reduced (sum) inside the graph, so every rank holds the full residual stream. Two all-reduces of
   [B, T, dim] per layer forward; nothing else is communicated inside a layer.
@@ -45,15 +46,16 @@ import numpy as np
 
 from codefill.errors import CodefillError
 from codefill.model.checkpoint import (
-    TOKENIZER_NAME,
     WEIGHTS_NAME,
     CheckpointError,
     atomic_directory,
     check_vocab,
     check_weights,
     load_model_dir,
+    open_tokenizer,
     read_model_config,
     save_model_dir,
+    tokenizer_name,
     write_json_synced,
 )
 from codefill.model.config import ConfigError, LlamaConfig
@@ -64,7 +66,8 @@ SPLIT_FORMAT, SPLIT_VERSION, SPLIT_NAME = "codefill-tp-split", 1, "split.json"
 
 # Which tensors are cut, and along which axis of the [out, in] weight.
 _COLUMN_PARALLEL = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
-                    "feed_forward.w1.weight", "feed_forward.w3.weight")  # rows: output features
+                    "feed_forward.w1.weight", "feed_forward.w3.weight",  # rows: output features
+                    "attention.wq.bias", "attention.wk.bias", "attention.wv.bias")  # Qwen2: cut like the rows
 _ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight")  # columns: input features
 
 
@@ -152,9 +155,9 @@ def shard_transformer(model, rank: int, world: int) -> None:
         layer.ffn_norm = tp_cells.RankInputNorm(cfg.dim, cfg.norm_eps)
         attn = layer.attention
         attn.n_heads, attn.n_kv_heads = q_local, kv_local  # n_rep and head_dim are unchanged
-        attn.wq = Linear(cfg.dim, q_local * cfg.head_dim)
-        attn.wk = Linear(cfg.dim, kv_local * cfg.head_dim)
-        attn.wv = Linear(cfg.dim, kv_local * cfg.head_dim)
+        attn.wq = Linear(cfg.dim, q_local * cfg.head_dim, cfg.attention_bias)
+        attn.wk = Linear(cfg.dim, kv_local * cfg.head_dim, cfg.attention_bias)
+        attn.wv = Linear(cfg.dim, kv_local * cfg.head_dim, cfg.attention_bias)
         attn.wo = tp_cells.RowParallelLinear(q_local * cfg.head_dim, cfg.dim)
         attn.cache_k, attn.cache_v = kv_cache(model.max_batch, kv_local, model.max_seq_len, cfg.head_dim)
         ff = layer.feed_forward
@@ -215,11 +218,17 @@ def check_model_dir_for_tp(model_dir: str | Path, tp: int) -> LlamaConfig:
 
 
 def tokenizer_path(model_dir: str | Path) -> Path:
-    """The tokenizer of a MODEL_DIR or of a split directory (which carries a copy)."""
+    """The tokenizer file of a MODEL_DIR or of a split directory (which carries a copy)."""
     cfg, _ = read_tp_config(model_dir)
-    path = Path(model_dir) / TOKENIZER_NAME
+    path = Path(model_dir) / tokenizer_name(cfg)
     check_vocab(cfg, path, str(model_dir))
     return path
+
+
+def load_tokenizer(model_dir: str | Path):
+    """The tokenizer of a MODEL_DIR or of a split directory, the one its family names (checked)."""
+    cfg, _ = read_tp_config(model_dir)
+    return open_tokenizer(cfg, tokenizer_path(model_dir))
 
 
 def split_model_dir(model_dir: str | Path, tp: int, out_dir: str | Path, *, overwrite: bool = False) -> Path:
@@ -236,7 +245,7 @@ def split_model_dir(model_dir: str | Path, tp: int, out_dir: str | Path, *, over
         for rank in range(tp):
             write_safetensors(tmp / shard_file_name(rank, tp), shard_weights(cfg, files.weights, rank, tp),
                               {"format": SPLIT_FORMAT, "rank": str(rank), "tp": str(tp)})
-        shutil.copyfile(files.tokenizer_path, tmp / TOKENIZER_NAME)
+        shutil.copyfile(files.tokenizer_path, tmp / tokenizer_name(cfg))
         write_json_synced(tmp / SPLIT_NAME, manifest)
     return Path(out_dir)
 
@@ -301,6 +310,6 @@ def merge_split_dir(split_dir: str | Path, out_dir: str | Path, *, overwrite: bo
                 raise TensorParallelError(f"replicated tensor {name!r} differs between rank 0 and rank {r} "
                                           f"of {split_dir}")
         full[name] = np.array(parts[0])
-    return save_model_dir(out_dir, cfg, full, split_dir / TOKENIZER_NAME,
+    return save_model_dir(out_dir, cfg, full, split_dir / tokenizer_name(cfg),
                           note=f"merged from {world} tensor-parallel shards in {split_dir.absolute()}",
                           overwrite=overwrite)

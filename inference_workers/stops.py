@@ -2,9 +2,10 @@
 
 Workers see token ids only: they never tokenize and never build prompts. Three stop rules are about text,
 though (stop strings, end of line, dedent), and an engine that waits for the client to notice them would
-decode tokens nobody reads. So the worker holds one table derived from the model directory's
-`tokenizer.model`, `token_bytes(path)[id] -> bytes` (SentencePiece pieces with "▁" as a space, byte-fallback
-pieces "<0x0A>" as that byte, control pieces as nothing), and uses it ONLY to match these rules on the bytes
+decode tokens nobody reads. So the worker holds one table derived from the model directory's tokenizer,
+`token_bytes_of_model_dir(dir)[id] -> bytes` (SentencePiece pieces with "▁" as a space, byte-fallback
+pieces "<0x0A>" as that byte, byte-level BPE tokens through their byte alphabet, control and special tokens
+as nothing), and uses it ONLY to match these rules on the bytes
 of the generated tokens. Concatenating the table's bytes of generated ids gives exactly the UTF-8 of
 `Tokenizer.decode_infilling(ids)` wherever that is valid UTF-8, so a byte offset reported here
 (`Finished.text_bytes`) is an offset into the client's decoded middle.
@@ -37,34 +38,22 @@ class StopRuleError(CodefillError, ValueError):
     """A tokenizer file the table cannot be built from, or a text rule without a table; names the values."""
 
 
-def token_bytes(tokenizer_model: str | Path) -> list[bytes]:
-    """id -> the bytes its piece stands for, from a SentencePiece model file."""
-    import sentencepiece as spm
-
-    path = Path(tokenizer_model)
-    if not path.is_file():
-        raise StopRuleError(f"tokenizer model {path} does not exist or is not a file")
-    sp = spm.SentencePieceProcessor()
-    try:
-        sp.Load(str(path))
-    except (OSError, RuntimeError) as e:
-        raise StopRuleError(f"cannot load SentencePiece model {path}: {e}") from e
-    table = []
-    for i in range(sp.vocab_size()):
-        piece = sp.id_to_piece(i)
-        if sp.is_control(i) or sp.is_unknown(i):
-            table.append(b"")  # BOS, EOS, <PRE>.. decode to nothing; <unk> is never generated usefully
-        elif sp.is_byte(i):  # "<0x0A>"
-            table.append(bytes([int(piece[3:5], 16)]))
-        else:
-            table.append(piece.replace("\u2581", " ").encode("utf-8"))
-    return table
-
-
 def token_bytes_of_model_dir(model_dir: str | Path) -> list[bytes]:
-    from codefill.model.checkpoint import TOKENIZER_NAME
+    """id -> bytes for every id the model can emit: the tokenizer's table (`token_bytes()` of
+    model/tokenizer.py or model/bpe_tokenizer.py; byte-level BPE checkpoints pad the vocabulary beyond the
+    tokenizer's ids, Qwen2.5-Coder 151665 -> 151936, and those ids have no bytes)."""
+    from codefill.inference_workers.sharding import load_tokenizer, read_tp_config
+    from codefill.model.checkpoint import CheckpointError
+    from codefill.model.tokenizer import TokenizerError
 
-    return token_bytes(Path(model_dir) / TOKENIZER_NAME)
+    try:
+        cfg, _ = read_tp_config(model_dir)
+        table = load_tokenizer(model_dir).token_bytes()
+    except (CheckpointError, TokenizerError) as e:
+        raise StopRuleError(f"cannot build the token table of {model_dir}: {e}") from e
+    if len(table) != cfg.vocab_size:  # check_vocab has refused this already; a table must cover every id
+        raise StopRuleError(f"the token table of {model_dir} has {len(table)} ids, the model {cfg.vocab_size}")
+    return table
 
 
 @dataclass

@@ -117,7 +117,7 @@ class Completer:
 
     @property
     def stop_ids(self) -> list[int]:
-        return [self.tok.eot_id, self.tok.eos_id]
+        return self.tok.stop_ids
 
     def prompt_config(self, settings: Settings, max_seq_len: int, max_new: int) -> PromptConfig:
         budget = max(8, min(settings.max_prompt_tokens, max_seq_len - max_new + 1))

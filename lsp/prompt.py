@@ -17,6 +17,16 @@ the prefix (Code Llama saw code, so context looks like code):
     SPM: [BOS, <PRE>, <SUF>] + encode_infilling(suffix) + [<MID>] + encode(context + header + prefix)
     PSM: [BOS, <PRE>] + encode(context + header + prefix) + [<SUF>] + encode_infilling(suffix) + [<MID>]
 
+A family trained with repository-level context (Qwen2.5-Coder: `model/fim.py` `repository_prompt_tokens`)
+gets the chunks and the path in its own layout instead of comments, PSM (the only order it was trained on):
+
+    [<|repo_name|>] + encode(REPO_NAME + "\n") + ([<|file_sep|>] + encode(path + "\n" + text + "\n")) per chunk
+        + [<|file_sep|>] + encode(path + "\n")
+        + [<|fim_prefix|>] + encode(prefix) + [<|fim_suffix|>] + encode(suffix) + [<|fim_middle|>]
+
+and without chunks or a path (or with `path_header` off), the plain FIM prompt; chunks without a path get the
+path "untitled". `Prompt.context` is then that header written as text.
+
 SPM is the default, for two reasons. Typing appends to the *end* of an SPM prompt (the prefix comes last),
 so consecutive keystrokes share almost every token: the workers' prefix cache reuses the KV cache and can
 extend a running decode. In PSM the prefix sits before the suffix, so each keystroke changes the middle of
@@ -31,7 +41,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from codefill.errors import CodefillError
-from codefill.model.fim import infilling_prompt_tokens
+from codefill.model.fim import infilling_prompt_tokens, repository_prompt_tokens
 from codefill.model.tokenizer import Tokenizer
 
 
@@ -89,6 +99,12 @@ _COMMENT = {
 }
 
 
+# The repository name of a repository-level prompt: the language server does not know the project's name, and
+# the model only needs to see that the files belong together.
+REPO_NAME = "workspace"
+UNTITLED = "untitled"  # the current file's path in a repository-level prompt when the client gives none
+
+
 def comment_prefix(language_id: str | None) -> str | None:
     """The line-comment marker of an LSP language id, or None when unknown (then no header is written)."""
     return _COMMENT.get((language_id or "").lower())
@@ -133,12 +149,39 @@ def build_prompt(tok: Tokenizer, prefix: str, suffix: str, config: PromptConfig 
                  chunks: Sequence[Chunk] = ()) -> Prompt:
     """The FIM prompt for a cursor between `prefix` and `suffix` (see the module docstring)."""
     comment = comment_prefix(language_id)
-    header = _header(path, comment) if (config.path_header and path and comment) else ""
+    family = tok.family
+    repo = family.file_sep is not None  # other files as the family's own file sections
+    if repo:
+        header = f"{path}\n" if (config.path_header and path) else ""  # the current file's line, after a <|file_sep|>
+        chunk_texts = [f"{c.path}\n{c.text}\n" for c in chunks]  # each after a <|file_sep|>
+        repo_line = len(tok.encode(f"{REPO_NAME}\n")) + 1
+    else:
+        header = _header(path, comment) if (config.path_header and path and comment) else ""
+        chunk_texts = [_chunk_text(c, comment or "#") for c in chunks]
 
-    def assemble(context: str, pre: str, suf: str) -> list[int]:
-        return infilling_prompt_tokens(tok, context + pre, suf, spm=config.spm)
+    def assemble(k: int, head: str, pre: str, suf: str) -> list[int]:
+        """The prompt with the first k chunks and the header `head` ("": none)."""
+        if not repo:
+            return infilling_prompt_tokens(tok, "".join(chunk_texts[:k]) + head + pre, suf, spm=config.spm)
+        if not k and not head:
+            return infilling_prompt_tokens(tok, pre, suf)
+        return repository_prompt_tokens(tok, REPO_NAME, [(c.path, c.text) for c in chunks[:k]],
+                                        head[:-1] if head else UNTITLED, pre, suf)
 
-    n_markers = len(assemble("", "", ""))
+    def context_text(k: int, head: str) -> str:
+        if not repo:
+            return "".join(chunk_texts[:k]) + head
+        if not k and not head:
+            return ""
+        sections = "".join(family.file_sep + t for t in chunk_texts[:k])
+        return f"{family.repo_name}{REPO_NAME}\n{sections}{family.file_sep}{head or UNTITLED + chr(10)}"
+
+    def head_and_prefix_tokens(head: str, pre: str) -> int:
+        if not repo:
+            return len(tok.encode(head + pre))
+        return (repo_line + 1 + len(tok.encode(head)) if head else 0) + len(tok.encode(pre))
+
+    n_markers = len(assemble(0, "", "", ""))
     room = config.max_prompt_tokens - n_markers
     if room < 1:
         raise PromptError(f"max_prompt_tokens {config.max_prompt_tokens} leaves no room after {n_markers} markers")
@@ -155,10 +198,13 @@ def build_prompt(tok: Tokenizer, prefix: str, suffix: str, config: PromptConfig 
 
     # 1. The prefix: the last whole lines that fit with the header; the cursor line is always its last line.
     prefix_lines = _lines(prefix)
-    chunk_texts = [_chunk_text(c, comment or "#") for c in chunks]
 
     def context_tokens(k: int) -> int:
-        return len(tok.encode("".join(chunk_texts[:k]))) if k else 0
+        if not k:
+            return 0
+        if repo:
+            return sum(1 + len(tok.encode(t)) for t in chunk_texts[:k])
+        return len(tok.encode("".join(chunk_texts[:k])))
 
     # Held back from the prefix: only what the chunks that fit in the context share need, so a chunk too
     # big for the share does not leave its room unused.
@@ -166,29 +212,27 @@ def build_prompt(tok: Tokenizer, prefix: str, suffix: str, config: PromptConfig 
     reserve = context_tokens(_longest_fit(len(chunk_texts), lambda k: context_tokens(k) <= share))
     prefix_room = room - suffix_tokens - reserve
     def prefix_fits(k: int) -> bool:
-        return len(tok.encode(header + "".join(prefix_lines[len(prefix_lines) - k:]))) <= prefix_room
+        return head_and_prefix_tokens(header, "".join(prefix_lines[len(prefix_lines) - k:])) <= prefix_room
 
     n_pre = _longest_fit(len(prefix_lines), prefix_fits)
     kept_prefix = "".join(prefix_lines[len(prefix_lines) - n_pre:])
     if n_pre == 0 and prefix_lines and not prefix_lines[-1].endswith(("\n", "\r")):  # the cursor line itself
-        line_room = prefix_room - len(tok.encode(header))
+        line_room = prefix_room - head_and_prefix_tokens(header, "")
         if line_room <= 0:
             header, line_room = "", prefix_room
         kept_prefix = _cut_inside(prefix_lines[-1], line_room, lambda s: len(tok.encode(s)), keep_end=True)
 
     # 3. Context: whole chunks in the caller's order, as many as fit in what is left.
-    context_room = room - suffix_tokens - len(tok.encode(header + kept_prefix))
+    context_room = room - suffix_tokens - head_and_prefix_tokens(header, kept_prefix)
     n_chunks = _longest_fit(len(chunk_texts), lambda k: context_tokens(k) <= context_room)
-    context = "".join(chunk_texts[:n_chunks]) + header
 
     # Exact check: tokens can merge differently where the pieces meet; drop context, then prefix lines.
-    ids = assemble(context, kept_prefix, kept_suffix)
+    ids = assemble(n_chunks, header, kept_prefix, kept_suffix)
     while len(ids) > config.max_prompt_tokens:
         if n_chunks:
             n_chunks -= 1
-            context = "".join(chunk_texts[:n_chunks]) + header
         elif header:
-            header, context = "", ""
+            header = ""
         elif "\n" in kept_prefix[:-1]:
             kept_prefix = kept_prefix[kept_prefix.index("\n") + 1:]
         elif kept_prefix:
@@ -197,5 +241,6 @@ def build_prompt(tok: Tokenizer, prefix: str, suffix: str, config: PromptConfig 
             kept_suffix = kept_suffix[:-1]
         else:  # pragma: no cover - the markers alone fit, checked above
             raise PromptError(f"cannot fit a prompt in {config.max_prompt_tokens} ids")
-        ids = assemble(context, kept_prefix, kept_suffix)
-    return Prompt(ids=ids, prefix=kept_prefix, suffix=kept_suffix, context=context, n_chunks=n_chunks)
+        ids = assemble(n_chunks, header, kept_prefix, kept_suffix)
+    return Prompt(ids=ids, prefix=kept_prefix, suffix=kept_suffix, context=context_text(n_chunks, header),
+                  n_chunks=n_chunks)

@@ -41,7 +41,7 @@ from pygls.workspace import TextDocument
 
 from codefill.inference_workers.client import WorkerError, WorkerOverloaded
 from codefill.inference_workers.protocol import WireError, check_endpoint
-from codefill.model.checkpoint import TOKENIZER_NAME
+from codefill.model.checkpoint import load_tokenizer
 from codefill.model.tokenizer import Tokenizer, TokenizerError
 
 from . import transport
@@ -497,7 +497,7 @@ def main(model_dir: str | Path | None = None, endpoint: str | None = None, setti
             raise WorkerError(str(e)) from e
     address = transport.parse_tcp(tcp) if tcp is not None else None
     server.model_dir = Path(model_dir)
-    server.tokenizer = Tokenizer(server.model_dir / TOKENIZER_NAME)
+    server.tokenizer = load_tokenizer(server.model_dir)
     server.settings = settings
     server.client_keys = client_keys
     try:

@@ -4,7 +4,10 @@
       config.json        {"format": "codefill-model", "version": 1, "architecture": LlamaConfig.to_dict(),
                           "dtype": "float32" | "float16" | "bfloat16", "note": optional free text}
       model.safetensors  every tensor of weights.expected_shapes(config), codefill names, one stored dtype
-      tokenizer.model    the SentencePiece model; its vocabulary size equals the architecture's
+      tokenizer.model    Code Llama: the SentencePiece model; its vocabulary size equals the architecture's
+      tokenizer.json     byte-level BPE families (Qwen2.5-Coder, DeepSeek-Coder): the Hugging Face file; its
+                         ids fit in the architecture's vocabulary, which checkpoints pad (Qwen 151665 -> 151936)
+      (the architecture's `family` says which: families.py)
 
 Loading is strict: an unknown format or version, a missing, extra or mis-shaped tensor, a dtype other than
 the declared one, or a vocabulary size that disagrees between config, tokenizer and embedding is a
@@ -31,6 +34,9 @@ from codefill.errors import CodefillError
 from .config import ConfigError, LlamaConfig
 from .safetensors_io import DTYPE_NAMES, SafetensorsError, dtype_name, from_float32, read_safetensors, \
     to_float32, write_safetensors
+from .bpe_tokenizer import BpeTokenizer
+from .families import FAMILIES
+from .tokenizer import Tokenizer, TokenizerError  # SentencePiece itself is imported only when one is opened
 from .weights import expected_shapes
 
 FORMAT = "codefill-model"
@@ -50,6 +56,22 @@ class ModelFiles:
     tokenizer_path: Path
     stored_dtype: str = "float32"  # the dtype in model.safetensors, whatever `weights` were converted to
     note: str | None = None
+
+    def tokenizer(self) -> Tokenizer | BpeTokenizer:
+        return open_tokenizer(self.config, self.tokenizer_path)
+
+
+def tokenizer_name(config: LlamaConfig) -> str:
+    """The tokenizer file of a MODEL_DIR of this family: tokenizer.model or tokenizer.json."""
+    return FAMILIES[config.family].tokenizer_file
+
+
+def open_tokenizer(config: LlamaConfig, path: str | Path) -> Tokenizer | BpeTokenizer:
+    """The family's tokenizer from its file (TokenizerError if it cannot be read)."""
+    family = FAMILIES[config.family]
+    if family.tokenizer_file == TOKENIZER_NAME:
+        return Tokenizer(path)
+    return BpeTokenizer(path, family, config.vocab_size)  # ids past the file's tokens: padding rows
 
 
 # --- checks shared with convert.py ----------------------------------------------------------------------
@@ -79,13 +101,13 @@ def check_weights(config: LlamaConfig, weights: Mapping[str, np.ndarray], where:
 
 
 def check_vocab(config: LlamaConfig, tokenizer_path: Path, where: str) -> None:
-    from .tokenizer import Tokenizer, TokenizerError  # here: reading weights and configs needs no SentencePiece
-
+    """SentencePiece: as many pieces as the vocabulary; byte-level BPE: ids within it (checkpoints pad it)."""
     try:
-        n = Tokenizer(tokenizer_path).vocab_size
+        tok = open_tokenizer(config, tokenizer_path)
     except TokenizerError as e:
         raise CheckpointError(f"{where}: {e}") from e
-    if n != config.vocab_size:
+    n = tok.n_tokens if isinstance(tok, BpeTokenizer) else tok.vocab_size
+    if n != config.vocab_size and not (isinstance(tok, BpeTokenizer) and n <= config.vocab_size):
         raise CheckpointError(f"{where}: tokenizer {tokenizer_path} has {n} pieces but the config's "
                               f"vocab_size is {config.vocab_size}")
 
@@ -165,7 +187,7 @@ def save_model_dir(path: str | Path, config: LlamaConfig, weights: Mapping[str, 
             write_safetensors(tmp / WEIGHTS_NAME, ordered, {"format": FORMAT}, on_written=on_written)
         except SafetensorsError as e:
             raise CheckpointError(str(e)) from e
-        _copy_synced(tokenizer_path, tmp / TOKENIZER_NAME)
+        _copy_synced(tokenizer_path, tmp / tokenizer_name(config))
         write_json_synced(tmp / CONFIG_NAME, meta)
     return path
 
@@ -200,9 +222,15 @@ def model_dir_tokenizer_path(path: str | Path) -> Path:
     which tokenizes but never runs the model)."""
     path = Path(path)
     config, _, _ = read_model_config(path)
-    tokenizer_path = path / TOKENIZER_NAME
+    tokenizer_path = path / tokenizer_name(config)
     check_vocab(config, tokenizer_path, str(path))
     return tokenizer_path
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer | BpeTokenizer:
+    """A MODEL_DIR's tokenizer, the one its family names, checked against its config."""
+    config, _, _ = read_model_config(path)
+    return open_tokenizer(config, model_dir_tokenizer_path(path))
 
 
 def load_model_dir(path: str | Path, dtype: type | np.dtype | None = np.float32, *,
@@ -212,7 +240,7 @@ def load_model_dir(path: str | Path, dtype: type | np.dtype | None = np.float32,
     vocab_check=False skips loading the tokenizer (the PyTorch trainer, on a machine without SentencePiece)."""
     path = Path(path)
     config, stored, note = read_model_config(path)
-    tokenizer_path = path / TOKENIZER_NAME
+    tokenizer_path = path / tokenizer_name(config)
     if vocab_check:
         check_vocab(config, tokenizer_path, str(path))
     try:

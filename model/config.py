@@ -1,11 +1,18 @@
-"""The Llama / Code Llama architecture as one dataclass, with named presets.
+"""The Llama / Code Llama architecture as one dataclass, with named presets; Qwen2 and DeepSeek-Coder are
+the same architecture with three switches (q/k/v biases, tied embeddings, linear rope scaling).
 
 Only architecture lives here. How a model is run (cache sizes, batch, tensor parallelism) and how tokens are
 sampled are separate configs owned by the code that runs and samples.
 
 A config is read from a Hugging Face `config.json` (`LlamaConfig.from_hf`) or taken from `PRESETS` by name.
-Anything in a Hugging Face config that this implementation does not compute (rope scaling, biases, another
-activation, tied embeddings) is refused with a `ConfigError` naming the key and value, never silently ignored.
+Two Hugging Face model types are read: `llama` (Code Llama, DeepSeek-Coder) and `qwen2` (Qwen2.5-Coder).
+Anything in them that this implementation does not compute (a rope scaling other than linear, a sliding
+window, another activation, Llama's attention or MLP biases) is refused with a `ConfigError` naming the key
+and value, never silently ignored.
+
+`family` is not math: it names the tokenizer and fill-in-the-middle format the weights were trained with
+(model/families.py), recorded with the architecture so that every reader of a MODEL_DIR (language server,
+HTTP server, workers' stop-rule table, training) picks the same ones.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from codefill.errors import CodefillError
+
+from .families import FAMILIES
 
 
 class ConfigError(CodefillError, ValueError):
@@ -34,6 +43,13 @@ class LlamaConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 1_000_000.0  # Code Llama uses 1e6; Llama 2 used 1e4
     max_seq_len: int = 16384  # positions the model was trained for
+    # Linear rope scaling (position interpolation): rotary angles use position / factor. DeepSeek-Coder: 4.
+    rope_scaling_factor: float = 1.0
+    attention_bias: bool = False  # biases on q/k/v (Qwen2); wo and the FFN never have one
+    # The head reuses the embedding matrix (Qwen2.5-Coder 0.5B-3B). A MODEL_DIR stores both tensors (the math
+    # and the TP layout stay one); conversion back to Hugging Face writes the tie when they are equal.
+    tie_word_embeddings: bool = False
+    family: str = "codellama"  # tokenizer and FIM format: a key of families.FAMILIES
 
     def __post_init__(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "max_seq_len"):
@@ -48,6 +64,13 @@ class LlamaConfig:
             raise ConfigError(f"head_dim {self.head_dim} must be even for rotary embeddings")
         if not self.norm_eps > 0 or not self.rope_theta > 0:
             raise ConfigError(f"norm_eps {self.norm_eps} and rope_theta {self.rope_theta} must be positive")
+        if not (isinstance(self.rope_scaling_factor, (int, float)) and self.rope_scaling_factor >= 1.0):
+            raise ConfigError(f"rope_scaling_factor must be a number >= 1, got {self.rope_scaling_factor!r}")
+        for name in ("attention_bias", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.family not in FAMILIES:
+            raise ConfigError(f"unknown family {self.family!r}; known: {', '.join(FAMILIES)}")
 
     @property
     def head_dim(self) -> int:
@@ -61,30 +84,36 @@ class LlamaConfig:
     def n_params(self) -> int:
         kv = self.n_kv_heads * self.head_dim
         per_layer = 2 * self.dim * self.dim + 2 * self.dim * kv + 3 * self.dim * self.ffn_dim + 2 * self.dim
-        return self.n_layers * per_layer + 2 * self.vocab_size * self.dim + self.dim
+        if self.attention_bias:
+            per_layer += self.dim + 2 * kv
+        head = 0 if self.tie_word_embeddings else self.vocab_size * self.dim
+        return self.n_layers * per_layer + self.vocab_size * self.dim + head + self.dim
 
     # --- Hugging Face config.json -------------------------------------------------------------------------
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any]) -> "LlamaConfig":
-        """Build from the dict of a Hugging Face Llama `config.json`, refusing what we do not implement."""
+    def from_hf(cls, hf: dict[str, Any], family: str | None = None) -> "LlamaConfig":
+        """Build from the dict of a Hugging Face `config.json` (model_type llama or qwen2), refusing what we do
+        not implement. `family` defaults to the model type's first family (llama: codellama, qwen2:
+        qwen2.5-coder); convert.py passes the one the checkpoint's tokenizer shows."""
         model_type = hf.get("model_type")
-        if model_type != "llama":
-            raise ConfigError(f"model_type must be 'llama', got {model_type!r}")
-        refused = {
-            "rope_scaling": (None,),
-            "attention_bias": (False, None),
-            "mlp_bias": (False, None),
-            "tie_word_embeddings": (False, None),
-            "hidden_act": ("silu", None),
-        }
-        for key, allowed in refused.items():
+        if model_type not in _HF_REFUSED:
+            raise ConfigError(f"model_type must be one of {sorted(_HF_REFUSED)}, got {model_type!r}")
+        for key, allowed in _HF_REFUSED[model_type].items():
             if hf.get(key) not in allowed:
                 raise ConfigError(f"unsupported {key}={hf.get(key)!r} (supported: {allowed[0]!r})")
+        layer_types = hf.get("layer_types")
+        if layer_types is not None and set(layer_types) != {"full_attention"}:
+            raise ConfigError(f"unsupported layer_types={layer_types!r} (supported: all 'full_attention')")
         for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
             if key not in hf:
                 raise ConfigError(f"config.json has no {key!r}")
-        rope_theta = _hf_rope_theta(hf)
+        rope_theta, rope_factor = _hf_rope(hf)
+        if family is None:
+            family = next(name for name, f in FAMILIES.items() if f.hf_model_type == model_type)
+        elif FAMILIES.get(family) is None or FAMILIES[family].hf_model_type != model_type:
+            raise ConfigError(f"family {family!r} is not a {model_type!r} family "
+                              f"(those are {[n for n, f in FAMILIES.items() if f.hf_model_type == model_type]})")
         cfg = cls(
             dim=hf["hidden_size"],
             n_layers=hf["num_hidden_layers"],
@@ -95,16 +124,25 @@ class LlamaConfig:
             norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
             max_seq_len=hf.get("max_position_embeddings", 2048),
+            rope_scaling_factor=rope_factor,
+            attention_bias=model_type == "qwen2",  # Qwen2Attention always has q/k/v biases; no key says so
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),  # transformers' default: untied
+            family=family,
         )
         head_dim = hf.get("head_dim")
         if head_dim is not None and head_dim != cfg.head_dim:
             raise ConfigError(f"head_dim {head_dim} != hidden_size/num_attention_heads = {cfg.head_dim}")
         return cfg
 
-    def to_hf(self, *, bos_id: int | None = None, eos_id: int | None = None, torch_dtype: str = "float32") -> dict:
-        return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+    def to_hf(self, *, bos_id: int | None = None, eos_id: int | None = None, torch_dtype: str = "float32",
+              tie_word_embeddings: bool | None = None) -> dict:
+        """A Hugging Face config.json dict (Qwen2ForCausalLM when attention_bias, else LlamaForCausalLM).
+        `tie_word_embeddings`: what the written weights do (default: the config's)."""
+        rope_scaling = None if self.rope_scaling_factor == 1.0 else {"type": "linear", "rope_type": "linear",
+                                                                     "factor": float(self.rope_scaling_factor)}
+        out = {
+            "architectures": ["Qwen2ForCausalLM" if self.attention_bias else "LlamaForCausalLM"],
+            "model_type": "qwen2" if self.attention_bias else "llama",
             "hidden_size": self.dim,
             "num_hidden_layers": self.n_layers,
             "num_attention_heads": self.n_heads,
@@ -116,15 +154,18 @@ class LlamaConfig:
             "rope_theta": self.rope_theta,
             "max_position_embeddings": self.max_seq_len,
             "hidden_act": "silu",
-            "rope_scaling": None,
-            "attention_bias": False,
-            "mlp_bias": False,
-            "tie_word_embeddings": False,
+            "rope_scaling": rope_scaling,
+            "tie_word_embeddings": self.tie_word_embeddings if tie_word_embeddings is None else tie_word_embeddings,
             "bos_token_id": bos_id,
             "eos_token_id": eos_id,
             "torch_dtype": torch_dtype,
             "dtype": torch_dtype,  # the key transformers 5 reads; 4.x reads torch_dtype
         }
+        if self.attention_bias:
+            out.update(use_sliding_window=False, sliding_window=None)
+        else:
+            out.update(attention_bias=False, mlp_bias=False)
+        return out
 
     # --- codefill's own files --------------------------------------------------------------------------
 
@@ -150,21 +191,47 @@ class LlamaConfig:
             raise ConfigError(f"cannot read Hugging Face config {path}: {e}") from e
 
 
-def _hf_rope_theta(hf: dict[str, Any]) -> float:
-    """rope_theta from a Hugging Face config: top-level (transformers 4) or in `rope_parameters`
-    (transformers 5, which writes {"rope_theta": ..., "rope_type": "default"} and no top-level key)."""
+# Per Hugging Face model type, the keys whose other values codefill does not compute (first value: the one
+# supported). Qwen2's q/k/v biases are not a key; a Llama `attention_bias` would also put one on o_proj.
+_HF_REFUSED: dict[str, dict[str, tuple]] = {
+    "llama": {"attention_bias": (False, None), "mlp_bias": (False, None), "hidden_act": ("silu", None)},
+    "qwen2": {"use_sliding_window": (False, None), "hidden_act": ("silu", None)},
+}
+
+
+def _hf_rope(hf: dict[str, Any]) -> tuple[float, float]:
+    """(rope_theta, linear scaling factor) from a Hugging Face config. transformers 4 and the published
+    checkpoints write a top-level `rope_theta` and `rope_scaling` ({"type": "linear", "factor": 4.0} or null);
+    transformers 5 writes `rope_parameters` ({"rope_theta": ..., "rope_type": "default" | "linear", ...})."""
     params = hf.get("rope_parameters")
-    if params is None:
-        return float(hf.get("rope_theta", 10000.0))
-    if not isinstance(params, dict) or params.get("rope_type", "default") != "default":
-        raise ConfigError(f"unsupported rope_parameters={params!r} (supported: rope_type 'default')")
-    extra = sorted(set(params) - {"rope_theta", "rope_type"})
-    if extra:
-        raise ConfigError(f"unsupported rope_parameters keys {extra} in {params!r}")
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    if "rope_theta" in hf and float(hf["rope_theta"]) != theta:
+    scaling = hf.get("rope_scaling")
+    if params is not None and not isinstance(params, dict):
+        raise ConfigError(f"unsupported rope_parameters={params!r} (supported: a dict)")
+    if scaling is not None and not isinstance(scaling, dict):
+        raise ConfigError(f"unsupported rope_scaling={scaling!r} (supported: null or linear)")
+    theta = float(hf.get("rope_theta", (params or {}).get("rope_theta", 10000.0)))
+    if params is not None and float(params.get("rope_theta", theta)) != theta:
         raise ConfigError(f"rope_theta {hf['rope_theta']!r} disagrees with rope_parameters {params!r}")
-    return theta
+    factor = 1.0
+    for key, d in (("rope_scaling", scaling), ("rope_parameters", params)):
+        if d is None:
+            continue
+        kind = d.get("rope_type", d.get("type", "default"))
+        if d.get("type", kind) != kind:
+            raise ConfigError(f"unsupported {key}={d!r}: type and rope_type disagree")
+        extra = sorted(set(d) - {"rope_theta", "rope_type", "type", "factor"})
+        if kind not in ("default", "linear") or extra:
+            raise ConfigError(f"unsupported {key}={d!r} (supported: rope type 'default' or 'linear' with a factor)")
+        if kind == "linear":
+            f = d.get("factor")
+            if not isinstance(f, (int, float)) or isinstance(f, bool) or f < 1:
+                raise ConfigError(f"unsupported {key}={d!r}: a linear factor must be a number >= 1")
+            if factor != 1.0 and float(f) != factor:
+                raise ConfigError(f"rope_scaling factor {factor} disagrees with {key}={d!r}")
+            factor = float(f)
+        elif "factor" in d:
+            raise ConfigError(f"unsupported {key}={d!r}: a factor without rope type 'linear'")
+    return theta, factor
 
 
 def _codellama(dim: int, n_layers: int, n_heads: int, n_kv_heads: int, ffn_dim: int, vocab_size: int) -> LlamaConfig:

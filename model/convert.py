@@ -1,10 +1,18 @@
-"""Convert between Hugging Face Llama checkpoints and codefill MODEL_DIRs, losslessly.
+"""Convert between Hugging Face checkpoints (Code Llama, DeepSeek-Coder, Qwen2.5-Coder) and codefill
+MODEL_DIRs, losslessly.
 
 One explicit name map (`weights.hf_name_map`) and a shape check per tensor: a tensor the map does not know,
 one it expects but cannot find, or one of the wrong shape is a `CheckpointError` naming it, raised before
 anything is written. Weights keep their dtype (float32, float16, bfloat16), so codefill -> HF -> codefill
 reproduces every bit. Layouts need no transposes or permutations: codefill uses Hugging Face's [out, in]
 linear weights and half-split rotary layout (see weights.py).
+
+The family (model/families.py: tokenizer and FIM format) comes from the checkpoint: `model_type` qwen2 is
+Qwen2.5-Coder; a llama checkpoint with a `tokenizer.model` is Code Llama, one with only a `tokenizer.json`
+holding DeepSeek-Coder's FIM tokens is DeepSeek-Coder; anything else is refused unless `family` is given.
+Tied embeddings (Qwen2.5-Coder 0.5B-3B publish no `lm_head.weight`) become a copy in `output.weight`; on the
+way back the head is left out again when it still equals the embedding (a full finetune unties them, and
+then both are written with `tie_word_embeddings` false).
 
 Hugging Face weights are read from `model.safetensors`, a sharded `model.safetensors.index.json`, or, only
 through torch's `weights_only` unpickler (torch >= 2.6), from `pytorch_model.bin` files: a full pickle
@@ -26,9 +34,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, _copy_synced, atomic_directory, check_weights, load_model_dir, \
-    save_model_dir, write_json_synced
+from .checkpoint import TOKENIZER_NAME, CheckpointError, _copy_synced, atomic_directory, check_weights, \
+    load_model_dir, save_model_dir, tokenizer_name, write_json_synced
 from .config import ConfigError, LlamaConfig
+from .families import FAMILIES
 from .safetensors_io import BFLOAT16, INDEX_NAME, SafetensorsError, read_checkpoint, write_safetensors
 from .tokenizer import Tokenizer
 from .weights import expected_shapes, hf_name_map
@@ -123,20 +132,55 @@ def read_hf_weights(hf_dir: str | Path) -> dict[str, np.ndarray]:
     raise CheckpointError(f"{hf_dir} has no model.safetensors, {INDEX_NAME}, pytorch_model.bin or {_BIN_INDEX}")
 
 
-def hf_to_model_dir(hf_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False,
-                    progress: bool | None = None) -> Path:
-    """Convert a Hugging Face Llama/Code Llama checkpoint directory into a MODEL_DIR."""
+def checkpoint_family(hf_dir: str | Path) -> str:
+    """The family of a Hugging Face checkpoint directory, from its model type and tokenizer (see the module
+    docstring); CheckpointError naming what was found when it is none of them."""
     hf_dir = Path(hf_dir)
     try:
-        config = LlamaConfig.from_hf_file(hf_dir / "config.json")
+        model_type = json.loads((hf_dir / "config.json").read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError, AttributeError) as e:
+        raise CheckpointError(f"cannot read {hf_dir / 'config.json'}: {e}") from e
+    for family in FAMILIES.values():
+        path = hf_dir / family.tokenizer_file
+        if family.hf_model_type != model_type or not path.is_file():
+            continue
+        if family.tokenizer_file == TOKENIZER_NAME or family.hf_model_type == "qwen2":
+            return family.name
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise CheckpointError(f"cannot read {path}: {e}") from e
+        if all(json.dumps(t)[1:-1] in text or t in text for t in (family.prefix, family.suffix, family.middle)):
+            return family.name
+    files = sorted(p.name for p in hf_dir.glob("tokenizer*"))
+    wanted = " or ".join(dict.fromkeys(f.tokenizer_file for f in FAMILIES.values() if f.hf_model_type == model_type))
+    raise CheckpointError(f"{hf_dir}: no {wanted or 'tokenizer'} of a known family for model_type {model_type!r} "
+                          f"(tokenizer files here: {files}; known: "
+                          f"{', '.join(f'{n} ({f.hf_model_type}, {f.tokenizer_file})' for n, f in FAMILIES.items())}); "
+                          f"pass the family explicitly if it is one of them")
+
+
+def hf_to_model_dir(hf_dir: str | Path, out_dir: str | Path, *, family: str | None = None, overwrite: bool = False,
+                    progress: bool | None = None) -> Path:
+    """Convert a Hugging Face checkpoint directory (Code Llama, DeepSeek-Coder, Qwen2.5-Coder) into a MODEL_DIR."""
+    hf_dir = Path(hf_dir)
+    family = family or checkpoint_family(hf_dir)
+    try:
+        config = LlamaConfig.from_hf(_read_json(hf_dir / "config.json"), family=family)
     except ConfigError as e:
         raise CheckpointError(f"{hf_dir / 'config.json'}: {e}") from e
-    tokenizer_path = hf_dir / "tokenizer.model"
+    tokenizer_path = hf_dir / tokenizer_name(config)
     if not tokenizer_path.is_file():
-        raise CheckpointError(f"{hf_dir} has no tokenizer.model (the SentencePiece model codefill tokenizes with)")
+        raise CheckpointError(f"{hf_dir} has no {tokenizer_path.name} (the {family} tokenizer codefill reads)")
     hf = read_hf_weights(hf_dir)
     hf = {n: t for n, t in hf.items() if not _DERIVED.fullmatch(n)}
     names = hf_name_map(config)
+    if config.tie_word_embeddings:
+        head, embedding = names["output.weight"], names["tok_embeddings.weight"]
+        if head in hf and not _same_bits(hf[head], hf.get(embedding)):
+            raise CheckpointError(f"{hf_dir}: tie_word_embeddings is true but {head} differs from {embedding}")
+        if embedding in hf:
+            hf[head] = hf[embedding]  # the head is the embedding (weights.py keeps both)
     theirs_to_ours = {theirs: ours for ours, theirs in names.items()}
     missing = [theirs for theirs in names.values() if theirs not in hf]
     extra = sorted(n for n in hf if n not in theirs_to_ours)
@@ -149,7 +193,24 @@ def hf_to_model_dir(hf_dir: str | Path, out_dir: str | Path, *, overwrite: bool 
                               note=f"converted from the Hugging Face checkpoint {hf_dir.name}", on_written=on_written)
 
 
-def _tokenizer_files(tok: Tokenizer, max_len: int) -> dict[str, dict]:
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read Hugging Face config {path}: {e}") from e
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray | None) -> bool:
+    return b is not None and a.shape == b.shape and a.dtype == b.dtype and np.array_equal(
+        np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+
+
+def _tokenizer_files(tok, max_len: int) -> dict[str, dict]:
+    if not isinstance(tok, Tokenizer):  # tokenizer.json: transformers' fast tokenizer reads it as it is
+        specials = {"bos_token": None if tok.family.hf_model_type == "qwen2" else tok.piece(tok.bos_id),
+                    "eos_token": tok.piece(tok.eos_id)}
+        return {"tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len,
+                                          "clean_up_tokenization_spaces": False, **specials}}
     # Enough for transformers' LlamaTokenizer(Fast) to load tokenizer.model with the same special pieces.
     specials = {"bos_token": tok.piece(tok.bos_id), "eos_token": tok.piece(tok.eos_id), "unk_token": tok.piece(0)}
     return {
@@ -165,15 +226,20 @@ def model_dir_to_hf(model_dir: str | Path, out_dir: str | Path, *, overwrite: bo
     """Write a MODEL_DIR as a Hugging Face checkpoint (config.json, model.safetensors, tokenizer files)."""
     files = load_model_dir(model_dir, dtype=None)
     config = files.config
-    tok = Tokenizer(files.tokenizer_path)
-    hf_config = config.to_hf(bos_id=tok.bos_id, eos_id=tok.eos_id, torch_dtype=files.stored_dtype)
+    tok = files.tokenizer()
     names = hf_name_map(config)
     weights = {names[n]: files.weights[n] for n in expected_shapes(config)}
+    tied = config.tie_word_embeddings and _same_bits(files.weights["output.weight"],
+                                                     files.weights["tok_embeddings.weight"])
+    if tied:
+        del weights[names["output.weight"]]  # as the published tied checkpoints: no lm_head.weight
+    hf_config = config.to_hf(bos_id=tok.bos_id, eos_id=tok.eos_id, torch_dtype=files.stored_dtype,
+                             tie_word_embeddings=tied)
     with atomic_directory(out_dir, overwrite) as tmp, _write_bar(weights, f"writing {Path(out_dir).name}",
                                                                  progress) as on_written:
         # transformers refuses a safetensors file whose metadata lacks format "pt".
         write_safetensors(tmp / "model.safetensors", weights, {"format": "pt"}, on_written=on_written)
-        _copy_synced(files.tokenizer_path, tmp / "tokenizer.model")
+        _copy_synced(files.tokenizer_path, tmp / tokenizer_name(config))
         for name, content in {"config.json": hf_config, **_tokenizer_files(tok, config.max_seq_len)}.items():
             write_json_synced(tmp / name, content)
     return Path(out_dir)

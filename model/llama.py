@@ -1,4 +1,6 @@
 """A plain MindSpore Llama / Code Llama: RMSNorm, half-split rotary, grouped-query attention, SwiGLU, output head.
+Qwen2 (Qwen2.5-Coder) and DeepSeek-Coder are this model with q/k/v biases and linear rope scaling switched
+on by their config (`attention_bias`, `rope_scaling_factor`).
 
 This is the one definition of the model. It has two forwards, built from the same layers:
 
@@ -50,12 +52,14 @@ class WeightError(CodefillError, ValueError):
 
 
 class Linear(nn.Cell):
-    """y = x @ weight.T with weight [out, in] (the Hugging Face / Meta layout), no bias."""
+    """y = x @ weight.T (+ bias) with weight [out, in] (the Hugging Face / Meta layout); a bias [out] only
+    where the architecture has one (Qwen2's q/k/v)."""
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
         # Lazy zeros: memory is only allocated when load_weights sets real data.
         self.weight = Parameter(initializer("zeros", (out_features, in_features), ms.float32), name="weight")
+        self.bias = Parameter(initializer("zeros", (out_features,), ms.float32), name="bias") if bias else None
         self.matmul = ops.MatMul(transpose_b=True)
         self.out_features = out_features
 
@@ -63,6 +67,8 @@ class Linear(nn.Cell):
         # x [..., in] -> [N, in] -> [N, out] -> [..., out]
         lead = x.shape[:-1]
         y = self.matmul(x.reshape(-1, x.shape[-1]), self.weight)
+        if self.bias is not None:
+            y = y + self.bias
         return y.reshape(lead + (self.out_features,))
 
 
@@ -106,12 +112,15 @@ class RMSNorm(nn.Cell):
         return rms_norm(x, self.weight, self.eps)
 
 
-def rotary_tables(head_dim: int, n_positions: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+def rotary_tables(head_dim: int, n_positions: int, theta: float,
+                  scaling_factor: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin [n_positions, head_dim] in the half-split layout: frequency i sits at columns i and i + D/2.
+    Linear rope scaling (`scaling_factor` > 1, DeepSeek-Coder's 4) divides every frequency by the factor,
+    as Hugging Face's "linear" rope type does: position p turns like position p / factor.
 
     Computed in float64 and rounded once, so long positions do not accumulate float32 angle error.
     """
-    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # [D/2]
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim) / scaling_factor  # [D/2]
     angles = np.outer(np.arange(n_positions, dtype=np.float64), inv_freq)  # [P, D/2]
     angles = np.concatenate([angles, angles], axis=-1)  # [P, D]
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
@@ -132,9 +141,9 @@ class Attention(nn.Cell):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.n_rep = cfg.n_rep
-        self.wq = Linear(cfg.dim, cfg.n_heads * cfg.head_dim)
-        self.wk = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
-        self.wv = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
+        self.wq = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, cfg.attention_bias)
+        self.wk = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, cfg.attention_bias)
+        self.wv = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, cfg.attention_bias)
         self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim)
         self.cache_k, self.cache_v = kv_cache(max_batch, cfg.n_kv_heads, max_seq_len, cfg.head_dim)
         self.max_batch = max_batch
@@ -254,7 +263,7 @@ class Transformer(nn.Cell):
         self.layers = nn.CellList([TransformerBlock(cfg, max_batch, max_seq_len) for _ in range(cfg.n_layers)])
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = Linear(cfg.dim, cfg.vocab_size)
-        cos, sin = rotary_tables(cfg.head_dim, max_seq_len + 1, cfg.rope_theta)
+        cos, sin = rotary_tables(cfg.head_dim, max_seq_len + 1, cfg.rope_theta, cfg.rope_scaling_factor)
         self.rope_cos, self.rope_sin = Tensor(cos), Tensor(sin)  # [S, D] constants, not weights
         self.key_positions = Tensor(np.arange(max_seq_len + 1, dtype=np.int32))  # [S]
         self.dtype = ms.float32  # of weights, activations and cache: precision.apply_precision changes it

@@ -18,9 +18,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import sentencepiece as spm
-
 from codefill.errors import CodefillError
+
+from .families import FAMILIES
 
 INFILLING_PIECES = {"prefix": "▁<PRE>", "suffix": "▁<SUF>", "middle": "▁<MID>", "eot": "▁<EOT>"}
 
@@ -35,10 +35,14 @@ class TokenizerError(CodefillError, ValueError):
 
 
 class Tokenizer:
+    family = FAMILIES["codellama"]  # the one SentencePiece family (byte-level BPE ones: bpe_tokenizer.py)
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.is_file():
             raise TokenizerError(f"tokenizer model {self.path} does not exist or is not a file")
+        import sentencepiece as spm  # here: importing this module (for TokenizerError) needs no SentencePiece
+
         self._sp = spm.SentencePieceProcessor()
         try:
             self._sp.Load(str(self.path))
@@ -88,6 +92,11 @@ class Tokenizer:
     def eot_id(self) -> int:
         return self._infilling_id("eot")
 
+    @property
+    def stop_ids(self) -> list[int]:
+        """The ids that end a middle: <EOT>, and EOS, which an infilling model may emit instead."""
+        return [self.eot_id, self.eos_id]
+
     def piece(self, i: int) -> str:
         """The vocabulary piece of one id (for debugging and logs)."""
         self._check_ids([i])
@@ -135,6 +144,20 @@ class Tokenizer:
         if not text.startswith(_SENTINEL):
             raise TokenizerError(f"decoding {ids[:8]}... did not keep the sentinel {_SENTINEL!r}: {text[:20]!r}")
         return text[len(_SENTINEL):]
+
+    def token_bytes(self) -> list[bytes]:
+        """id -> the bytes its piece stands for ("▁" a space, byte-fallback "<0x0A>" that byte, control and
+        unknown pieces nothing), for the workers' stop-rule table (inference_workers/stops.py)."""
+        sp, table = self._sp, []
+        for i in range(self.vocab_size):
+            piece = sp.id_to_piece(i)
+            if sp.is_control(i) or sp.is_unknown(i):
+                table.append(b"")
+            elif sp.is_byte(i):
+                table.append(bytes([int(piece[3:5], 16)]))
+            else:
+                table.append(piece.replace("\u2581", " ").encode("utf-8"))
+        return table
 
     def _check_ids(self, ids: Sequence[int]) -> None:
         bad = [i for i in ids if not 0 <= i < self.vocab_size]

@@ -150,3 +150,79 @@ def assert_drawn(img, min_width: int = 400) -> None:
     assert w >= min_width and h >= 200, img.shape
     assert len(np.unique(img.reshape(-1, 3), axis=0)) > 20
     assert (img < 128).all(axis=2).mean() > 0.002  # axes, tick labels, title
+
+
+# --- byte-level BPE families (Qwen2.5-Coder, DeepSeek-Coder): tokenizers and Hugging Face checkpoints ---------
+
+# The special tokens each family's published tokenizer.json carries (a subset, in their published order).
+FAMILY_SPECIALS = {
+    "qwen2.5-coder": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|fim_prefix|>", "<|fim_middle|>",
+                      "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"],
+    "deepseek-coder": ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜fim▁hole｜>", "<｜fim▁begin｜>",
+                       "<｜fim▁end｜>", "<|EOT|>"],
+}
+
+
+def train_bpe_tokenizer(family: str, out_path: str | Path, vocab_size: int = 400) -> Path:
+    """A byte-level BPE tokenizer.json trained on FIXED_CORPUS with the family's special tokens, built with the
+    `tokenizers` library as the published ones are (ByteLevel pre-tokenizer without a prefix space,
+    ByteLevel decoder); deterministic."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=FAMILY_SPECIALS[family],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([FIXED_CORPUS], trainer)
+    tok.save(str(out_path))
+    return Path(out_path)
+
+
+def family_hf_config(family: str, vocab_size: int, **overrides) -> dict:
+    """A tiny Hugging Face config.json dict shaped like the family's published ones: Qwen2.5-Coder 0.5B
+    (GQA, q/k/v biases, tied embeddings, rope theta 1e6) or DeepSeek-Coder (Llama, linear rope scaling 4)."""
+    if family == "qwen2.5-coder":
+        cfg = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 64,
+               "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2,
+               "intermediate_size": 172, "vocab_size": vocab_size, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+               "max_position_embeddings": 512, "hidden_act": "silu", "tie_word_embeddings": True,
+               "use_sliding_window": False, "sliding_window": 512, "max_window_layers": 2, "rope_scaling": None}
+    else:
+        cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+               "intermediate_size": 172, "vocab_size": vocab_size, "rms_norm_eps": 1e-6, "rope_theta": 1e5,
+               "max_position_embeddings": 512, "hidden_act": "silu", "tie_word_embeddings": False,
+               "rope_scaling": {"type": "linear", "factor": 4.0}, "attention_bias": False, "mlp_bias": False}
+    return {**cfg, **overrides}
+
+
+def make_family_hf_dir(out_dir: str | Path, family: str, seed: int = 0, vocab_size: int = 512, **overrides) -> Path:
+    """A random-weight Hugging Face checkpoint of the family (transformers' own Qwen2ForCausalLM or
+    LlamaForCausalLM, saved with save_pretrained) plus a tokenizer.json trained here. Weights are drawn wider
+    than the default init (std 0.15, norms and biases away from 0/1) so logits spread and every tensor counts."""
+    import json
+
+    import torch
+    import transformers
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok_path = train_bpe_tokenizer(family, out_dir / "tokenizer.json")
+    n_tokens = len(json.loads(tok_path.read_text())["model"]["vocab"])
+    assert n_tokens <= vocab_size, (n_tokens, vocab_size)  # the checkpoint pads the vocabulary, as Qwen's does
+    hf_cfg = family_hf_config(family, vocab_size, **overrides)
+    cls = transformers.Qwen2ForCausalLM if hf_cfg["model_type"] == "qwen2" else transformers.LlamaForCausalLM
+    config_cls = transformers.Qwen2Config if hf_cfg["model_type"] == "qwen2" else transformers.LlamaConfig
+    torch.manual_seed(seed)
+    model = cls(config_cls(**{k: v for k, v in hf_cfg.items() if k != "architectures"}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.15)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+            else:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(out_dir)
+    return out_dir

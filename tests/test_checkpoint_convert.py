@@ -189,7 +189,7 @@ def _vocab_mismatch(d):
 
 def _unsupported_rope(d):
     cfg = json.loads((d / "config.json").read_text())
-    cfg["rope_parameters"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}
+    cfg["rope_parameters"] = {"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e6}
     (d / "config.json").write_text(json.dumps(cfg))
 
 

@@ -44,8 +44,9 @@ def test_real_hf_config_is_read():
 
 
 @pytest.mark.parametrize("key,value,needle", [
-    ("rope_scaling", {"type": "linear", "factor": 2.0}, "rope_scaling"),
-    ("tie_word_embeddings", True, "tie_word_embeddings"),
+    ("rope_scaling", {"type": "dynamic", "factor": 2.0}, "rope_scaling"),
+    ("attention_bias", True, "attention_bias"),
+    ("mlp_bias", True, "mlp_bias"),
     ("hidden_act", "gelu", "hidden_act"),
     ("model_type", "mistral", "model_type"),
     ("num_key_value_heads", 3, "n_kv_heads"),

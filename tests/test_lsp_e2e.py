@@ -333,7 +333,8 @@ async def test_endpoint_mode_with_utf32_client(tiny_dir, expected_items):
 async def test_worker_that_cannot_start_gives_error_responses_and_one_message(tiny_dir, tmp_path):
     broken = tmp_path / "broken-model"
     shutil.copytree(tiny_dir, broken)
-    (broken / "config.json").unlink()  # the tokenizer is fine, the worker cannot load the model
+    # The config (which names the family) and the tokenizer are fine; the worker cannot load the weights.
+    (broken / "model.safetensors").unlink()
     client = await start(SERVER + ["--model", str(broken)])
     try:
         uri = "file:///work/x.py"
@@ -341,13 +342,13 @@ async def test_worker_that_cannot_start_gives_error_responses_and_one_message(ti
         # The request that waited for the start gets the reason; later ones an empty answer at once.
         with pytest.raises(Exception) as info:
             await inline(client, uri, 1, 4)
-        assert "could not start its worker" in str(info.value) and "config.json" in str(info.value)
+        assert "could not start its worker" in str(info.value) and "model.safetensors" in str(info.value)
         t0 = time.monotonic()
         assert len((await inline(client, uri, 1, 5)).items) == 0
         assert time.monotonic() - t0 < 1.0
         assert client._server.returncode is None  # still serving
         shown = [m for m in client.messages if m.type == types.MessageType.Error]
-        assert len(shown) == 1 and "config.json" in shown[0].message
+        assert len(shown) == 1 and "model.safetensors" in shown[0].message
     finally:
         await client.shutdown_session()
 

@@ -258,4 +258,4 @@ def evaluate_model_dir(model_dir: str | Path, tasks: Sequence[FimTask], config: 
             bar.update()
             return out
 
-        return evaluate(tasks, Tokenizer(files.tokenizer_path), counted, config)
+        return evaluate(tasks, files.tokenizer(), counted, config)

@@ -19,6 +19,9 @@ infilling_prompt_tokens(tok, prefix, suffix, spm=True), is a token prefix of the
 falls on a token boundary. Only the suffix and (in PSM) the middle lose SentencePiece's implicit leading
 space, as in the paper and Meta's inference code.
 
+Other families (model/families.py) get their own markers and end token through the tokenizer (Qwen2.5-Coder:
+no BOS, <|endoftext|> after the middle; DeepSeek-Coder: <｜end▁of▁sentence｜>), and PSM only.
+
 Five options depart from the paper, all off by default; the bundled recipe (recipes/codefill-stdlib.toml)
 uses all five:
 
@@ -209,7 +212,9 @@ def fim_example(tok: Tokenizer, window: str, rng: random.Random, config: FimConf
     else:
         i, j = sorted((rng.randint(0, len(window)), rng.randint(0, len(window))))
     prefix, middle, suffix = window[:i], window[i:j], window[j:]
-    if rng.random() < config.spm_rate:
+    # The SPM draw is made for every family, so streams do not depend on it; a family trained without SPM
+    # (Qwen2.5-Coder, DeepSeek-Coder: families.py) gets PSM, the layout it will be prompted with.
+    if rng.random() < config.spm_rate and tok.family.spm:
         return FimExample("spm", spm_ids(tok, prefix, middle, suffix), prefix, middle, suffix)
     return FimExample("psm", psm_ids(tok, prefix, middle, suffix), prefix, middle, suffix)
 
@@ -223,8 +228,9 @@ def fim_rows(tok: Tokenizer, sources: Iterable[tuple[str, str]], row_length: int
              counts: FimCounts | None = None) -> Iterator[tuple[list[int], list[int]]]:
     """(ids, labels) rows, unpadded, from (path, text) pairs; tallies go into `counts`."""
     if not tok.has_infilling:
-        raise DataError(f"tokenizer {tok.path} has no infilling pieces; FIM data needs a Code Llama base "
-                        f"tokenizer (7B/13B), not a Python or 34B one")
+        raise DataError(f"tokenizer {tok.path} has no infilling pieces; FIM data needs a tokenizer with its "
+                        f"family's FIM tokens ({tok.family.name}; for Code Llama the 7B/13B base one, not a "
+                        f"Python or 34B one)")
     window_tokens = config.window_limit(row_length)
     counts = counts if counts is not None else FimCounts()
     row: list[int] = []

@@ -72,8 +72,8 @@ class LoraLinear(Linear):
 
     def __init__(self, base: Linear, a: np.ndarray, b: np.ndarray, scale: float, dropout: float, salt: int,
                  seed: Parameter):
-        super().__init__(a.shape[1], base.out_features)
-        self.weight = base.weight
+        super().__init__(a.shape[1], base.out_features, base.bias is not None)
+        self.weight, self.bias = base.weight, base.bias  # a bias (Qwen2's q/k/v) is the base's, no adapter
         self.lora_a = Parameter(Tensor(a), name="lora_a")
         self.lora_b = Parameter(Tensor(b), name="lora_b")
         self.seed = seed  # float32 scalar, shared by every adapter: 0 at evaluation (no dropout)
@@ -86,6 +86,8 @@ class LoraLinear(Linear):
         lead = x.shape[:-1]
         h = x.reshape(-1, x.shape[-1])  # [N, in]
         y = self.matmul(h, self.weight)  # [N, out]
+        if self.bias is not None:
+            y = y + self.bias
         if self.use_dropout:
             n, d = h.shape[0], h.shape[1]
             idx = ops.arange(0, n * d, dtype=ms.float32).reshape(n, d)

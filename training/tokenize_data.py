@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from codefill.model.checkpoint import model_dir_tokenizer_path
+from codefill.model.checkpoint import load_tokenizer as checkpoint_tokenizer
 from codefill.model.tokenizer import Tokenizer
 
 from .data_error import DataError
@@ -59,7 +59,7 @@ class DataSummary:
 
 
 def load_tokenizer(model_dir: str | Path) -> Tokenizer:
-    return Tokenizer(model_dir_tokenizer_path(model_dir))
+    return checkpoint_tokenizer(model_dir)
 
 
 def _check_seq_length(seq_length: int, minimum: int = 1) -> int:
@@ -124,8 +124,8 @@ def tokenize_fim(model_dir: str | Path, input_dir: str | Path, output: str | Pat
     row_length = _check_seq_length(seq_length, minimum=16)
     tok = load_tokenizer(model_dir)
     if not tok.has_infilling:
-        raise DataError(f"tokenizer of {model_dir} has no infilling pieces; FIM data needs a Code Llama base "
-                        f"tokenizer (7B/13B), not a Python or 34B one")
+        raise DataError(f"tokenizer of {model_dir} has no infilling pieces of its family {tok.family.name}; FIM "
+                        f"data needs them (for Code Llama the 7B/13B base tokenizer, not a Python or 34B one)")
     held_out_path = held_out_list_path(output)
     existing = [str(p) for p in [*output_paths(output), held_out_path] if p.exists()]
     if existing and not overwrite:   # checked up front, not after a long run

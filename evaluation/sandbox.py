@@ -13,8 +13,9 @@ Isolation, the strongest that runs here (`isolation()`, probed once per process)
                    The whole filesystem read-only except the program's own scratch directory WORK, which is a
                    tmpfs of at most tmp_bytes (a disk bomb fills that, never the host's disk) holding only
                    program.py, read-only; a private, size-bounded /tmp; the evaluator's home directory replaced by an empty tmpfs (nothing in it
-                   can be read, nothing written there outlives the program; only the Python installation, when
-                   it lives there, is bound back read-only); its own PID namespace (its
+                   can be read, nothing written there outlives the program; only the Python installation and
+                   virtual environment, when /tmp or home holds them, are bound back read-only); its own PID
+                   namespace (its
                    parent is bwrap's init, pid 1: the evaluator cannot be seen or signalled, and when the
                    program exits the kernel kills everything it left in the namespace, a setsid() child
                    included), network namespace (no interface but a loopback that is down), IPC, UTS and
@@ -148,17 +149,26 @@ def _works(command: list[str]) -> bool:
     return probe.returncode == 0
 
 
+def _interpreter_paths() -> list[str]:
+    """The directories of the Python that runs evaluated programs: its virtual environment and installation."""
+    return sorted({os.path.abspath(sys.prefix), os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix)})
+
+
 def _bwrap_prefix(bwrap: str, work: str, limits: SandboxLimits) -> list[str]:
     """The bubblewrap command line of the module docstring, up to and including `--`."""
     command = [bwrap, "--ro-bind", "/", "/", "--size", str(limits.tmp_bytes), "--tmpfs", "/tmp",
                "--proc", "/proc", "--dev", "/dev"]
+    hidden = ["/tmp"]
     home = os.path.realpath(os.path.expanduser("~"))
     if home != "/" and os.path.isdir(home) and not home.startswith("/tmp/") and \
             not os.path.realpath(work).startswith(home + os.sep):
         command += ["--tmpfs", home]
-        interpreter = os.path.realpath(sys.base_prefix)  # e.g. a pyenv Python under the home directory
-        if interpreter.startswith(home + os.sep):
-            command += ["--ro-bind", interpreter, interpreter]
+        hidden.append(home)
+    # The interpreter the program runs with, where the private /tmp or home would hide it: a pyenv Python
+    # under the home directory, a virtual environment under /tmp (a fresh clone's .venv). Read-only.
+    for path in _interpreter_paths():
+        if any(path == h or path.startswith(h + os.sep) for h in hidden):
+            command += ["--ro-bind", path, path]
     program = os.path.join(work, PROGRAM_NAME)
     return command + ["--size", str(limits.tmp_bytes), "--tmpfs", work, "--ro-bind", program, program,
                       "--unshare-all", "--die-with-parent", "--new-session", "--chdir", work, "--"]
@@ -320,14 +330,16 @@ try:
     raise SystemExit("the root filesystem is writable")
 except OSError:
     pass
-assert set(os.listdir("/tmp")) <= {os.path.basename(os.getcwd())}, os.listdir("/tmp")  # private: only WORK
+# private: only WORK, and the directories holding a Python installation bound back read-only
+assert set(os.listdir("/tmp")) <= {os.path.basename(os.getcwd())} | BOUND_UNDER_TMP, os.listdir("/tmp")
 """
 
 
 def _known_good(limits: SandboxLimits, isolation_in_force: str) -> str:
     """Exercises what every evaluated program needs; also checks that our limits and isolation really are in
     force."""
-    checks = BWRAP_CHECKS if isolation_in_force == "bubblewrap" else ""
+    bound = {p.split(os.sep)[2] for p in _interpreter_paths() if p.startswith("/tmp/")}
+    checks = f"BOUND_UNDER_TMP = {bound!r}\n" + BWRAP_CHECKS if isolation_in_force == "bubblewrap" else ""
     return "import collections, json, math, os, re, resource, sys\n" + checks + f"""\
 assert math.sqrt(16) == 4.0
 assert json.loads(json.dumps({{"a": [1, 2]}})) == {{"a": [1, 2]}}

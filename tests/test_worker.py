@@ -328,6 +328,7 @@ def test_overload_and_deadline_over_the_socket(tiny_dir):
             c.send(GenerateRequest("queued", PROMPT[::-1], 2, deadline_ms=1.0))
             with pytest.raises(WorkerOverloaded, match=r"overloaded: 1 requests queued \(max_queue 1\)"):
                 c.complete(PROMPT, 2)
+            time.sleep(0.05)  # past the queued request's deadline, whatever the machine's speed
             long.close()  # cancel: the slot frees, the queued request is dropped for its deadline
             msg = _replies_until_finished(c, "queued")[-1]
             assert msg.finish_reason == FinishReason.DEADLINE and msg.n_generated == 0

@@ -11,6 +11,8 @@ Directories are built once per (preset, seed, vocab_size) per test session and m
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 from codefill.model.tiny import build_tiny_model_dir
@@ -226,3 +228,37 @@ def make_family_hf_dir(out_dir: str | Path, family: str, seed: int = 0, vocab_si
                 p.uniform_(0.5, 1.5)
     model.save_pretrained(out_dir)
     return out_dir
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie (an orphan's zombie may linger if the container's init does not reap)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
+def processes_with(token: str) -> list[int]:
+    """Pids (as seen here, outside any namespace) of running processes whose command line holds `token`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if token.encode() in f.read() and alive(int(entry)):
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def all_gone(token: str, within_s: float = 3.0) -> bool:
+    """No process holding `token` within `within_s` seconds."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if not processes_with(token):
+            return True
+        time.sleep(0.05)
+    return False

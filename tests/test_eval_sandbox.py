@@ -15,41 +15,9 @@ import pytest
 from codefill.evaluation import sandbox
 from codefill.evaluation.eval_error import EvalError
 from codefill.evaluation.sandbox import SandboxLimits, check_sandbox, network_isolation, run_many, run_program
+from helpers import all_gone
 
 MIB = 1 << 20
-
-
-def alive(pid: int) -> bool:
-    """Running, not a zombie (an orphan's zombie may linger if the container's init does not reap)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state not in ("Z", "X")
-
-
-def processes_with(token: str) -> list[int]:
-    """Pids (as seen here, outside any namespace) of running processes whose command line holds `token`."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if token.encode() in f.read() and alive(int(entry)):
-                        found.append(int(entry))
-            except OSError:
-                pass
-    return found
-
-
-def all_gone(token: str, within_s: float = 3.0) -> bool:
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        if not processes_with(token):
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def sleeper(token: str) -> str:

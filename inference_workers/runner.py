@@ -53,6 +53,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn
 
+from codefill.cache import cache_root
 from codefill.errors import CodefillError
 from codefill.model import llama
 from codefill.model.checkpoint import CheckpointError
@@ -168,7 +169,7 @@ def graph_cache_dir(config: LlamaConfig, max_seq_len: int, max_batch: int, rank:
              ms.__version__, str(kernels), precision, *(Path(m.__file__).read_text() for m in (llama_module, tp_cells)),
              Path(__file__).read_text()]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
-    return Path(os.environ.get("CODEFILL_CACHE", Path.home() / ".cache" / "codefill")) / "graphs" / key
+    return cache_root() / "graphs" / key
 
 
 def default_max_seq_len(config: LlamaConfig) -> int:

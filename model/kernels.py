@@ -26,6 +26,8 @@ from pathlib import Path
 import mindspore as ms
 from mindspore import Tensor, nn
 
+from codefill.cache import cache_root
+
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 # -ffast-math lets exp vectorize (glibc's vector math); no kernel relies on infinities or NaNs.
 COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared"]
@@ -66,10 +68,6 @@ class CacheAttention(nn.Cell):
 class KernelStatus:
     library: Path | None  # the compiled library, or None: the stock ops are used
     reason: str  # why not, or where it came from
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("CODEFILL_CACHE", Path.home() / ".cache" / "codefill"))
 
 
 def load(device_target: str = "CPU") -> KernelStatus:

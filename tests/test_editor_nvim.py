@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -148,11 +149,22 @@ class Nvim:
 
 
 def wait_for_socket(sock: Path, proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """Until nvim accepts connections on `sock`: the file appears at bind(), before listen(),
+    and a connection in between is refused."""
     deadline = time.monotonic() + timeout
-    while not sock.exists():
+    while not accepts(sock):
         if proc.poll() is not None or time.monotonic() > deadline:
             raise AssertionError(f"nvim did not listen on {sock} (exit {proc.poll()})")
         time.sleep(0.05)
+
+
+def accepts(sock: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        try:
+            client.connect(str(sock))
+        except OSError:
+            return False
+    return True
 
 
 @pytest.fixture
@@ -378,7 +390,7 @@ def test_tui_in_tmux_screenshot(tmp_path, tiny_dir, fake):
         subprocess.run(tmux + ["set", "-g", "default-terminal", "tmux-256color"], env=env, check=True)
         subprocess.run(tmux + ["set", "-as", "terminal-features", ",*:RGB"], env=env, check=True)
         deadline = time.monotonic() + 20
-        while not sock.exists():
+        while not accepts(sock):
             assert time.monotonic() < deadline, "nvim did not start in tmux"
             time.sleep(0.05)
         nvim = Nvim(sock, env)

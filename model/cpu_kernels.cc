@@ -1,9 +1,17 @@
 // CPU kernels for codefill's serving graphs, called through MindSpore's ops.Custom(func_type="aot").
 // Each function: params = inputs then the output, float32 row-major (ints are int32).
+#include <immintrin.h>
 #include <omp.h>
+#include <sched.h>
+#include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -12,6 +20,101 @@ int64_t numel(int ndim, const int64_t *shape) {
   for (int i = 0; i < ndim; i++) n *= shape[i];
   return n;
 }
+}  // namespace
+
+// A team of threads for one kernel call, one per core of the process's affinity mask (a tensor-parallel rank
+// pinned to one core gets a team of one; CODEFILL_KERNEL_THREADS caps it). The calling thread, one of
+// MindSpore's, runs part 0; helpers started on first use run the others. Between calls a helper spins for
+// CODEFILL_KERNEL_SPIN_US (default 1000 µs: the gaps between a step's kernels are far shorter), then sleeps on
+// a futex until the next call. Helpers are not OpenMP threads: an OpenMP team woken per kernel started 2-3 ms
+// late behind MindSpore's spinning threads (docs/benchmarks/README.md).
+namespace {
+
+using PartFn = void (*)(const void *ctx, int part, int parts);
+
+class Team {
+ public:
+  // This process's team; a forked child (whose parent's helpers did not survive the fork) makes its own.
+  static Team &get() {
+    static std::atomic<Team *> team{nullptr};
+    Team *t = team.load(std::memory_order_acquire);
+    if (t == nullptr || t->pid_ != getpid()) {
+      Team *fresh = new Team();  // never freed: helpers may be asleep in it at exit
+      team.store(fresh, std::memory_order_release);
+      t = fresh;
+    }
+    return *t;
+  }
+
+  // fn(ctx, part, parts) for every part, parts = the team's size; a second caller while the team is busy
+  // (another runner in another thread) runs all of its work itself, as one part.
+  void run(PartFn fn, const void *ctx) {
+    if (size_ == 1 || busy_.exchange(true, std::memory_order_acquire)) {
+      fn(ctx, 0, 1);
+      return;
+    }
+    fn_ = fn;
+    ctx_ = ctx;
+    done_.store(0, std::memory_order_relaxed);
+    generation_.fetch_add(1, std::memory_order_release);
+    if (sleepers_.load(std::memory_order_acquire) > 0) generation_.notify_all();
+    fn(ctx, 0, size_);
+    while (done_.load(std::memory_order_acquire) != size_ - 1) _mm_pause();
+    busy_.store(false, std::memory_order_release);
+  }
+
+ private:
+  Team() : pid_(getpid()) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    int n = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 1;
+    if (const char *cap = std::getenv("CODEFILL_KERNEL_THREADS")) n = std::min(n, std::atoi(cap));
+    size_ = std::max(n, 1);
+    const char *spin = std::getenv("CODEFILL_KERNEL_SPIN_US");
+    spin_ = std::chrono::microseconds(spin ? std::atol(spin) : 1000);
+    for (int part = 1; part < size_; part++) std::thread([this, part] { help(part); }).detach();
+  }
+
+  void help(int part) {
+    omp_set_num_threads(1);  // oneDNN called from here runs on this thread alone
+    uint64_t seen = 0;
+    for (;;) {
+      auto since = std::chrono::steady_clock::now();
+      uint64_t now;
+      for (int polls = 0; (now = generation_.load(std::memory_order_acquire)) == seen; polls++) {
+        _mm_pause();
+        if ((polls & 63) == 63) sched_yield();  // a MindSpore thread waiting for this core gets it
+        if ((polls & 255) == 255 && std::chrono::steady_clock::now() - since > spin_) {
+          sleepers_.fetch_add(1, std::memory_order_acq_rel);
+          generation_.wait(seen, std::memory_order_acquire);
+          sleepers_.fetch_sub(1, std::memory_order_acq_rel);
+          since = std::chrono::steady_clock::now();
+        }
+      }
+      seen = now;
+      fn_(ctx_, part, size_);
+      done_.fetch_add(1, std::memory_order_acq_rel);
+    }
+  }
+
+  pid_t pid_;
+  int size_ = 1;
+  std::chrono::microseconds spin_{1000};
+  PartFn fn_ = nullptr;
+  const void *ctx_ = nullptr;
+  std::atomic<bool> busy_{false};
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> done_{0};
+  std::atomic<int> sleepers_{0};
+};
+
+// [begin, end) of `part` of `parts` over n items, in blocks of `align` items.
+std::pair<int64_t, int64_t> share(int64_t n, int part, int parts, int64_t align = 1) {
+  const int64_t blocks = (n + align - 1) / align;
+  const int64_t begin = blocks * part / parts * align, end = blocks * (part + 1) / parts * align;
+  return {std::min(begin, n), std::min(end, n)};
+}
+
 }  // namespace
 
 // oneDNN's single-precision GEMM, from the libdnnl MindSpore ships (kernels.py links it):
@@ -56,59 +159,59 @@ struct AttentionArgs {
 };
 
 // A few queries (decode, short verifies): per query head, dot products over the keys it sees.
-void attention_rows(const AttentionArgs &a) {
+// Work is split over the team by (row, query head) in the first, (batch row, query head) in the second.
+void attention_rows(const AttentionArgs &a, int part, int parts) {
   std::vector<float> w(static_cast<size_t>(a.S));
-  for (int64_t bt = 0; bt < a.B * a.T; bt++) {
-    for (int64_t h = 0; h < a.H; h++) {
-      const int64_t b = bt / a.T, m = a.visible(b, bt % a.T);
-      const int64_t row0 = (a.slots[b] * a.KV + h / a.R) * a.S;
-      const float *key = a.ck + row0 * a.D, *val = a.cv + row0 * a.D;
-      const float *qr = a.q + (bt * a.H + h) * a.D;
-      float *o = a.out + (bt * a.H + h) * a.D;
-      for (int64_t j = 0; j < m; j++) {
-        float acc = 0.f;
+  const auto [first, last] = share(a.B * a.T * a.H, part, parts);
+  for (int64_t item = first; item < last; item++) {
+    const int64_t bt = item / a.H, h = item % a.H;
+    const int64_t b = bt / a.T, m = a.visible(b, bt % a.T);
+    const int64_t row0 = (a.slots[b] * a.KV + h / a.R) * a.S;
+    const float *key = a.ck + row0 * a.D, *val = a.cv + row0 * a.D;
+    const float *qr = a.q + (bt * a.H + h) * a.D;
+    float *o = a.out + (bt * a.H + h) * a.D;
+    for (int64_t j = 0; j < m; j++) {
+      float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-        for (int64_t d = 0; d < a.D; d++) acc += qr[d] * key[j * a.D + d];
-        w[j] = acc * a.scale;
-      }
-      softmax_prefix(w.data(), m, m);
-      for (int64_t d = 0; d < a.D; d++) o[d] = 0.f;
-      for (int64_t j = 0; j < m; j++) {
-        const float wj = w[j];
+      for (int64_t d = 0; d < a.D; d++) acc += qr[d] * key[j * a.D + d];
+      w[j] = acc * a.scale;
+    }
+    softmax_prefix(w.data(), m, m);
+    for (int64_t d = 0; d < a.D; d++) o[d] = 0.f;
+    for (int64_t j = 0; j < m; j++) {
+      const float wj = w[j];
 #pragma omp simd
-        for (int64_t d = 0; d < a.D; d++) o[d] += wj * val[j * a.D + d];
-      }
+      for (int64_t d = 0; d < a.D; d++) o[d] += wj * val[j * a.D + d];
     }
   }
 }
 
 // Many queries (prefill chunks): per batch row and query head, scores = q k^T and out = softmax(scores) v
 // as two oneDNN GEMMs over the keys up to the furthest query, masked between.
-void attention_gemm(const AttentionArgs &a) {
-  // One thread, like every kernel here: MindSpore's own threads hold the cores between ops, and waking
-  // OpenMP threads onto them cost more than they saved (docs/benchmarks/README.md). oneDNN reads the
-  // calling thread's OpenMP setting; restored after.
+void attention_gemm(const AttentionArgs &a, int part, int parts) {
+  // oneDNN on this thread alone (it reads the calling thread's OpenMP setting; restored after): the team
+  // gives the parallelism.
   const int threads = omp_get_max_threads();
   omp_set_num_threads(1);
   std::vector<float> w;
-  for (int64_t b = 0; b < a.B; b++) {
+  const auto [first, last] = share(a.B * a.H, part, parts);
+  for (int64_t item = first; item < last; item++) {
+    const int64_t b = item / a.H, h = item % a.H;
     int64_t n = 0;
     for (int64_t t = 0; t < a.T; t++) n = a.visible(b, t) > n ? a.visible(b, t) : n;
-    for (int64_t h = 0; h < a.H; h++) {
-      const int64_t row0 = (a.slots[b] * a.KV + h / a.R) * a.S;
-      const int64_t ld = a.H * a.D;  // query / output rows of one head are a row of heads apart
-      const float *qh = a.q + (b * a.T * a.H + h) * a.D;
-      float *oh = a.out + (b * a.T * a.H + h) * a.D;
-      if (n == 0) {
-        for (int64_t t = 0; t < a.T; t++)
-          for (int64_t d = 0; d < a.D; d++) oh[t * ld + d] = 0.f;
-        continue;
-      }
-      w.resize(static_cast<size_t>(a.T * n));
-      dnnl_sgemm('N', 'T', a.T, n, a.D, a.scale, qh, ld, a.ck + row0 * a.D, a.D, 0.f, w.data(), n);
-      for (int64_t t = 0; t < a.T; t++) softmax_prefix(w.data() + t * n, a.visible(b, t), n);
-      dnnl_sgemm('N', 'N', a.T, a.D, n, 1.f, w.data(), n, a.cv + row0 * a.D, a.D, 0.f, oh, ld);
+    const int64_t row0 = (a.slots[b] * a.KV + h / a.R) * a.S;
+    const int64_t ld = a.H * a.D;  // query / output rows of one head are a row of heads apart
+    const float *qh = a.q + (b * a.T * a.H + h) * a.D;
+    float *oh = a.out + (b * a.T * a.H + h) * a.D;
+    if (n == 0) {
+      for (int64_t t = 0; t < a.T; t++)
+        for (int64_t d = 0; d < a.D; d++) oh[t * ld + d] = 0.f;
+      continue;
     }
+    w.resize(static_cast<size_t>(a.T * n));
+    dnnl_sgemm('N', 'T', a.T, n, a.D, a.scale, qh, ld, a.ck + row0 * a.D, a.D, 0.f, w.data(), n);
+    for (int64_t t = 0; t < a.T; t++) softmax_prefix(w.data() + t * n, a.visible(b, t), n);
+    dnnl_sgemm('N', 'N', a.T, a.D, n, 1.f, w.data(), n, a.cv + row0 * a.D, a.D, 0.f, oh, ld);
   }
   omp_set_num_threads(threads);
 }
@@ -135,8 +238,13 @@ extern "C" int cache_attention(int nparam, void **params, int *ndims, int64_t **
     for (int64_t t = 0; t < a.T; t++)
       if (a.pos[b * a.T + t] < 0 || a.pos[b * a.T + t] >= a.S) return 2;
   }
-  if (a.T <= 8) attention_rows(a);
-  else attention_gemm(a);
+  Team::get().run(
+      [](const void *ctx, int part, int parts) {
+        const AttentionArgs &args = *static_cast<const AttentionArgs *>(ctx);
+        if (args.T <= 8) attention_rows(args, part, parts);
+        else attention_gemm(args, part, parts);
+      },
+      &a);
   return 0;
 }
 
@@ -196,6 +304,163 @@ extern "C" int silu_mul(int nparam, void **params, int *ndims, int64_t **shapes,
   return 0;
 }
 
+// Projections: x [..., K] times weights [N, K] (the Hugging Face [out, in] layout), the output features split
+// over the team. A few rows (decode, verifies) as dot products that read each weight row once for all of
+// them: a decode step is bound by reading the weights. More rows (prefill chunks) as one oneDNN GEMM per part.
+// Three of them: a plain projection; q, k and v in one call with the rotary embedding applied; and SwiGLU's
+// silu(x w1^T) * (x w3^T). Fused, a layer's projections run one after another on the whole team: as separate
+// ops MindSpore ran the independent ones (q, k, v; gate, up) at the same time, fighting over the cores.
+namespace {
+constexpr int64_t kDotRows = 16;  // up to this many rows, dot products; more, GEMM
+
+// y[m * ldy + (n - n0)] = x[m, :] . w[n, :] for the rows m < M and the features n0 <= n < n1.
+void project(const float *x, int64_t M, int64_t K, const float *w, int64_t n0, int64_t n1, float *y, int64_t ldy) {
+  if (n0 >= n1) return;
+  if (M > kDotRows) {
+    const int threads = omp_get_max_threads();  // oneDNN on this thread alone, as in attention_gemm
+    omp_set_num_threads(1);
+    dnnl_sgemm('N', 'T', M, n1 - n0, K, 1.f, x, K, w + n0 * K, K, 0.f, y, ldy);
+    omp_set_num_threads(threads);
+    return;
+  }
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {  // four weight rows at a time: four independent sums per x row
+    const float *w0 = w + n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+    for (int64_t m = 0; m < M; m++) {
+      const float *xm = x + m * K;
+      float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+      for (int64_t k = 0; k < K; k++) {
+        s0 += w0[k] * xm[k];
+        s1 += w1[k] * xm[k];
+        s2 += w2[k] * xm[k];
+        s3 += w3[k] * xm[k];
+      }
+      float *ym = y + m * ldy + (n - n0);
+      ym[0] = s0, ym[1] = s1, ym[2] = s2, ym[3] = s3;
+    }
+  }
+  for (; n < n1; n++) {
+    const float *w0 = w + n * K;
+    for (int64_t m = 0; m < M; m++) {
+      const float *xm = x + m * K;
+      float s0 = 0.f;
+#pragma omp simd reduction(+ : s0)
+      for (int64_t k = 0; k < K; k++) s0 += w0[k] * xm[k];
+      y[m * ldy + (n - n0)] = s0;
+    }
+  }
+}
+
+// Up to three weights whose outputs sit side by side in y [M, N]: weight s fills columns offset[s]...
+struct Projection {
+  const float *x;
+  int64_t M, K, N;
+  int count;
+  const float *w[3];
+  int64_t n[3], offset[3];
+  float *y;
+};
+
+void project_part(const void *ctx, int part, int parts) {
+  const Projection &p = *static_cast<const Projection *>(ctx);
+  const auto [c0, c1] = share(p.N, part, parts, 16);  // 16 features: whole cache lines of y per part
+  for (int s = 0; s < p.count; s++) {
+    const int64_t lo = std::max(c0, p.offset[s]), hi = std::min(c1, p.offset[s] + p.n[s]);
+    project(p.x, p.M, p.K, p.w[s], lo - p.offset[s], hi - p.offset[s], p.y + lo, p.N);
+  }
+}
+
+// In place, half-split rotary on `heads` vectors of D at x (rows of ld), with this row's cos and sin [D].
+void rotate(float *x, int64_t heads, int64_t D, const float *c, const float *s) {
+  const int64_t half = D / 2;
+  for (int64_t h = 0; h < heads; h++) {
+    float *v = x + h * D;
+#pragma omp simd
+    for (int64_t d = 0; d < half; d++) {
+      const float a = v[d], b = v[d + half];
+      v[d] = a * c[d] - b * s[d];
+      v[d + half] = b * c[d + half] + a * s[d + half];
+    }
+  }
+}
+
+bool shapes_ok(int nweights, int *ndims, int64_t **shapes, int64_t K) {
+  for (int i = 1; i <= nweights; i++)
+    if (ndims[i] != 2 || shapes[i][1] != K) return false;
+  return true;
+}
+}  // namespace
+
+// x [..., K], w [N, K] -> [..., N].
+extern "C" int linear(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  const int64_t K = shapes[0][ndims[0] - 1];
+  if (nparam != 3 || !shapes_ok(1, ndims, shapes, K)) return 1;
+  Projection p{static_cast<const float *>(params[0]), numel(ndims[0], shapes[0]) / K, K, shapes[1][0], 1};
+  p.w[0] = static_cast<const float *>(params[1]), p.n[0] = p.N, p.offset[0] = 0;
+  p.y = static_cast<float *>(params[2]);
+  Team::get().run(project_part, &p);
+  return 0;
+}
+
+// x [B, T, K], wq [H*D, K], wk, wv [KV*D, K], cos, sin [B, T, 1, D], cache_k, cache_v [rows, D],
+// cache_idx [B, T, KV] -> q [B, T, H*D] with the rotary embedding; the new keys (with rotary) and values are
+// written into the cache rows cache_idx names, in place (the op is marked as writing memory: kernels.py).
+extern "C" int qkv_cache(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  const int64_t K = shapes[0][ndims[0] - 1];
+  if (nparam != 10 || ndims[0] != 3 || ndims[4] != 4 || ndims[6] != 2 || !shapes_ok(3, ndims, shapes, K)) return 1;
+  Projection p{static_cast<const float *>(params[0]), shapes[0][0] * shapes[0][1], K, 0, 3};
+  for (int s = 0; s < 3; s++) {
+    p.w[s] = static_cast<const float *>(params[1 + s]);
+    p.n[s] = shapes[1 + s][0];
+    p.offset[s] = p.N;
+    p.N += p.n[s];
+  }
+  const int64_t D = shapes[4][3], KV = p.n[1] / D, rows = shapes[6][0];
+  const int32_t *idx = static_cast<const int32_t *>(params[8]);
+  if (shapes[6][1] != D || p.n[1] != p.n[2] || numel(ndims[8], shapes[8]) != p.M * KV) return 2;
+  for (int64_t i = 0; i < p.M * KV; i++)
+    if (idx[i] < 0 || idx[i] >= rows) return 3;
+  std::vector<float> qkv(static_cast<size_t>(p.M * p.N));  // [M, q | k | v]
+  p.y = qkv.data();
+  Team::get().run(project_part, &p);
+  const float *cs = static_cast<const float *>(params[4]), *sn = static_cast<const float *>(params[5]);
+  float *ck = static_cast<float *>(params[6]), *cv = static_cast<float *>(params[7]);
+  float *q = static_cast<float *>(params[9]);
+  const int64_t nq = p.n[0];
+  for (int64_t m = 0; m < p.M; m++) {
+    float *row = qkv.data() + m * p.N;
+    rotate(row, (nq + p.n[1]) / D, D, cs + m * D, sn + m * D);
+    std::copy(row, row + nq, q + m * nq);
+    for (int64_t kv = 0; kv < KV; kv++) {
+      const int64_t r = idx[m * KV + kv];
+      std::copy(row + nq + kv * D, row + nq + (kv + 1) * D, ck + r * D);
+      std::copy(row + nq + p.n[1] + kv * D, row + nq + p.n[1] + (kv + 1) * D, cv + r * D);
+    }
+  }
+  return 0;
+}
+
+// x [..., K], w1, w3 [F, K] -> [..., F] = silu(x w1^T) * (x w3^T).
+extern "C" int swiglu(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  const int64_t K = shapes[0][ndims[0] - 1];
+  if (nparam != 4 || !shapes_ok(2, ndims, shapes, K) || shapes[1][0] != shapes[2][0]) return 1;
+  const int64_t M = numel(ndims[0], shapes[0]) / K, F = shapes[1][0];
+  std::vector<float> both(static_cast<size_t>(M * 2 * F));  // [M, 2F]: gate | up
+  Projection p{static_cast<const float *>(params[0]), M, K, 2 * F, 2};
+  for (int s = 0; s < 2; s++) p.w[s] = static_cast<const float *>(params[1 + s]), p.n[s] = F, p.offset[s] = s * F;
+  p.y = both.data();
+  Team::get().run(project_part, &p);
+  float *y = static_cast<float *>(params[3]);
+  for (int64_t m = 0; m < M; m++) {
+    const float *g = both.data() + m * 2 * F, *u = g + F;
+    float *ym = y + m * F;
+#pragma omp simd
+    for (int64_t f = 0; f < F; f++) ym[f] = g[f] / (1.0f + std::exp(-g[f])) * u[f];
+  }
+  return 0;
+}
+
 // Shape and type inference, so the kernels also run in graphs with dynamic dimensions (the prefill graph):
 // MindSpore calls NAMEInferShape / NAMEInferType (ops.Custom with out_shape and out_dtype None). Every
 // kernel's output has its first input's shape and type.
@@ -210,6 +475,24 @@ std::vector<int64_t> first_shape(const int *ndims, int64_t *const *shapes) {
     return first_shape(ndims, shapes);                                                     \
   }                                                                                        \
   extern "C" TypeId name##InferType(std::vector<TypeId> types, void *) { return types[0]; }
+extern "C" std::vector<int64_t> linearInferShape(int *ndims, int64_t **shapes, void *) {
+  std::vector<int64_t> out = first_shape(ndims, shapes);  // [..., K] -> [..., N]
+  out.back() = shapes[1][0];
+  return out;
+}
+extern "C" TypeId linearInferType(std::vector<TypeId> types, void *) { return types[0]; }
+extern "C" std::vector<int64_t> qkv_cacheInferShape(int *ndims, int64_t **shapes, void *) {
+  std::vector<int64_t> out = first_shape(ndims, shapes);  // [B, T, K] -> [B, T, q features]
+  out.back() = shapes[1][0];
+  return out;
+}
+extern "C" TypeId qkv_cacheInferType(std::vector<TypeId> types, void *) { return types[0]; }
+extern "C" std::vector<int64_t> swigluInferShape(int *ndims, int64_t **shapes, void *) {
+  std::vector<int64_t> out = first_shape(ndims, shapes);  // [..., K] -> [..., F]
+  out.back() = shapes[1][0];
+  return out;
+}
+extern "C" TypeId swigluInferType(std::vector<TypeId> types, void *) { return types[0]; }
 CODEFILL_SAME_AS_FIRST(cache_attention)
 CODEFILL_SAME_AS_FIRST(rms_norm)
 CODEFILL_SAME_AS_FIRST(rotary)

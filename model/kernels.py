@@ -1,16 +1,25 @@
 """CPU kernels for the serving graphs: fewer, cheaper ops per layer than the stock MindSpore path.
 
-On CPU a decode step is mostly op launches and broadcasting elementwise kernels, not arithmetic
-(docs/benchmarks/profile.md): a layer's RMSNorm is six ops, its rotary embedding eight per projection, and its
-attention reads every column of the static cache through a reshape (a copy), a masked batched matmul and a
-softmax. `cpu_kernels.cc` does each of these as one function called through MindSpore's own custom-operator
-interface (`ops.Custom(func_type="aot")`): RMSNorm, rotary, silu(a) * b, and attention of new queries over a
-slot's cached keys that reads only the columns up to each query's position, straight from the cache rows.
+On CPU a decode step is bound by reading the weights, plus a fixed cost per op launched
+(docs/benchmarks/profile.md). `cpu_kernels.cc` does a layer's work in a few functions called through
+MindSpore's own custom-operator interface (`ops.Custom(func_type="aot")`):
+
+- RMSNorm (six stock ops);
+- q, k and v in one projection, the rotary embedding, and the write of the new keys and values into the cache
+  rows, in place (two ScatterUpdates, two rotaries and three slices before);
+- attention of the new queries over their slot's cached keys, reading only the columns up to each query's
+  position, straight from the cache rows;
+- every other projection (`linear`), and SwiGLU's gate and up projections with silu(a) * b in one.
+
+The projections and the attention split their work over a team of threads, one per core the process may use
+(a tensor-parallel rank pinned to one core has a team of one). Fused projections matter for that too: as
+separate ops MindSpore ran the independent ones (q, k, v; gate, up) at once, and they fought over the cores.
 
 `use_kernels(model)` switches a built model's cached (serving) forward onto them; the stock ops stay the
-reference (training's all-position forward always uses them, and every other device does). The library is
-compiled on first use with the system's C++ compiler into `$CODEFILL_CACHE/kernels/<source hash>/`; when that
-is not possible, or `CODEFILL_KERNELS=reference`, the model keeps the stock ops and `load()` says why.
+reference (training always uses them, and every other device does). The library is compiled on first use with
+the system's C++ compiler into `$CODEFILL_CACHE/kernels/<source hash>/`; when that is not possible, or
+`CODEFILL_KERNELS=reference`, the model keeps the stock ops and `load()` says why. `CODEFILL_KERNEL_THREADS`
+caps the team; `CODEFILL_KERNEL_SPIN_US` is how long its helpers wait for the next kernel before sleeping.
 """
 
 from __future__ import annotations
@@ -28,9 +37,11 @@ from mindspore import Tensor, nn
 
 from codefill.cache import cache_root
 
+from .llama import Linear
+
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 # -ffast-math lets exp vectorize (glibc's vector math); no kernel relies on infinities or NaNs.
-COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared"]
+COMPILE_FLAGS = ["-std=c++20", "-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared"]
 
 
 class Kernels:
@@ -50,6 +61,11 @@ class Kernels:
         self.rotary = op("rotary")  # (x [B, T, heads, D], cos, sin [B, T, 1, D]) -> like x
         self.silu_mul = op("silu_mul")  # (a, b) -> like a
         self.cache_attention = op("cache_attention")  # (q, cache_k, cache_v, slots, positions, [R, S]) -> like q
+        self.linear = op("linear")  # (x [..., in], weight [out, in]) -> [..., out]
+        # (x [B, T, in], wq, wk, wv, cos, sin, cache_k, cache_v, cache_idx) -> q [B, T, H*D]; writes the cache
+        self.qkv_cache = op("qkv_cache")
+        self.qkv_cache.add_prim_attr("side_effect_mem", True)
+        self.swiglu = op("swiglu")  # (x [..., in], w1, w3 [ffn, in]) -> [..., ffn]
 
 
 class CacheAttention(nn.Cell):
@@ -116,4 +132,14 @@ def use_kernels(model, status: KernelStatus | None = None) -> KernelStatus:
         layer.attention_norm.kernels = kernels
         layer.ffn_norm.kernels = kernels
     model.norm.kernels = kernels
+    for _, cell in model.cells_and_names():
+        if isinstance(cell, Linear):  # every projection (a subclass that overrides construct ignores it)
+            cell.kernels = kernels
+    # q, k, v in one kernel, and gate and up: where they are the plain projections (not LoRA adapters), q/k/v
+    # without biases (Qwen2's keep the separate projections).
+    for layer in model.layers:
+        attn, ff = layer.attention, layer.feed_forward
+        attn.fused_qkv = all(type(attn_proj) is Linear and attn_proj.bias is None
+                             for attn_proj in (attn.wq, attn.wk, attn.wv))
+        ff.fused = type(ff.w1) is Linear and type(ff.w3) is Linear
     return status

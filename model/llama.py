@@ -62,8 +62,12 @@ class Linear(nn.Cell):
         self.bias = Parameter(initializer("zeros", (out_features,), ms.float32), name="bias") if bias else None
         self.matmul = ops.MatMul(transpose_b=True)
         self.out_features = out_features
+        self.kernels = None  # kernels.use_kernels sets it (serving on CPU): the projection on every core
 
     def construct(self, x):
+        if self.kernels is not None:
+            y = self.kernels.linear(x, self.weight)  # [..., in] -> [..., out]
+            return y if self.bias is None else y + self.bias
         # x [..., in] -> [N, in] -> [N, out] -> [..., out]
         lead = x.shape[:-1]
         y = self.matmul(x.reshape(-1, x.shape[-1]), self.weight)
@@ -151,6 +155,8 @@ class Attention(nn.Cell):
         self.scale = 1.0 / float(np.sqrt(cfg.head_dim))
         self.scores_matmul = ops.BatchMatMul(transpose_b=True)  # q @ k^T without materialising k^T
         self.kernels = None  # kernels.use_kernels sets it: the cached forward's rotary in one op
+        self.fused_qkv = False  # and this, where q, k, v are plain bias-free projections: them, rotary and the
+        # cache write in one op, before the CPU attention kernel
         # A fused attention over the cache for the cached forward, chosen by device: None (these stock ops, the
         # reference), the CPU kernel (kernels.py) or Ascend's fused operators (ascend_attention.py). A Cell
         # (q [B, T, H, D] with rotary, cache_k, cache_v, slots [B], positions [B, T]) -> [B, T, H, D].
@@ -163,6 +169,14 @@ class Attention(nn.Cell):
         # read: slots [B] (cache row of each batch row; None: row i is slot i, every slot and every column)
         # at key_positions [K] (cache columns).
         b, t = x.shape[0], x.shape[1]
+        if self.fused_qkv and cache_idx is not None:
+            # One kernel projects q, k and v, applies the rotary embedding and writes k and v into the cache rows
+            # cache_idx names; the attention kernel then reads them there.
+            q = self.kernels.qkv_cache(x, self.wq.weight, self.wk.weight, self.wv.weight, cos, sin, self.cache_k,
+                                       self.cache_v, cache_idx).reshape(b, t, self.n_heads, self.head_dim)
+            out = self.fused_attention(q, self.cache_k, self.cache_v, self.every_slot if slots is None else slots,
+                                       positions)  # [B, T, H, D]
+            return self.wo(out.reshape(b, t, self.n_heads * self.head_dim))
         q = self.wq(x).reshape(b, t, self.n_heads, self.head_dim)
         k = self.wk(x).reshape(b, t, self.n_kv_heads, self.head_dim)
         v = self.wv(x).reshape(b, t, self.n_kv_heads, self.head_dim)
@@ -219,8 +233,11 @@ class FeedForward(nn.Cell):
         self.w2 = Linear(ffn_dim, dim)
         self.w3 = Linear(dim, ffn_dim)
         self.kernels = None  # kernels.use_kernels sets it: silu(a) * b in one op
+        self.fused = False  # and this, where w1 and w3 are plain projections: both and the gate in one op
 
     def construct(self, x):
+        if self.fused:
+            return self.w2(self.kernels.swiglu(x, self.w1.weight, self.w3.weight))
         if self.kernels is not None:
             return self.w2(self.kernels.silu_mul(self.w1(x), self.w3(x)))
         return self.w2(ops.silu(self.w1(x)) * self.w3(x))

@@ -79,3 +79,55 @@ def test_without_a_compiler_the_stock_ops_serve_and_say_why(monkeypatch, tmp_pat
 
 def test_other_devices_keep_the_stock_ops():
     assert kernels.load("Ascend").library is None
+
+
+def test_long_chunks_and_verifies_take_the_gemm_path(monkeypatch):
+    """Past 16 rows the projections are oneDNN GEMMs (one per thread of the kernels' team), past 8 queries the
+    attention too: prefill chunks of 48 and a verify of 20 ids against the stock ops."""
+    cfg, reference, fast = runners(monkeypatch)
+    for r in (reference, fast):
+        r.prefill_chunk = 48
+    prompt = np.random.default_rng(2).integers(3, cfg.vocab_size, 70).tolist()
+    np.testing.assert_allclose(fast.prefill(prompt, 1), reference.prefill(prompt, 1), atol=1e-4, rtol=0)
+    ids = np.random.default_rng(3).integers(3, cfg.vocab_size, 20).tolist()
+    np.testing.assert_allclose(fast.verify(ids, 1, 70), reference.verify(ids, 1, 70), atol=1e-4, rtol=0)
+
+
+def test_projection_kernel_called_from_two_threads_at_once():
+    """The kernels' thread team serves one call at a time; a second caller meanwhile (another runner in another
+    thread) computes its call alone. Both get the right answer: the `linear` kernel called directly through
+    ctypes (which releases the GIL) from two threads, against NumPy."""
+    import ctypes
+    import threading
+
+    status = kernels.load()
+    if status.library is None:
+        pytest.skip(status.reason)
+    linear = ctypes.CDLL(str(status.library)).linear
+
+    def call(x, w):
+        y = np.zeros((x.shape[0], w.shape[0]), np.float32)
+        arrays = (x, w, y)
+        params = (ctypes.c_void_p * 3)(*(a.ctypes.data for a in arrays))
+        ndims = (ctypes.c_int * 3)(2, 2, 2)
+        dims = [(ctypes.c_int64 * 2)(*a.shape) for a in arrays]
+        shapes = (ctypes.POINTER(ctypes.c_int64) * 3)(*dims)
+        assert linear(3, params, ndims, shapes, None, None, None) == 0
+        return y
+
+    failures = []
+
+    def worker(rows):
+        rng = np.random.default_rng(rows)
+        for _ in range(200):
+            x = rng.standard_normal((rows, 64), dtype=np.float32)
+            w = rng.standard_normal((300, 64), dtype=np.float32)
+            if not np.allclose(call(x, w), x @ w.T, atol=1e-4):
+                failures.append(rows)
+
+    threads = [threading.Thread(target=worker, args=(rows,)) for rows in (1, 40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures

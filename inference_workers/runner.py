@@ -44,6 +44,7 @@ Not thread-safe: call it from one thread at a time (the engine's model thread).
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import fields
@@ -129,6 +130,14 @@ class _DecodeOne(_Step):
 
     def construct(self, tokens, positions, cache_idx, slots):
         return self.model(tokens, positions, cache_idx, slots, None)
+
+
+def settle_garbage() -> None:
+    """Move every object alive now (the model, MindSpore's own) out of the garbage collector's scans: a step
+    allocates enough Python objects to set off full collections, and each one walked all of them (about 6% of a
+    decode step on CPU, docs/benchmarks/README.md). Objects made later are collected as usual."""
+    gc.collect()
+    gc.freeze()
 
 
 def check_ids(ids: Sequence[int], vocab_size: int) -> np.ndarray:
@@ -223,6 +232,7 @@ class Runner:
         self._stage_error: Exception | None = None
         self.closed = False
         self.busy = False  # inside a step: set while the ranks may be inside a collective
+        settle_garbage()
 
     @classmethod
     def from_model_dir(cls, path: str | Path, *, max_seq_len: int | None = None,
@@ -387,6 +397,7 @@ class Runner:
             first[0] = 0
             self._announce(OP_DECODE, self.max_batch, 0, 0, np.concatenate([tokens, first]))
             self.run_decode(tokens, first)
+        settle_garbage()  # what compiling made, too
 
     def close(self) -> None:
         """Tell the other ranks to return from `follow`. Idempotent."""

@@ -13,7 +13,8 @@ Then the anchor, side by side in the same run: llama.cpp (`codefill/llamacpp.py`
 codefill on the same weights, converted with `codefill convert --to-hf` and llama.cpp's own
 `convert_hf_to_gguf.py` to f32 GGUF: the `small` architecture with a trained 512-piece tokenizer (what
 `codefill init-tiny --preset small` writes) and the bundled model. Prefill of 1,024 tokens and decode of 64
-tokens, each engine on the same number of threads (the machine's cores). When llama.cpp cannot be built the
+tokens after them (llama-bench's decode at that depth: both engines attend over the prompt), each engine on the
+same number of threads (the machine's cores). When llama.cpp cannot be built the
 section says why and the rest of the report stands.
 
 Every timing is the median of `reps` runs after a warm-up run. Writes `model.json` and `model.md` to out_dir
@@ -237,7 +238,8 @@ def _anchor_markdown(a: dict) -> list[str]:
         return ["## Against llama.cpp", "", f"Not measured: {a['unavailable']}", ""]
     lines = ["## Against llama.cpp, same weights", "",
              f"{a['version']}, f32 GGUF, {a['threads']} threads each; a prompt of up to {ANCHOR_PROMPT} tokens "
-             f"(what the model's context allows), then a decode of {DECODE_TOKENS} tokens.", "",
+             f"(what the model's context allows), then a decode of {DECODE_TOKENS} tokens after it (llama-bench "
+             f"`-d`, at that depth).", "",
              "| weights | prompt | codefill prefill (ms) | llama.cpp prefill (ms) | codefill decode (tok/s) | "
              "llama.cpp decode (tok/s) | codefill / llama.cpp decode |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, row in a["rows"].items():

@@ -87,19 +87,22 @@ class LlamaCpp:
         return gguf
 
     def bench(self, gguf: Path, *, prompt: int, gen: int, threads: int, reps: int = 3) -> dict:
-        """llama-bench's prefill (pp) and decode (tg) tokens/s: {"prefill_tokens_per_s", "decode_tokens_per_s"}."""
-        cmd = [str(self.bin_dir / "llama-bench"), "-m", str(gguf), "-p", str(prompt), "-n", str(gen),
-               "-t", str(threads), "-r", str(reps), "-o", "json"]
+        """llama-bench's prefill of `prompt` tokens (pp) and decode of `gen` tokens after them (tg at depth
+        `prompt`, as codefill decodes after its prompt): {"prefill_tokens_per_s", "decode_tokens_per_s"}.
+        (A plain `-p P -n N` decodes from an empty context, which attends over nothing.)"""
+        return {"prefill_tokens_per_s": self._bench_row(gguf, ["-p", str(prompt), "-n", "0"], threads, reps),
+                "decode_tokens_per_s": self._bench_row(gguf, ["-p", "0", "-n", str(gen), "-d", str(prompt)],
+                                                       threads, reps)}
+
+    def _bench_row(self, gguf: Path, test: list[str], threads: int, reps: int) -> float:
+        cmd = [str(self.bin_dir / "llama-bench"), "-m", str(gguf), *test, "-t", str(threads), "-r", str(reps),
+               "-o", "json"]
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=True).stdout
-        except (OSError, subprocess.SubprocessError) as e:
-            raise AnchorUnavailable(f"llama-bench failed: {e}") from e
-        rows = json.loads(out)
-        result = {}
-        for row in rows:
-            key = "prefill_tokens_per_s" if row.get("n_prompt", 0) and not row.get("n_gen", 0) else "decode_tokens_per_s"
-            result[key] = float(row["avg_ts"])
-        return result
+            (row,) = json.loads(out)
+            return float(row["avg_ts"])
+        except (OSError, subprocess.SubprocessError, ValueError, KeyError) as e:
+            raise AnchorUnavailable(f"llama-bench {' '.join(test)} failed: {e}") from e
 
     @contextlib.contextmanager
     def server(self, gguf: Path, *, threads: int, ctx: int = 4096, log: Path | None = None) -> Iterator[str]:

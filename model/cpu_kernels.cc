@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <memory>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -186,8 +187,10 @@ void attention_rows(const AttentionArgs &a, int part, int parts) {
   }
 }
 
-// Many queries (prefill chunks): per batch row and query head, scores = q k^T and out = softmax(scores) v
-// as two oneDNN GEMMs over the keys up to the furthest query, masked between.
+// Many queries (prefill chunks): per batch row, query head and block of queries, scores = q k^T and
+// out = softmax(scores) v as two oneDNN GEMMs over the keys up to the block's furthest query, masked between.
+constexpr int64_t kQueryBlock = 128;
+
 void attention_gemm(const AttentionArgs &a, int part, int parts) {
   // oneDNN on this thread alone (it reads the calling thread's OpenMP setting; restored after): the team
   // gives the parallelism.
@@ -197,21 +200,26 @@ void attention_gemm(const AttentionArgs &a, int part, int parts) {
   const auto [first, last] = share(a.B * a.H, part, parts);
   for (int64_t item = first; item < last; item++) {
     const int64_t b = item / a.H, h = item % a.H;
-    int64_t n = 0;
-    for (int64_t t = 0; t < a.T; t++) n = a.visible(b, t) > n ? a.visible(b, t) : n;
     const int64_t row0 = (a.slots[b] * a.KV + h / a.R) * a.S;
     const int64_t ld = a.H * a.D;  // query / output rows of one head are a row of heads apart
     const float *qh = a.q + (b * a.T * a.H + h) * a.D;
     float *oh = a.out + (b * a.T * a.H + h) * a.D;
-    if (n == 0) {
-      for (int64_t t = 0; t < a.T; t++)
-        for (int64_t d = 0; d < a.D; d++) oh[t * ld + d] = 0.f;
-      continue;
+    // Blocks of queries, each over the keys up to its furthest query only: in a causal chunk the first
+    // queries see fewer keys than the last.
+    for (int64_t t0 = 0; t0 < a.T; t0 += kQueryBlock) {
+      const int64_t t1 = std::min(a.T, t0 + kQueryBlock);
+      int64_t n = 0;
+      for (int64_t t = t0; t < t1; t++) n = std::max(n, a.visible(b, t));
+      if (n == 0) {
+        for (int64_t t = t0; t < t1; t++)
+          for (int64_t d = 0; d < a.D; d++) oh[t * ld + d] = 0.f;
+        continue;
+      }
+      w.resize(static_cast<size_t>((t1 - t0) * n));
+      dnnl_sgemm('N', 'T', t1 - t0, n, a.D, a.scale, qh + t0 * ld, ld, a.ck + row0 * a.D, a.D, 0.f, w.data(), n);
+      for (int64_t t = t0; t < t1; t++) softmax_prefix(w.data() + (t - t0) * n, a.visible(b, t), n);
+      dnnl_sgemm('N', 'N', t1 - t0, a.D, n, 1.f, w.data(), n, a.cv + row0 * a.D, a.D, 0.f, oh + t0 * ld, ld);
     }
-    w.resize(static_cast<size_t>(a.T * n));
-    dnnl_sgemm('N', 'T', a.T, n, a.D, a.scale, qh, ld, a.ck + row0 * a.D, a.D, 0.f, w.data(), n);
-    for (int64_t t = 0; t < a.T; t++) softmax_prefix(w.data() + t * n, a.visible(b, t), n);
-    dnnl_sgemm('N', 'N', a.T, a.D, n, 1.f, w.data(), n, a.cv + row0 * a.D, a.D, 0.f, oh, ld);
   }
   omp_set_num_threads(threads);
 }
@@ -403,6 +411,32 @@ extern "C" int linear(int nparam, void **params, int *ndims, int64_t **shapes, c
   return 0;
 }
 
+// Rows of a q | k | v projection: the rotary embedding on q and k, q to the output, k and v to the cache.
+namespace {
+struct QkvRows {
+  float *qkv;
+  int64_t N, nq, nk, D, KV, M;
+  const int32_t *idx;
+  const float *cos, *sin;
+  float *cache_k, *cache_v, *q;
+};
+
+void qkv_rows_part(const void *ctx, int part, int parts) {
+  const QkvRows &a = *static_cast<const QkvRows *>(ctx);
+  const auto [m0, m1] = share(a.M, part, parts);
+  for (int64_t m = m0; m < m1; m++) {
+    float *row = a.qkv + m * a.N;
+    rotate(row, (a.nq + a.nk) / a.D, a.D, a.cos + m * a.D, a.sin + m * a.D);
+    std::copy(row, row + a.nq, a.q + m * a.nq);
+    for (int64_t kv = 0; kv < a.KV; kv++) {
+      const int64_t r = a.idx[m * a.KV + kv];
+      std::copy(row + a.nq + kv * a.D, row + a.nq + (kv + 1) * a.D, a.cache_k + r * a.D);
+      std::copy(row + a.nq + a.nk + kv * a.D, row + a.nq + a.nk + (kv + 1) * a.D, a.cache_v + r * a.D);
+    }
+  }
+}
+}  // namespace
+
 // x [B, T, K], wq [H*D, K], wk, wv [KV*D, K], cos, sin [B, T, 1, D], cache_k, cache_v [rows, D],
 // cache_idx [B, T, KV] -> q [B, T, H*D] with the rotary embedding; the new keys (with rotary) and values are
 // written into the cache rows cache_idx names, in place (the op is marked as writing memory: kernels.py).
@@ -421,43 +455,49 @@ extern "C" int qkv_cache(int nparam, void **params, int *ndims, int64_t **shapes
   if (shapes[6][1] != D || p.n[1] != p.n[2] || numel(ndims[8], shapes[8]) != p.M * KV) return 2;
   for (int64_t i = 0; i < p.M * KV; i++)
     if (idx[i] < 0 || idx[i] >= rows) return 3;
-  std::vector<float> qkv(static_cast<size_t>(p.M * p.N));  // [M, q | k | v]
-  p.y = qkv.data();
+  std::unique_ptr<float[]> qkv(new float[p.M * p.N]);  // [M, q | k | v], every element written first
+  p.y = qkv.get();
   Team::get().run(project_part, &p);
-  const float *cs = static_cast<const float *>(params[4]), *sn = static_cast<const float *>(params[5]);
-  float *ck = static_cast<float *>(params[6]), *cv = static_cast<float *>(params[7]);
-  float *q = static_cast<float *>(params[9]);
-  const int64_t nq = p.n[0];
-  for (int64_t m = 0; m < p.M; m++) {
-    float *row = qkv.data() + m * p.N;
-    rotate(row, (nq + p.n[1]) / D, D, cs + m * D, sn + m * D);
-    std::copy(row, row + nq, q + m * nq);
-    for (int64_t kv = 0; kv < KV; kv++) {
-      const int64_t r = idx[m * KV + kv];
-      std::copy(row + nq + kv * D, row + nq + (kv + 1) * D, ck + r * D);
-      std::copy(row + nq + p.n[1] + kv * D, row + nq + p.n[1] + (kv + 1) * D, cv + r * D);
-    }
-  }
+  const QkvRows rows_args{qkv.get(), p.N, p.n[0], p.n[1], D, KV, p.M, idx,
+                          static_cast<const float *>(params[4]), static_cast<const float *>(params[5]),
+                          static_cast<float *>(params[6]), static_cast<float *>(params[7]),
+                          static_cast<float *>(params[9])};
+  Team::get().run(qkv_rows_part, &rows_args);
   return 0;
 }
 
-// x [..., K], w1, w3 [F, K] -> [..., F] = silu(x w1^T) * (x w3^T).
+// x [..., K], w1, w3 [F, K] -> [..., F] = silu(x w1^T) * (x w3^T). Each part computes the gate into y and
+// the up projection beside it for its own features, then combines them.
+namespace {
+struct Swiglu {
+  const float *x, *w1, *w3;
+  float *y, *up;  // y [M, F], up [M, F] scratch
+  int64_t M, K, F;
+};
+
+void swiglu_part(const void *ctx, int part, int parts) {
+  const Swiglu &a = *static_cast<const Swiglu *>(ctx);
+  const auto [f0, f1] = share(a.F, part, parts, 16);
+  if (f0 >= f1) return;
+  project(a.x, a.M, a.K, a.w1, f0, f1, a.y + f0, a.F);
+  project(a.x, a.M, a.K, a.w3, f0, f1, a.up + f0, a.F);
+  for (int64_t m = 0; m < a.M; m++) {
+    float *g = a.y + m * a.F;
+    const float *u = a.up + m * a.F;
+#pragma omp simd
+    for (int64_t f = f0; f < f1; f++) g[f] = g[f] / (1.0f + std::exp(-g[f])) * u[f];
+  }
+}
+}  // namespace
+
 extern "C" int swiglu(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
   const int64_t K = shapes[0][ndims[0] - 1];
   if (nparam != 4 || !shapes_ok(2, ndims, shapes, K) || shapes[1][0] != shapes[2][0]) return 1;
   const int64_t M = numel(ndims[0], shapes[0]) / K, F = shapes[1][0];
-  std::vector<float> both(static_cast<size_t>(M * 2 * F));  // [M, 2F]: gate | up
-  Projection p{static_cast<const float *>(params[0]), M, K, 2 * F, 2};
-  for (int s = 0; s < 2; s++) p.w[s] = static_cast<const float *>(params[1 + s]), p.n[s] = F, p.offset[s] = s * F;
-  p.y = both.data();
-  Team::get().run(project_part, &p);
-  float *y = static_cast<float *>(params[3]);
-  for (int64_t m = 0; m < M; m++) {
-    const float *g = both.data() + m * 2 * F, *u = g + F;
-    float *ym = y + m * F;
-#pragma omp simd
-    for (int64_t f = 0; f < F; f++) ym[f] = g[f] / (1.0f + std::exp(-g[f])) * u[f];
-  }
+  std::unique_ptr<float[]> up(new float[M * F]);  // every element written before it is read
+  Swiglu a{static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+           static_cast<const float *>(params[2]), static_cast<float *>(params[3]), up.get(), M, K, F};
+  Team::get().run(swiglu_part, &a);
   return 0;
 }
 

@@ -16,13 +16,13 @@ from codefill.model.config import preset
 CACHE, SLOTS = 96, 3
 
 
-def runners(monkeypatch):
+def runners(monkeypatch, cache: int = CACHE):
     cfg = preset("tiny-gqa")
     weights = random_weights(cfg, 3)
     monkeypatch.setenv("CODEFILL_KERNELS", "reference")
-    reference = Runner(cfg, weights, max_seq_len=CACHE, max_batch=SLOTS)
+    reference = Runner(cfg, weights, max_seq_len=cache, max_batch=SLOTS)
     monkeypatch.delenv("CODEFILL_KERNELS")
-    fast = Runner(cfg, weights, max_seq_len=CACHE, max_batch=SLOTS)
+    fast = Runner(cfg, weights, max_seq_len=cache, max_batch=SLOTS)
     if fast.kernels.library is None and "no C++ compiler" in fast.kernels.reason:
         pytest.skip(fast.kernels.reason)  # a machine without g++: the stock ops serve (tested below)
     assert reference.kernels.library is None and fast.kernels.library is not None, fast.kernels.reason
@@ -83,14 +83,17 @@ def test_other_devices_keep_the_stock_ops():
 
 def test_long_chunks_and_verifies_take_the_gemm_path(monkeypatch):
     """Past 16 rows the projections are oneDNN GEMMs (one per thread of the kernels' team), past 8 queries the
-    attention too: prefill chunks of 48 and a verify of 20 ids against the stock ops."""
-    cfg, reference, fast = runners(monkeypatch)
-    for r in (reference, fast):
-        r.prefill_chunk = 48
-    prompt = np.random.default_rng(2).integers(3, cfg.vocab_size, 70).tolist()
-    np.testing.assert_allclose(fast.prefill(prompt, 1), reference.prefill(prompt, 1), atol=1e-4, rtol=0)
+    attention too, in blocks of 128 queries: prefill chunks of 48, then of 300 (three blocks, over the keys of
+    the chunk before), and a verify of 20 ids, against the stock ops."""
+    cfg, reference, fast = runners(monkeypatch, cache=420)
+    prompt = np.random.default_rng(2).integers(3, cfg.vocab_size, 390).tolist()
+    for chunk, start, end in ((48, 0, 70), (300, 70, 370)):
+        for r in (reference, fast):
+            r.prefill_chunk = chunk
+        np.testing.assert_allclose(fast.prefill(prompt[start:end], 1, start),
+                                   reference.prefill(prompt[start:end], 1, start), atol=1e-4, rtol=0)
     ids = np.random.default_rng(3).integers(3, cfg.vocab_size, 20).tolist()
-    np.testing.assert_allclose(fast.verify(ids, 1, 70), reference.verify(ids, 1, 70), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(fast.verify(ids, 1, 370), reference.verify(ids, 1, 370), atol=1e-4, rtol=0)
 
 
 def test_projection_kernel_called_from_two_threads_at_once():

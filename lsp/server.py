@@ -270,6 +270,10 @@ class CodefillServer(LanguageServer):
 
         async def run() -> None:
             try:
+                # Only once the user pauses: a keystroke meanwhile that does not lead towards `prefix` cancels
+                # this before it reaches the worker (cancel_prefetches), so it never takes the slot whose
+                # cached prompt that keystroke's own request extends.
+                await asyncio.sleep(self.settings.prefetch_delay_ms / 1000)
                 nxt = await self.model_call(uri, doc, prefix, suffix, prefetch=True)
                 if nxt is not None:
                     self.cache.put(Entry(uri, prefix, suffix, nxt, ""))

@@ -56,6 +56,8 @@ class Settings:
     debounce_max_ms: float = 150.0  # ... and at most this long, when the user types faster than answers come
     cache_size: int = 64  # suggestions kept for typed-ahead and accepted text
     prefetch: bool = True  # after a suggestion is shown, compute the one that follows its acceptance
+    prefetch_delay_ms: float = 100.0  # ... once the user has paused this long: a prefetch that a keystroke
+    # then cancels still held the worker slot whose cache the keystroke's own request needed
     languages: tuple[str, ...] = ("*",)  # LSP language ids to complete; "*" = all
 
     # --- local telemetry (nothing leaves the machine) ---
@@ -80,7 +82,7 @@ class Settings:
             need(_is_num(getattr(self, key)) and getattr(self, key) > 0, key, "must be a number > 0")
         for key in ("suffix_share", "context_share"):
             need(_is_num(getattr(self, key)) and 0 <= getattr(self, key) <= 1, key, "must be in [0, 1]")
-        for key in ("debounce_min_ms", "debounce_max_ms", "temperature"):
+        for key in ("debounce_min_ms", "debounce_max_ms", "prefetch_delay_ms", "temperature"):
             need(_is_num(getattr(self, key)) and getattr(self, key) >= 0, key, "must be a number >= 0")
         need(self.debounce_min_ms <= self.debounce_max_ms, "debounce_max_ms", "must be >= debounce_min_ms")
         need(self.fim_order in ("spm", "psm"), "fim_order", 'must be "spm" or "psm"')

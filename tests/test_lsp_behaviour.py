@@ -251,6 +251,30 @@ async def test_prefetch_serves_the_completion_after_acceptance(tiny_dir, fake, t
 
 
 @ASYNC
+async def test_a_keystroke_before_the_prefetch_delay_keeps_the_prefetch_off_the_worker(tiny_dir, fake, tmp_path):
+    """The next keystroke right after a suggestion (not towards it) cancels the prefetch while it waits for the
+    user's pause, so the worker only ever sees the keystrokes' own requests."""
+    fake.reply = "x = 1"
+    client = await connect(tiny_dir, fake, tmp_path, options={"prefetch": True, "prefetch_delay_ms": 300,
+                                                              "debounce_min_ms": 0, "debounce_max_ms": 0})
+    try:
+        uri = "file:///work/pre.py"
+        open_doc(client, uri, "def f():\n    \n")
+        await ask(client, uri, 1, 4)
+        change(client, uri, 2, 1, 4, 4, "y")  # typed over the suggestion "x = 1"
+        await ask(client, uri, 1, 5)
+        await asyncio.sleep(0.1)  # the second answer's prefetch is still waiting for a pause
+        change(client, uri, 3, 1, 5, 5, "z")
+        await ask(client, uri, 1, 6)
+        await asyncio.sleep(0.6)  # past the delay: the last answer's prefetch runs
+        assert len(fake.requests) == 4  # three keystrokes, one prefetch
+        s = await stats(client)
+        assert s.model_calls == 3 and s.prefetches == 1
+    finally:
+        await client.shutdown_session()
+
+
+@ASYNC
 async def test_stop_rules_are_sent_to_the_worker(tiny_dir, fake, tmp_path):
     client = await connect(tiny_dir, fake, tmp_path)
     try:

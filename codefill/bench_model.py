@@ -17,8 +17,10 @@ tokens after them (llama-bench's decode at that depth: both engines attend over 
 same number of threads (the machine's cores). When llama.cpp cannot be built the
 section says why and the rest of the report stands.
 
-Every timing is the median of `reps` runs after a warm-up run. Writes `model.json` and `model.md` to out_dir
-and returns the same dict as the JSON.
+Every timing is the median of `reps` runs after a warm-up run, the engines taking turns (codefill, then
+transformers, within each repetition; codefill and llama-bench in alternating rounds), so that the shared
+machine's noisy stretches fall on both sides of a ratio. Writes `model.json` and `model.md` to out_dir and
+returns the same dict as the JSON.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +73,8 @@ def _decode_rate(step_tokens) -> float:
     return n / (time.perf_counter() - t)
 
 
-def _bench_codefill(cfg, weights, prompts, reps: int, device: str = "cpu") -> dict:
+def _codefill_engine(cfg, weights, prompts, device: str = "cpu") -> tuple[dict, Callable, Callable]:
+    """codefill built and compiled: (its build facts, prefill(ids), generate(ids) -> token iterator)."""
     from codefill.inference_workers.runner import Runner
     from codefill.model.sampling import SamplingConfig
 
@@ -91,23 +95,18 @@ def _bench_codefill(cfg, weights, prompts, reps: int, device: str = "cpu") -> di
     t = time.perf_counter()
     gen.decode_step([1], [9])
     decode_compile_s = first_decode - (time.perf_counter() - t)
-
-    prefill_ms = {n: 1e3 * _median_s(lambda n=n: gen.prefill(prompts[n]), reps) for n in PREFILL_LENGTHS}
-    step_ms = 1e3 * _median_s(lambda: gen.decode_step([1], [DECODE_PROMPT]), max(reps, 20))
-    greedy = SamplingConfig()
-    rates = [_decode_rate(lambda: gen.generate(prompts[DECODE_PROMPT], DECODE_TOKENS, greedy))
-             for _ in range(reps + 1)][1:]
-    return {
+    info = {
         "build_s": build_s,
         "compile_s": {"prefill": prefill_compile_s, "decode": decode_compile_s},
         "graphs_compiled": gen.compiled_graphs(),
-        "prefill_ms": prefill_ms,
-        "decode_step_ms": step_ms,
-        "decode_tokens_per_s": statistics.median(rates),
+        "decode_step_ms": 1e3 * _median_s(lambda: gen.decode_step([1], [DECODE_PROMPT]), 20),
     }
+    greedy = SamplingConfig()
+    return info, gen.prefill, lambda ids: (token for token, _ in gen.generate(ids, DECODE_TOKENS, greedy))
 
 
-def _bench_hf(cfg, weights, prompts, reps: int) -> dict:
+def _hf_engine(cfg, weights) -> tuple[dict, Callable, Callable]:
+    """transformers' LlamaForCausalLM on the same weights: (its build facts, prefill(ids), generate(ids))."""
     import torch
     from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
 
@@ -136,15 +135,34 @@ def _bench_hf(cfg, weights, prompts, reps: int) -> dict:
             token = int(out.logits[0, -1].argmax())
             yield token
 
-    prefill_ms = {n: 1e3 * _median_s(lambda n=n: prefill(prompts[n]), reps) for n in PREFILL_LENGTHS}
-    rates = [_decode_rate(lambda: generate(prompts[DECODE_PROMPT])) for _ in range(reps + 1)][1:]
-    return {
-        "build_s": build_s,
-        "attn_implementation": model.config._attn_implementation,
-        "torch_threads": torch.get_num_threads(),
-        "prefill_ms": prefill_ms,
-        "decode_tokens_per_s": statistics.median(rates),
-    }
+    info = {"build_s": build_s, "attn_implementation": model.config._attn_implementation,
+            "torch_threads": torch.get_num_threads()}
+    return info, prefill, generate
+
+
+def _side_by_side(engines: dict[str, tuple[Callable, Callable]], prompts, reps: int) -> dict[str, dict]:
+    """Every measure of every engine, the engines taking turns within each repetition (so a noisy stretch
+    of the shared machine falls on both): per engine its median prefill ms per length and decode tokens/s."""
+    out = {name: {"prefill_ms": {}, "decode_tokens_per_s": 0.0} for name in engines}
+    for n in PREFILL_LENGTHS:
+        times: dict[str, list[float]] = {name: [] for name in engines}
+        for rep in range(reps + 1):  # the first round warms up
+            for name, (prefill, _) in engines.items():
+                t = time.perf_counter()
+                prefill(prompts[n])
+                if rep:
+                    times[name].append(time.perf_counter() - t)
+        for name in engines:
+            out[name]["prefill_ms"][n] = 1e3 * statistics.median(times[name])
+    rates: dict[str, list[float]] = {name: [] for name in engines}
+    for rep in range(reps + 1):
+        for name, (_, generate) in engines.items():
+            rate = _decode_rate(lambda: generate(prompts[DECODE_PROMPT]))
+            if rep:
+                rates[name].append(rate)
+    for name in engines:
+        out[name]["decode_tokens_per_s"] = statistics.median(rates[name])
+    return out
 
 
 def run(out_dir: str | Path, preset: str = "small", seed: int = 0, reps: int = 3, device: str = "cpu") -> dict:
@@ -159,8 +177,10 @@ def run(out_dir: str | Path, preset: str = "small", seed: int = 0, reps: int = 3
     rng = np.random.default_rng(seed + 1)
     prompts = {n: rng.integers(3, cfg.vocab_size, n).tolist() for n in set(PREFILL_LENGTHS) | {DECODE_PROMPT}}
 
-    ours = _bench_codefill(cfg, weights, prompts, reps, device)
-    hf = _bench_hf(cfg, weights, prompts, reps)
+    ours_info, *ours_fns = _codefill_engine(cfg, weights, prompts, device)
+    hf_info, *hf_fns = _hf_engine(cfg, weights)
+    measured = _side_by_side({"codefill": tuple(ours_fns), "hf": tuple(hf_fns)}, prompts, reps)
+    ours, hf = {**ours_info, **measured["codefill"]}, {**hf_info, **measured["hf"]}
     ratios = {f"prefill_{n}_speedup": hf["prefill_ms"][n] / ours["prefill_ms"][n] for n in PREFILL_LENGTHS}
     ratios["decode_speedup"] = ours["decode_tokens_per_s"] / hf["decode_tokens_per_s"]
     anchor = _bench_anchor(Path(out_dir) / "anchor", reps, device)
@@ -188,24 +208,17 @@ def run(out_dir: str | Path, preset: str = "small", seed: int = 0, reps: int = 3
 ANCHOR_PROMPT = 1024
 
 
-def _codefill_rates(model_dir: Path, prompt: list[int], reps: int, device: str = "cpu") -> dict:
-    """codefill on a MODEL_DIR: prefill ms of `prompt`, decode tokens/s of DECODE_TOKENS after it."""
-    from codefill.inference_workers.runner import Runner
-    from codefill.model.sampling import SamplingConfig
-
-    runner = Runner.from_model_dir(model_dir, max_seq_len=len(prompt) + DECODE_TOKENS, max_batch=1, device=device)
-    runner.prefill(prompt[:8])  # compile both graphs first
-    runner.decode_step([1], [8])
-    prefill_ms = 1e3 * _median_s(lambda: runner.prefill(prompt), reps)
-    rates = [_decode_rate(lambda: runner.generate(prompt, DECODE_TOKENS, SamplingConfig())) for _ in range(reps + 1)]
-    return {"prefill_ms": prefill_ms, "decode_tokens_per_s": statistics.median(rates[1:])}
+ANCHOR_ROUNDS = 2  # codefill, llama.cpp, codefill, llama.cpp: the engines take turns
 
 
 def _bench_anchor(work: Path, reps: int, device: str = "cpu") -> dict:
-    """codefill and llama.cpp on the same weights (see the module docstring), or {"unavailable": why}."""
+    """codefill and llama.cpp on the same weights (see the module docstring), or {"unavailable": why}. Each
+    engine measures `reps` times per round, in alternating rounds; reported: the median over all of them."""
     from codefill import llamacpp
     from codefill.bundled import bundled_model_dir
+    from codefill.inference_workers.runner import Runner
     from codefill.model.checkpoint import read_model_config
+    from codefill.model.sampling import SamplingConfig
     from codefill.model.tiny import build_tiny_model_dir
 
     try:
@@ -221,16 +234,35 @@ def _bench_anchor(work: Path, reps: int, device: str = "cpu") -> dict:
         n = min(ANCHOR_PROMPT, read_model_config(model_dir)[0].max_seq_len - DECODE_TOKENS)  # fits its context
         try:
             gguf = anchor.convert(model_dir, work / name.split()[0])
-            theirs = anchor.bench(gguf, prompt=n, gen=DECODE_TOKENS, threads=threads, reps=reps)
         except llamacpp.AnchorUnavailable as e:
             rows[name] = {"unavailable": str(e)}
             continue
         prompt = np.random.default_rng(7).integers(3, 500, n).tolist()
-        ours = _codefill_rates(model_dir, prompt, reps, device)
-        rows[name] = {"prompt": n, "codefill": ours, "llamacpp": {
-            "prefill_ms": 1e3 * n / theirs["prefill_tokens_per_s"],
-            "decode_tokens_per_s": theirs["decode_tokens_per_s"]}}
-    return {"version": anchor.version, "threads": threads, "rows": rows}
+        runner = Runner.from_model_dir(model_dir, max_seq_len=n + DECODE_TOKENS, max_batch=1, device=device)
+        runner.prefill(prompt[:8])  # compile both graphs first
+        runner.decode_step([1], [8])
+        runner.prefill(prompt)
+        ours: dict[str, list[float]] = {"prefill_ms": [], "decode_tokens_per_s": []}
+        theirs: dict[str, list[float]] = {"prefill_ms": [], "decode_tokens_per_s": []}
+        try:
+            for _ in range(ANCHOR_ROUNDS):
+                for _ in range(reps):
+                    t = time.perf_counter()
+                    runner.prefill(prompt)
+                    ours["prefill_ms"].append(1e3 * (time.perf_counter() - t))
+                    ours["decode_tokens_per_s"].append(_decode_rate(
+                        lambda: runner.generate(prompt, DECODE_TOKENS, SamplingConfig())))
+                rates = anchor.bench(gguf, prompt=n, gen=DECODE_TOKENS, threads=threads, reps=reps)
+                theirs["prefill_ms"].append(1e3 * n / rates["prefill_tokens_per_s"])
+                theirs["decode_tokens_per_s"].append(rates["decode_tokens_per_s"])
+        except llamacpp.AnchorUnavailable as e:
+            rows[name] = {"unavailable": str(e)}
+            continue
+        finally:
+            runner.close()
+        rows[name] = {"prompt": n, "codefill": {k: statistics.median(v) for k, v in ours.items()},
+                      "llamacpp": {k: statistics.median(v) for k, v in theirs.items()}}
+    return {"version": anchor.version, "threads": threads, "rounds": ANCHOR_ROUNDS, "rows": rows}
 
 
 def _anchor_markdown(a: dict) -> list[str]:
@@ -239,7 +271,7 @@ def _anchor_markdown(a: dict) -> list[str]:
     lines = ["## Against llama.cpp, same weights", "",
              f"{a['version']}, f32 GGUF, {a['threads']} threads each; a prompt of up to {ANCHOR_PROMPT} tokens "
              f"(what the model's context allows), then a decode of {DECODE_TOKENS} tokens after it (llama-bench "
-             f"`-d`, at that depth).", "",
+             f"`-d`, at that depth); {a.get('rounds', 1)} alternating rounds of each engine, medians.", "",
              "| weights | prompt | codefill prefill (ms) | llama.cpp prefill (ms) | codefill decode (tok/s) | "
              "llama.cpp decode (tok/s) | codefill / llama.cpp decode |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, row in a["rows"].items():

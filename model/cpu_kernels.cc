@@ -226,6 +226,31 @@ void attention_gemm(const AttentionArgs &a, int part, int parts) {
 
 }  // namespace
 
+namespace {
+// 0 when every read of the attention lies inside the cache (cache_rows rows) and every position is a column.
+int check_attention(AttentionArgs &a, int64_t cache_rows) {
+  if (a.R <= 0 || a.H % a.R != 0) return 1;
+  a.KV = a.H / a.R;
+  a.scale = 1.0f / std::sqrt(static_cast<float>(a.D));
+  for (int64_t b = 0; b < a.B; b++) {
+    if (a.slots[b] < 0 || (a.slots[b] + 1) * a.KV * a.S > cache_rows) return 2;
+    for (int64_t t = 0; t < a.T; t++)
+      if (a.pos[b * a.T + t] < 0 || a.pos[b * a.T + t] >= a.S) return 2;
+  }
+  return 0;
+}
+
+void run_attention(const AttentionArgs &a) {
+  Team::get().run(
+      [](const void *ctx, int part, int parts) {
+        const AttentionArgs &args = *static_cast<const AttentionArgs *>(ctx);
+        if (args.T <= 8) attention_rows(args, part, parts);
+        else attention_gemm(args, part, parts);
+      },
+      &a);
+}
+}  // namespace
+
 extern "C" int cache_attention(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
   if (nparam != 7 || ndims[0] != 4 || ndims[1] != 2) return 1;
   AttentionArgs a;
@@ -238,32 +263,15 @@ extern "C" int cache_attention(int nparam, void **params, int *ndims, int64_t **
   a.out = static_cast<float *>(params[6]);
   a.B = shapes[0][0], a.T = shapes[0][1], a.H = shapes[0][2], a.D = shapes[0][3];
   a.R = meta[0], a.S = meta[1];
-  if (a.R <= 0 || a.H % a.R != 0 || shapes[1][1] != a.D) return 1;
-  a.KV = a.H / a.R;
-  a.scale = 1.0f / std::sqrt(static_cast<float>(a.D));
-  for (int64_t b = 0; b < a.B; b++) {  // every read inside the cache, every position a column
-    if (a.slots[b] < 0 || (a.slots[b] + 1) * a.KV * a.S > shapes[1][0]) return 2;
-    for (int64_t t = 0; t < a.T; t++)
-      if (a.pos[b * a.T + t] < 0 || a.pos[b * a.T + t] >= a.S) return 2;
-  }
-  Team::get().run(
-      [](const void *ctx, int part, int parts) {
-        const AttentionArgs &args = *static_cast<const AttentionArgs *>(ctx);
-        if (args.T <= 8) attention_rows(args, part, parts);
-        else attention_gemm(args, part, parts);
-      },
-      &a);
+  if (shapes[1][1] != a.D) return 1;
+  if (const int err = check_attention(a, shapes[1][0])) return err;
+  run_attention(a);
   return 0;
 }
 
 // RMSNorm: x [..., C], weight [C], eps [1] -> x * rsqrt(mean(x^2) + eps) * weight.
-extern "C" int rms_norm(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
-  if (nparam != 4) return 1;
-  const float *x = static_cast<const float *>(params[0]);
-  const float *wt = static_cast<const float *>(params[1]);
-  const float eps = static_cast<const float *>(params[2])[0];
-  float *y = static_cast<float *>(params[3]);
-  const int64_t C = shapes[0][ndims[0] - 1], N = numel(ndims[0], shapes[0]) / C;
+namespace {
+void rms_rows(const float *x, const float *wt, float eps, float *y, int64_t N, int64_t C) {
   for (int64_t i = 0; i < N; i++) {
     const float *xr = x + i * C;
     float ss = 0.f;
@@ -274,6 +282,14 @@ extern "C" int rms_norm(int nparam, void **params, int *ndims, int64_t **shapes,
 #pragma omp simd
     for (int64_t c = 0; c < C; c++) yr[c] = xr[c] * inv * wt[c];
   }
+}
+}  // namespace
+
+extern "C" int rms_norm(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  if (nparam != 4) return 1;
+  const int64_t C = shapes[0][ndims[0] - 1];
+  rms_rows(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+           static_cast<const float *>(params[2])[0], static_cast<float *>(params[3]), numel(ndims[0], shapes[0]) / C, C);
   return 0;
 }
 
@@ -440,29 +456,100 @@ void qkv_rows_part(const void *ctx, int part, int parts) {
 // x [B, T, K], wq [H*D, K], wk, wv [KV*D, K], cos, sin [B, T, 1, D], cache_k, cache_v [rows, D],
 // cache_idx [B, T, KV] -> q [B, T, H*D] with the rotary embedding; the new keys (with rotary) and values are
 // written into the cache rows cache_idx names, in place (the op is marked as writing memory: kernels.py).
-extern "C" int qkv_cache(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
-  const int64_t K = shapes[0][ndims[0] - 1];
-  if (nparam != 10 || ndims[0] != 3 || ndims[4] != 4 || ndims[6] != 2 || !shapes_ok(3, ndims, shapes, K)) return 1;
-  Projection p{static_cast<const float *>(params[0]), shapes[0][0] * shapes[0][1], K, 0, 3};
+namespace {
+// q, k and v of x [M, K], the rotary embedding on q and k, k and v written into the cache rows cache_idx names, q
+// into q [M, H*D]. From params[0]: wq, wk, wv, cos, sin [.., D], cache_k, cache_v [rows, D], cache_idx [.., KV].
+// 0, or an error code before anything is written.
+int qkv_to_cache(const float *x, int64_t M, int64_t K, void **params, int *ndims, int64_t **shapes, float *q) {
+  Projection p{x, M, K, 0, 3};
   for (int s = 0; s < 3; s++) {
-    p.w[s] = static_cast<const float *>(params[1 + s]);
-    p.n[s] = shapes[1 + s][0];
+    if (ndims[s] != 2 || shapes[s][1] != K) return 1;
+    p.w[s] = static_cast<const float *>(params[s]);
+    p.n[s] = shapes[s][0];
     p.offset[s] = p.N;
     p.N += p.n[s];
   }
-  const int64_t D = shapes[4][3], KV = p.n[1] / D, rows = shapes[6][0];
-  const int32_t *idx = static_cast<const int32_t *>(params[8]);
-  if (shapes[6][1] != D || p.n[1] != p.n[2] || numel(ndims[8], shapes[8]) != p.M * KV) return 2;
-  for (int64_t i = 0; i < p.M * KV; i++)
+  if (ndims[3] != 4 || ndims[5] != 2) return 1;
+  const int64_t D = shapes[3][3], KV = p.n[1] / D, rows = shapes[5][0];
+  const int32_t *idx = static_cast<const int32_t *>(params[7]);
+  if (shapes[5][1] != D || p.n[1] != p.n[2] || numel(ndims[7], shapes[7]) != M * KV) return 2;
+  for (int64_t i = 0; i < M * KV; i++)
     if (idx[i] < 0 || idx[i] >= rows) return 3;
-  std::unique_ptr<float[]> qkv(new float[p.M * p.N]);  // [M, q | k | v], every element written first
+  std::unique_ptr<float[]> qkv(new float[M * p.N]);  // [M, q | k | v], every element written first
   p.y = qkv.get();
   Team::get().run(project_part, &p);
-  const QkvRows rows_args{qkv.get(), p.N, p.n[0], p.n[1], D, KV, p.M, idx,
-                          static_cast<const float *>(params[4]), static_cast<const float *>(params[5]),
-                          static_cast<float *>(params[6]), static_cast<float *>(params[7]),
-                          static_cast<float *>(params[9])};
+  const QkvRows rows_args{qkv.get(), p.N, p.n[0], p.n[1], D, KV, M, idx,
+                          static_cast<const float *>(params[3]), static_cast<const float *>(params[4]),
+                          static_cast<float *>(params[5]), static_cast<float *>(params[6]), q};
   Team::get().run(qkv_rows_part, &rows_args);
+  return 0;
+}
+}  // namespace
+
+extern "C" int qkv_cache(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  if (nparam != 10 || ndims[0] != 3) return 1;
+  const int64_t K = shapes[0][2];
+  return qkv_to_cache(static_cast<const float *>(params[0]), shapes[0][0] * shapes[0][1], K, params + 1, ndims + 1,
+                      shapes + 1, static_cast<float *>(params[9]));
+}
+
+// A layer's attention up to the output projection: x [B, T, K], norm [K], eps [1], wq, wk, wv, cos, sin,
+// cache_k, cache_v, cache_idx (as qkv_cache), slots [B], positions [B, T], meta [2] = {R, S} (as cache_attention)
+// -> [B, T, H*D]: RMSNorm, q/k/v with the rotary embedding and the cache write, attention over the cache.
+extern "C" int attention_block(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
+                               void *) {
+  if (nparam != 15 || ndims[0] != 3 || ndims[8] != 2) return 1;
+  const int64_t B = shapes[0][0], T = shapes[0][1], K = shapes[0][2], M = B * T, nq = shapes[3][0];
+  std::unique_ptr<float[]> normed(new float[M * K]), q(new float[M * nq]);
+  rms_rows(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+           static_cast<const float *>(params[2])[0], normed.get(), M, K);
+  AttentionArgs a;
+  a.q = q.get();
+  a.ck = static_cast<const float *>(params[8]);
+  a.cv = static_cast<const float *>(params[9]);
+  a.slots = static_cast<const int32_t *>(params[11]);
+  a.pos = static_cast<const int32_t *>(params[12]);
+  const int32_t *meta = static_cast<const int32_t *>(params[13]);
+  a.out = static_cast<float *>(params[14]);
+  a.B = B, a.T = T, a.D = shapes[6][3], a.H = nq / a.D;
+  a.R = meta[0], a.S = meta[1];
+  if (const int err = check_attention(a, shapes[8][0])) return err;  // before the cache is written
+  if (const int err = qkv_to_cache(normed.get(), M, K, params + 3, ndims + 3, shapes + 3, q.get())) return err;
+  run_attention(a);
+  return 0;
+}
+
+// x [..., K], w [N, K], residual [..., N] -> residual + x w^T.
+namespace {
+struct LinearAdd {
+  Projection p;
+  const float *residual;
+};
+
+void linear_add_part(const void *ctx, int part, int parts) {
+  const LinearAdd &a = *static_cast<const LinearAdd *>(ctx);
+  const Projection &p = a.p;
+  const auto [c0, c1] = share(p.N, part, parts, 16);
+  if (c0 >= c1) return;
+  project(p.x, p.M, p.K, p.w[0], c0, c1, p.y + c0, p.N);
+  for (int64_t m = 0; m < p.M; m++) {
+    float *y = p.y + m * p.N;
+    const float *r = a.residual + m * p.N;
+#pragma omp simd
+    for (int64_t c = c0; c < c1; c++) y[c] += r[c];
+  }
+}
+}  // namespace
+
+extern "C" int linear_add(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  const int64_t K = shapes[0][ndims[0] - 1];
+  if (nparam != 4 || !shapes_ok(1, ndims, shapes, K)) return 1;
+  LinearAdd a{{static_cast<const float *>(params[0]), numel(ndims[0], shapes[0]) / K, K, shapes[1][0], 1},
+              static_cast<const float *>(params[2])};
+  if (numel(ndims[2], shapes[2]) != a.p.M * a.p.N) return 2;
+  a.p.w[0] = static_cast<const float *>(params[1]);
+  a.p.y = static_cast<float *>(params[3]);
+  Team::get().run(linear_add_part, &a);
   return 0;
 }
 
@@ -501,6 +588,23 @@ extern "C" int swiglu(int nparam, void **params, int *ndims, int64_t **shapes, c
   return 0;
 }
 
+// x [..., K], norm [K], eps [1], w1, w3 [F, K] -> swiglu(rms_norm(x)): a layer's feed-forward up to its down
+// projection.
+extern "C" int norm_swiglu(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  const int64_t K = shapes[0][ndims[0] - 1];
+  if (nparam != 6 || ndims[3] != 2 || ndims[4] != 2 || shapes[3][1] != K || shapes[4][1] != K ||
+      shapes[3][0] != shapes[4][0])
+    return 1;
+  const int64_t M = numel(ndims[0], shapes[0]) / K, F = shapes[3][0];
+  std::unique_ptr<float[]> normed(new float[M * K]), up(new float[M * F]);
+  rms_rows(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+           static_cast<const float *>(params[2])[0], normed.get(), M, K);
+  Swiglu a{normed.get(), static_cast<const float *>(params[3]), static_cast<const float *>(params[4]),
+           static_cast<float *>(params[5]), up.get(), M, K, F};
+  Team::get().run(swiglu_part, &a);
+  return 0;
+}
+
 // Shape and type inference, so the kernels also run in graphs with dynamic dimensions (the prefill graph):
 // MindSpore calls NAMEInferShape / NAMEInferType (ops.Custom with out_shape and out_dtype None). Every
 // kernel's output has its first input's shape and type.
@@ -527,6 +631,22 @@ extern "C" std::vector<int64_t> qkv_cacheInferShape(int *ndims, int64_t **shapes
   return out;
 }
 extern "C" TypeId qkv_cacheInferType(std::vector<TypeId> types, void *) { return types[0]; }
+extern "C" std::vector<int64_t> attention_blockInferShape(int *ndims, int64_t **shapes, void *) {
+  std::vector<int64_t> out = first_shape(ndims, shapes);  // [B, T, K] -> [B, T, q features]
+  out.back() = shapes[3][0];
+  return out;
+}
+extern "C" TypeId attention_blockInferType(std::vector<TypeId> types, void *) { return types[0]; }
+extern "C" std::vector<int64_t> linear_addInferShape(int *ndims, int64_t **shapes, void *) {
+  return std::vector<int64_t>(shapes[2], shapes[2] + ndims[2]);  // the residual's
+}
+extern "C" TypeId linear_addInferType(std::vector<TypeId> types, void *) { return types[0]; }
+extern "C" std::vector<int64_t> norm_swigluInferShape(int *ndims, int64_t **shapes, void *) {
+  std::vector<int64_t> out = first_shape(ndims, shapes);  // [..., K] -> [..., F]
+  out.back() = shapes[3][0];
+  return out;
+}
+extern "C" TypeId norm_swigluInferType(std::vector<TypeId> types, void *) { return types[0]; }
 extern "C" std::vector<int64_t> swigluInferShape(int *ndims, int64_t **shapes, void *) {
   std::vector<int64_t> out = first_shape(ndims, shapes);  // [..., K] -> [..., F]
   out.back() = shapes[1][0];

@@ -11,9 +11,9 @@ This is the one definition of the model. It has two forwards, built from the sam
 
 No parallelism or adapters live here. Transforms swap child Cells of a built model, keeping parameter names:
 `inference_workers/sharding.py` cuts it into a tensor-parallel shard (for serving and training alike), and
-`training/lora.py` wraps projections with LoRA adapters. On CPU the runner switches the cached forward's
-norms, rotary, gate and attention onto fused kernels (`kernels.use_kernels`: one custom op each, attention
-reading the cache rows in place); these stock ops stay the reference and the path of every other device. Parameter names are the codefill names of
+`training/lora.py` wraps projections with LoRA adapters. On CPU the runner switches the cached forward onto
+fused kernels (`kernels.use_kernels`: projections, norms, rotary, gate and attention reading the cache rows in
+place, a plain layer as four ops); these stock ops stay the reference and the path of every other device. Parameter names are the codefill names of
 `weights.expected_shapes` (`layers.3.attention.wq.weight`), so `load_weights` fills a model from a dict of
 numpy arrays by name and refuses anything missing, extra or mis-shaped.
 
@@ -250,10 +250,26 @@ class TransformerBlock(nn.Cell):
         self.attention = Attention(cfg, max_batch, max_seq_len)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
+        self.kernels = None
+        self.fused = False  # kernels.use_kernels sets both (CPU, one process): the cached forward in four kernels
 
     def construct(self, x, cos, sin, mask, cache_idx, slots, key_positions, positions):
+        if self.fused and cache_idx is not None:
+            return self.fused_forward(x, cos, sin, cache_idx, slots, positions)
         h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache_idx, slots, key_positions, positions)
         return h + self.feed_forward(self.ffn_norm(h))
+
+    def fused_forward(self, x, cos, sin, cache_idx, slots, positions):
+        """The cached forward of this block as four CPU kernels: norm, q/k/v, rotary, cache write and attention;
+        the output projection with the residual; norm, gate and up; the down projection with the residual."""
+        attn, ff, k = self.attention, self.feed_forward, self.kernels
+        out = k.attention_block(x, self.attention_norm.weight, self.attention_norm.eps_tensor, attn.wq.weight,
+                                attn.wk.weight, attn.wv.weight, cos, sin, attn.cache_k, attn.cache_v, cache_idx,
+                                attn.every_slot if slots is None else slots, positions,
+                                attn.fused_attention.cache_shape)
+        h = k.linear_add(out, attn.wo.weight, x)
+        return k.linear_add(k.norm_swiglu(h, self.ffn_norm.weight, self.ffn_norm.eps_tensor, ff.w1.weight,
+                                          ff.w3.weight), ff.w2.weight, h)
 
 
 class Transformer(nn.Cell):

@@ -409,6 +409,7 @@ void rotate(float *x, int64_t heads, int64_t D, const float *c, const float *s) 
   }
 }
 
+// Inputs 1..nweights are [rows, K] weights.
 bool shapes_ok(int nweights, int *ndims, int64_t **shapes, int64_t K) {
   for (int i = 1; i <= nweights; i++)
     if (ndims[i] != 2 || shapes[i][1] != K) return false;
@@ -592,9 +593,7 @@ extern "C" int swiglu(int nparam, void **params, int *ndims, int64_t **shapes, c
 // projection.
 extern "C" int norm_swiglu(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
   const int64_t K = shapes[0][ndims[0] - 1];
-  if (nparam != 6 || ndims[3] != 2 || ndims[4] != 2 || shapes[3][1] != K || shapes[4][1] != K ||
-      shapes[3][0] != shapes[4][0])
-    return 1;
+  if (nparam != 6 || !shapes_ok(2, ndims + 2, shapes + 2, K) || shapes[3][0] != shapes[4][0]) return 1;
   const int64_t M = numel(ndims[0], shapes[0]) / K, F = shapes[3][0];
   std::unique_ptr<float[]> normed(new float[M * K]), up(new float[M * F]);
   rms_rows(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
@@ -607,7 +606,7 @@ extern "C" int norm_swiglu(int nparam, void **params, int *ndims, int64_t **shap
 
 // Shape and type inference, so the kernels also run in graphs with dynamic dimensions (the prefill graph):
 // MindSpore calls NAMEInferShape / NAMEInferType (ops.Custom with out_shape and out_dtype None). Every
-// kernel's output has its first input's shape and type.
+// kernel's output has its first input's type.
 enum TypeId : int {};  // MindSpore's type ids; only passed through
 namespace {
 std::vector<int64_t> first_shape(const int *ndims, int64_t *const *shapes) {
@@ -619,40 +618,23 @@ std::vector<int64_t> first_shape(const int *ndims, int64_t *const *shapes) {
     return first_shape(ndims, shapes);                                                     \
   }                                                                                        \
   extern "C" TypeId name##InferType(std::vector<TypeId> types, void *) { return types[0]; }
-extern "C" std::vector<int64_t> linearInferShape(int *ndims, int64_t **shapes, void *) {
-  std::vector<int64_t> out = first_shape(ndims, shapes);  // [..., K] -> [..., N]
-  out.back() = shapes[1][0];
-  return out;
-}
-extern "C" TypeId linearInferType(std::vector<TypeId> types, void *) { return types[0]; }
-extern "C" std::vector<int64_t> qkv_cacheInferShape(int *ndims, int64_t **shapes, void *) {
-  std::vector<int64_t> out = first_shape(ndims, shapes);  // [B, T, K] -> [B, T, q features]
-  out.back() = shapes[1][0];
-  return out;
-}
-extern "C" TypeId qkv_cacheInferType(std::vector<TypeId> types, void *) { return types[0]; }
-extern "C" std::vector<int64_t> attention_blockInferShape(int *ndims, int64_t **shapes, void *) {
-  std::vector<int64_t> out = first_shape(ndims, shapes);  // [B, T, K] -> [B, T, q features]
-  out.back() = shapes[3][0];
-  return out;
-}
-extern "C" TypeId attention_blockInferType(std::vector<TypeId> types, void *) { return types[0]; }
+// The projections: the first input's shape with the last dimension the rows of the weight at input W.
+#define CODEFILL_ROWS_OF(name, W)                                                          \
+  extern "C" std::vector<int64_t> name##InferShape(int *ndims, int64_t **shapes, void *) { \
+    std::vector<int64_t> out = first_shape(ndims, shapes);                                 \
+    out.back() = shapes[W][0];                                                             \
+    return out;                                                                            \
+  }                                                                                        \
+  extern "C" TypeId name##InferType(std::vector<TypeId> types, void *) { return types[0]; }
+CODEFILL_ROWS_OF(linear, 1)          // [..., K] -> [..., N]
+CODEFILL_ROWS_OF(qkv_cache, 1)       // [B, T, K] -> [B, T, q features]
+CODEFILL_ROWS_OF(attention_block, 3)  // [B, T, K] -> [B, T, q features]
+CODEFILL_ROWS_OF(swiglu, 1)          // [..., K] -> [..., F]
+CODEFILL_ROWS_OF(norm_swiglu, 3)     // [..., K] -> [..., F]
 extern "C" std::vector<int64_t> linear_addInferShape(int *ndims, int64_t **shapes, void *) {
   return std::vector<int64_t>(shapes[2], shapes[2] + ndims[2]);  // the residual's
 }
 extern "C" TypeId linear_addInferType(std::vector<TypeId> types, void *) { return types[0]; }
-extern "C" std::vector<int64_t> norm_swigluInferShape(int *ndims, int64_t **shapes, void *) {
-  std::vector<int64_t> out = first_shape(ndims, shapes);  // [..., K] -> [..., F]
-  out.back() = shapes[3][0];
-  return out;
-}
-extern "C" TypeId norm_swigluInferType(std::vector<TypeId> types, void *) { return types[0]; }
-extern "C" std::vector<int64_t> swigluInferShape(int *ndims, int64_t **shapes, void *) {
-  std::vector<int64_t> out = first_shape(ndims, shapes);  // [..., K] -> [..., F]
-  out.back() = shapes[1][0];
-  return out;
-}
-extern "C" TypeId swigluInferType(std::vector<TypeId> types, void *) { return types[0]; }
 CODEFILL_SAME_AS_FIRST(cache_attention)
 CODEFILL_SAME_AS_FIRST(rms_norm)
 CODEFILL_SAME_AS_FIRST(rotary)

@@ -156,5 +156,4 @@ def use_kernels(model, status: KernelStatus | None = None) -> KernelStatus:
         # norms and output projections are other Cells, its residual follows an all-reduce), no adapters.
         layer.fused = (attn.fused_qkv and ff.fused and type(attn.wo) is Linear and type(ff.w2) is Linear
                        and type(layer.attention_norm) is RMSNorm and type(layer.ffn_norm) is RMSNorm)
-        layer.kernels = kernels
     return status

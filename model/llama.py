@@ -250,8 +250,7 @@ class TransformerBlock(nn.Cell):
         self.attention = Attention(cfg, max_batch, max_seq_len)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
-        self.kernels = None
-        self.fused = False  # kernels.use_kernels sets both (CPU, one process): the cached forward in four kernels
+        self.fused = False  # kernels.use_kernels sets it (CPU, one process): the cached forward in four kernels
 
     def construct(self, x, cos, sin, mask, cache_idx, slots, key_positions, positions):
         if self.fused and cache_idx is not None:
@@ -262,7 +261,8 @@ class TransformerBlock(nn.Cell):
     def fused_forward(self, x, cos, sin, cache_idx, slots, positions):
         """The cached forward of this block as four CPU kernels: norm, q/k/v, rotary, cache write and attention;
         the output projection with the residual; norm, gate and up; the down projection with the residual."""
-        attn, ff, k = self.attention, self.feed_forward, self.kernels
+        attn, ff = self.attention, self.feed_forward
+        k = attn.kernels
         out = k.attention_block(x, self.attention_norm.weight, self.attention_norm.eps_tensor, attn.wq.weight,
                                 attn.wk.weight, attn.wv.weight, cos, sin, attn.cache_k, attn.cache_v, cache_idx,
                                 attn.every_slot if slots is None else slots, positions,

@@ -24,6 +24,7 @@ bench_chart.py) to out_dir and returns the JSON's dict.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -61,9 +62,9 @@ def _summary(n_keys: int, interval_ms: float | None, latencies: list[float], can
     }
 
 
-async def _pass(model_dir: Path, text: str, cursor: int, n_keys: int, interval_ms: float | None,
-                options: dict, max_seq_len: int) -> tuple[dict, list[float]]:
-    """The pass's summary and the latency of every answered keystroke (ms)."""
+@contextlib.asynccontextmanager
+async def serving(model_dir: Path, options: dict, max_seq_len: int):
+    """A pygls client of a `codefill serve --stdio` on model_dir, initialised with `options`; shut down after."""
     from lsprotocol import types
     from pygls.lsp.client import LanguageClient
 
@@ -74,60 +75,86 @@ async def _pass(model_dir: Path, text: str, cursor: int, n_keys: int, interval_m
         await client.initialize_async(types.InitializeParams(capabilities=types.ClientCapabilities(),
                                                              initialization_options=options))
         client.initialized(types.InitializedParams())
-        uri = "file:///bench/" + SOURCE_FILE
-        typed = text[cursor:cursor + n_keys]
-        doc = text[:cursor] + text[cursor + n_keys:]  # the region to type is not there yet
-        client.text_document_did_open(types.DidOpenTextDocumentParams(
-            types.TextDocumentItem(uri=uri, language_id="python", version=1, text=doc)))
-        line = text[:cursor].count("\n")
-        col = cursor - (text.rfind("\n", 0, cursor) + 1)
-
-        def request(msg_id: str):
-            params = types.InlineCompletionParams(
-                context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Automatic),
-                text_document=types.TextDocumentIdentifier(uri), position=types.Position(line, col))
-            return asyncio.wrap_future(client.protocol.send_request(types.TEXT_DOCUMENT_INLINE_COMPLETION, params,
-                                                                    msg_id=msg_id))
-
-        # Opening: the worker starts and compiles; not counted.
-        await asyncio.wait_for(request("warm-up"), 900)
-        before = await client.protocol.send_request_async("codefill/stats", {})
-
-        latencies: list[float] = []
-        cancelled = 0
-        pending: tuple[str, asyncio.Future, float] | None = None
-        version = 1
-        for i, ch in enumerate(typed):
-            if pending is not None and not pending[1].done():
-                client.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id=pending[0]))
-            if pending is not None:
-                cancelled += await _unanswered(pending[1])
-            version += 1
-            client.text_document_did_change(types.DidChangeTextDocumentParams(
-                text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=version),
-                content_changes=[types.TextDocumentContentChangePartial(
-                    range=types.Range(types.Position(line, col), types.Position(line, col)), text=ch)]))
-            line, col = (line + 1, 0) if ch == "\n" else (line, col + 1)
-            msg_id, sent = f"key-{i}", time.perf_counter()
-            fut = request(msg_id)
-            fut.add_done_callback(lambda f, sent=sent: f.cancelled() or f.exception() is not None
-                                  or latencies.append((time.perf_counter() - sent) * 1000))
-            pending = (msg_id, fut, sent)
-            if interval_ms is None:
-                cancelled += await _unanswered(fut)
-                pending = None
-            else:
-                await asyncio.sleep(interval_ms / 1000)
-        if pending is not None:
-            cancelled += await _unanswered(pending[1])
-        after = await client.protocol.send_request_async("codefill/stats", {})
-        return _summary(n_keys, interval_ms, latencies, cancelled, before, after), latencies
+        yield client
     finally:
         try:
             await asyncio.wait_for(client.shutdown_async(None), 30)
             client.exit(None)
         finally:
             await client.stop()
+
+
+def open_document(client, uri: str, text: str) -> None:
+    from lsprotocol import types
+
+    client.text_document_did_open(types.DidOpenTextDocumentParams(
+        types.TextDocumentItem(uri=uri, language_id="python", version=1, text=text)))
+
+
+def inline_request(client, uri: str, line: int, col: int, msg_id: str) -> asyncio.Future:
+    """An automatic textDocument/inlineCompletion at (line, col), sent now, as an asyncio future."""
+    from lsprotocol import types
+
+    params = types.InlineCompletionParams(
+        context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Automatic),
+        text_document=types.TextDocumentIdentifier(uri), position=types.Position(line, col))
+    return asyncio.wrap_future(client.protocol.send_request(types.TEXT_DOCUMENT_INLINE_COMPLETION, params,
+                                                            msg_id=msg_id))
+
+
+def line_col(text: str, offset: int) -> tuple[int, int]:
+    return text[:offset].count("\n"), offset - (text.rfind("\n", 0, offset) + 1)
+
+
+async def replay(client, text: str, cursor: int, n_keys: int, interval_ms: float | None) -> tuple[dict, list[float]]:
+    """Type text[cursor:cursor + n_keys] into a document that lacks it, a request per keystroke: the pass's
+    summary and the latency of every answered keystroke (ms). Its first request (compiling, if the worker is
+    new) is not counted."""
+    from lsprotocol import types
+
+    uri = "file:///bench/" + SOURCE_FILE
+    typed = text[cursor:cursor + n_keys]
+    open_document(client, uri, text[:cursor] + text[cursor + n_keys:])  # the region to type is not there yet
+    line, col = line_col(text, cursor)
+    await asyncio.wait_for(inline_request(client, uri, line, col, "warm-up"), 900)
+    before = await client.protocol.send_request_async("codefill/stats", {})
+
+    latencies: list[float] = []
+    cancelled = 0
+    pending: tuple[str, asyncio.Future, float] | None = None
+    version = 1
+    for i, ch in enumerate(typed):
+        if pending is not None and not pending[1].done():
+            client.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id=pending[0]))
+        if pending is not None:
+            cancelled += await _unanswered(pending[1])
+        version += 1
+        client.text_document_did_change(types.DidChangeTextDocumentParams(
+            text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=version),
+            content_changes=[types.TextDocumentContentChangePartial(
+                range=types.Range(types.Position(line, col), types.Position(line, col)), text=ch)]))
+        line, col = (line + 1, 0) if ch == "\n" else (line, col + 1)
+        msg_id, sent = f"key-{i}", time.perf_counter()
+        fut = inline_request(client, uri, line, col, msg_id)
+        fut.add_done_callback(lambda f, sent=sent: f.cancelled() or f.exception() is not None
+                              or latencies.append((time.perf_counter() - sent) * 1000))
+        pending = (msg_id, fut, sent)
+        if interval_ms is None:
+            cancelled += await _unanswered(fut)
+            pending = None
+        else:
+            await asyncio.sleep(interval_ms / 1000)
+    if pending is not None:
+        cancelled += await _unanswered(pending[1])
+    after = await client.protocol.send_request_async("codefill/stats", {})
+    return _summary(n_keys, interval_ms, latencies, cancelled, before, after), latencies
+
+
+async def _pass(model_dir: Path, text: str, cursor: int, n_keys: int, interval_ms: float | None,
+                options: dict, max_seq_len: int) -> tuple[dict, list[float]]:
+    """One pass on a server of its own."""
+    async with serving(model_dir, options, max_seq_len) as client:
+        return await replay(client, text, cursor, n_keys, interval_ms)
 
 
 def _llama_server_pass(model_dir: Path, work: Path, text: str, cursor: int, n_keys: int, max_new_tokens: int,

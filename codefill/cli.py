@@ -398,7 +398,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     out = Path(args.out)
     model = Path(args.model) if args.model else None
     device = _device(args)
-    if device != "cpu" and (args.what in ("lsp", "profile") or (args.what == "workers" and not args.skip_tp)):
+    if device != "cpu" and (args.what in ("lsp", "profile", "size") or (args.what == "workers" and not args.skip_tp)):
         raise CliError(f"bench {args.what}{'' if args.skip_tp else ' (with its TP part)'} runs on cpu only so far, "
                        f"not --device {device}")
     if args.what == "model":
@@ -428,6 +428,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
         from codefill.bench_lsp import run
 
         report = run(out, model_dir=model, preset=args.preset)
+    elif args.what == "size":  # the largest model the CPU serves within the bundled model's limits
+        from codefill.bench_size import run
+
+        report = run(out)
     elif args.what == "speculation":
         from codefill.bench_speculation import run
 
@@ -876,7 +880,7 @@ def _add_merge_command(sub: argparse._SubParsersAction) -> None:
 
 def _add_bench_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="run a benchmark and write its report")
-    p.add_argument("what", choices=["model", "workers", "lsp", "train", "profile", "speculation"])
+    p.add_argument("what", choices=["model", "workers", "lsp", "train", "profile", "speculation", "size"])
     p.add_argument("--preset", default="small", help="architecture of the random-weight model benchmarked")
     _model_arg(p, required=False, help="workers/lsp: benchmark this model instead of a preset")
     p.add_argument("--skip-tp", action="store_true", help="workers: skip part (a), TP=1 vs TP=2")

@@ -263,8 +263,15 @@ def cmd_init_tiny(args: argparse.Namespace) -> None:
 
 
 def cmd_recipe(args: argparse.Namespace) -> None:
-    from codefill.training.recipe import run_recipe
+    from codefill.model.checkpoint import read_model_config
+    from codefill.training.recipe import export_checkpoint, run_recipe
 
+    if args.export_checkpoint is not None:
+        if args.trainer != "torch":
+            raise CliError("--export-checkpoint reads the torch trainer's checkpoints; add --trainer torch")
+        model_dir = export_checkpoint(Path(args.output), Path(args.export_checkpoint))
+        print(f"wrote {model_dir}: {read_model_config(model_dir)[2]}")
+        return
     model_dir = run_recipe(Path(args.recipe), Path(args.output), progress=not args.no_progress, trainer=args.trainer,
                            corpus=args.corpus, time_budget_s=args.time_budget, prepare=args.prepare,
                            checkpoint_dtype=args.checkpoint_dtype)
@@ -752,6 +759,8 @@ def _add_new_model_commands(sub: argparse._SubParsersAction) -> None:
                    help="torch: stop cleanly with a checkpoint before this many seconds; run again to continue")
     p.add_argument("--checkpoint-dtype", choices=["float32", "bfloat16"], default="float32",
                    help="torch: weights in checkpoints (bfloat16 halves what comes back from a GPU machine)")
+    p.add_argument("--export-checkpoint", metavar="MODEL_DIR",
+                   help="torch: write OUT's newest checkpoint as a MODEL_DIR and stop (to evaluate a run in progress)")
     p.set_defaults(func=cmd_recipe)
 
     p = sub.add_parser("demo", help="start the language server on a model and show a live completion")

@@ -10,15 +10,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from codefill.model.checkpoint import load_model_dir
+from codefill.model.checkpoint import load_model_dir, read_model_config
+from codefill.model.safetensors_io import to_float32
 from codefill.training.corpus_shards import Doc, write_shards
-from codefill.training.recipe import run_recipe
+from codefill.training.recipe import export_checkpoint, run_recipe
 from codefill.training.train_error import TrainError
 from helpers import FIXED_CORPUS, run_codefill
 
 pytest.importorskip("torch")
+from codefill.training.torch_trainer import read_parts  # noqa: E402  (needs torch)
 ROOT = Path(__file__).resolve().parent.parent
 
 RECIPE = """
@@ -83,12 +86,25 @@ def test_prepare_then_the_gpu_script_stops_on_its_budget_and_resumes(recipe, cor
     assert (run / "tokenizer.model").exists() and (run / "init" / "config.json").exists()
     assert sorted(p.name for p in (run / "data").iterdir()) == ["heldout-rows-00000.npz.xz", "train-rows-00000.npz.xz"]
     assert not (run / "run").exists()
+    with pytest.raises(TrainError, match="holds no checkpoint of a torch run"):
+        export_checkpoint(run, tmp_path / "nothing")
 
     first = gpu_train(recipe, run, corpus, 0, tmp_path / "out1")   # no time: one step, then a checkpoint
     assert first.returncode == 0, first.stdout + first.stderr
     assert "stopped at step-00000001 (budget)" in first.stdout
     assert (tmp_path / "out1" / "checkpoint" / "COMPLETE").exists()
-    assert json.loads((tmp_path / "out1" / "checkpoint" / "state.json").read_text())["weights_dtype"] == "bfloat16"
+    state = json.loads((tmp_path / "out1" / "checkpoint" / "state.json").read_text())
+    assert state["weights_dtype"] == "bfloat16"
+
+    # The run in progress, as a MODEL_DIR to evaluate: the checkpoint's weights upcast, init's architecture.
+    run_codefill("recipe", recipe, "--output", run, "--trainer", "torch", "--export-checkpoint", tmp_path / "snap")
+    snap, init = load_model_dir(tmp_path / "snap"), load_model_dir(run / "init")
+    assert snap.config == init.config and "tiny-corpus-recipe at step 1" in read_model_config(tmp_path / "snap")[2]
+    stored = read_parts(tmp_path / "out1" / "checkpoint", state["parts"])
+    assert sorted(stored) == sorted(snap.weights)
+    for name, w in stored.items():
+        np.testing.assert_array_equal(snap.weights[name], to_float32(w))
+    assert any(not np.array_equal(snap.weights[n], init.weights[n]) for n in stored)   # it trained a step
 
     second = gpu_train(recipe, run, corpus, 600, tmp_path / "out2")
     assert second.returncode == 0 and "finished" in second.stdout, second.stdout + second.stderr

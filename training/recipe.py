@@ -242,6 +242,22 @@ def run_recipe(recipe_path: str | Path, out: str | Path, *, progress: bool = Tru
     return model_dir
 
 
+def export_checkpoint(out: str | Path, dest: str | Path) -> Path:
+    """The newest complete checkpoint of the torch run in OUT as a MODEL_DIR at dest, its note naming the recipe
+    and step: what `codefill eval` measures while the run goes on."""
+    from .torch_trainer import checkpoint_model_dir, latest_checkpoint
+
+    out = Path(out)
+    ckpt = latest_checkpoint(out / "run")
+    if ckpt is None or not (out / "init" / "config.json").is_file():
+        raise TrainError(f"{out} holds no checkpoint of a torch run (run/checkpoints/step-N with COMPLETE, and "
+                         f"init/); nothing to export")
+    step = int(json.loads((ckpt / "state.json").read_text())["step"])
+    name = load_recipe(out / "recipe.toml").name if (out / "recipe.toml").is_file() else out.name
+    return checkpoint_model_dir(ckpt, out / "init", dest,
+                                note=f"{name} at step {step}: a checkpoint of a run in progress ({ckpt})")
+
+
 def _arch(out: Path, recipe: Recipe, tok_path: Path) -> LlamaConfig:
     """The architecture with the tokenizer's vocabulary: read from OUT/init when it exists (no SentencePiece
     needed there), else from the tokenizer."""

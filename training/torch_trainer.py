@@ -306,6 +306,24 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def checkpoint_model_dir(checkpoint: str | Path, base_model_dir: str | Path, dest: str | Path, *,
+                         note: str | None = None) -> Path:
+    """A MODEL_DIR at dest (replaced) holding a checkpoint's weights, upcast to float32, with the architecture and
+    tokenizer of the run's base MODEL_DIR: to evaluate or serve a run that is still training."""
+    from codefill.model.checkpoint import save_model_dir, tokenizer_name
+
+    checkpoint, base_model_dir = Path(checkpoint), Path(base_model_dir)
+    if not (checkpoint / "COMPLETE").is_file():
+        raise TrainError(f"{checkpoint} is not a complete checkpoint (no COMPLETE marker)")
+    state = json.loads((checkpoint / "state.json").read_text())
+    if state.get("format") != STATE_FORMAT:
+        raise TrainError(f"{checkpoint}/state.json has format {state.get('format')!r}, not {STATE_FORMAT!r}")
+    config = read_model_config(base_model_dir)[0]
+    weights = {k: to_float32(v) for k, v in read_parts(checkpoint, state["parts"]).items()}
+    return save_model_dir(dest, config, weights, base_model_dir / tokenizer_name(config), overwrite=True,
+                          note=note or f"step {state['step']} of the run in progress at {checkpoint.parent.parent}")
+
+
 def _write_parts(directory: Path, weights: dict[str, np.ndarray], part_bytes: int) -> list[str]:
     """weights-NNNNN.safetensors files, each under part_bytes, in name order. A tensor too big for one part is
     cut along its first axis into pieces named NAME#K (read_parts joins them)."""

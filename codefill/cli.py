@@ -292,6 +292,15 @@ def cmd_eval_humaneval(args: argparse.Namespace) -> None:
     print(humaneval.report(summary))
 
 
+def cmd_eval_compare(args: argparse.Namespace) -> None:
+    from codefill.evaluation import compare
+    from codefill.training.paired_decision import DecisionConfig
+
+    report = compare.run(args.a, args.b, args.out, DecisionConfig(confidence=args.confidence, seed=args.seed))
+    print(compare.markdown(report))
+    print(f"report written to {args.out}")
+
+
 def cmd_eval_infill(args: argparse.Namespace) -> None:
     from codefill.evaluation import infilling
     from codefill.training.fim_eval import FimEvalConfig
@@ -843,7 +852,7 @@ def _add_train_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
-    """eval humaneval, eval infill."""
+    """eval humaneval, eval infill, eval compare."""
     evals = sub.add_parser("eval", help="measure a model: HumanEval pass@k, infilling, held-out FIM"
                            ).add_subparsers(dest="eval_command", required=True)
     p = evals.add_parser("humaneval", help="HumanEval pass@k (unbiased estimator), every sample run in a sandbox")
@@ -877,6 +886,15 @@ def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fim-max-new-tokens", type=int, default=64)
     _eval_run_args(p)
     p.set_defaults(func=cmd_eval_infill)
+
+    p = evals.add_parser("compare", help="two evaluations of the same tasks, paired: per mode and measure, the "
+                                         "difference B - A with a bootstrap interval and a sign test")
+    p.add_argument("a", metavar="A_DIR", help="an `eval infill` or `eval humaneval` --out folder (model A)")
+    p.add_argument("b", metavar="B_DIR", help="the same evaluation of model B")
+    p.add_argument("--out", default="eval_results/compare")
+    p.add_argument("--confidence", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0, help="of the bootstrap resamples")
+    p.set_defaults(func=cmd_eval_compare)
 
 
 def _add_merge_command(sub: argparse._SubParsersAction) -> None:

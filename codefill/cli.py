@@ -274,7 +274,7 @@ def cmd_recipe(args: argparse.Namespace) -> None:
         return
     model_dir = run_recipe(Path(args.recipe), Path(args.output), progress=not args.no_progress, trainer=args.trainer,
                            corpus=args.corpus, time_budget_s=args.time_budget, prepare=args.prepare,
-                           checkpoint_dtype=args.checkpoint_dtype)
+                           checkpoint_dtype=args.checkpoint_dtype, autocast=args.autocast, torch_compile=args.compile)
     if model_dir is None:
         print(f"prepared {args.output} (tokenizer, init, data); run without --prepare to train")
     else:
@@ -768,6 +768,10 @@ def _add_new_model_commands(sub: argparse._SubParsersAction) -> None:
                    help="torch: stop cleanly with a checkpoint before this many seconds; run again to continue")
     p.add_argument("--checkpoint-dtype", choices=["float32", "bfloat16"], default="float32",
                    help="torch: weights in checkpoints (bfloat16 halves what comes back from a GPU machine)")
+    p.add_argument("--autocast", choices=["bf16", "fp32"],
+                   help="torch: matrix products in bf16 with float32 weights (default: bf16 on CUDA, fp32 on a CPU; "
+                        "bf16 is faster on CPUs with AVX512-BF16 or AMX)")
+    p.add_argument("--compile", action="store_true", help="torch: torch.compile the training forward and loss")
     p.add_argument("--export-checkpoint", metavar="MODEL_DIR",
                    help="torch: write OUT's newest checkpoint as a MODEL_DIR and stop (to evaluate a run in progress)")
     p.set_defaults(func=cmd_recipe)

@@ -142,3 +142,25 @@ def test_rows_that_do_not_fit_are_refused(tiny_dir, rows, tmp_path):
     with pytest.raises(TrainError, match="LoRA"):
         train_torch(tiny_dir, train_rows, held, tmp_path / "run", replace(cfg(), lora=PRESETS["lora"].lora),
                     device="cpu", progress=False)
+
+
+def test_cpu_speed_options_train_the_same_run_closely(tiny_dir, rows, tmp_path):
+    """bf16 autocast and torch.compile on a CPU: the same steps as float32 eager, losses within bf16's rounding,
+    saved weights still float32; and a bf16 run resumes a float32 run's checkpoint (how a long run switches)."""
+    train_rows, held = rows
+    c = cfg(max_steps=6, eval_every=3)
+    eager = train_torch(tiny_dir, train_rows, held, tmp_path / "fp32", c, device="cpu", progress=False)
+    fast = train_torch(tiny_dir, train_rows, held, tmp_path / "bf16", c, device="cpu", autocast="bf16",
+                       torch_compile=True, progress=False)
+    np.testing.assert_allclose(fast.losses, eager.losses, rtol=2e-2)
+    assert np.max(np.abs(np.subtract(fast.losses, eager.losses))) > 0   # bf16 did run: not bit-identical
+    assert fast.losses[-1] < fast.losses[0] - 0.3
+    run_codefill("convert", "--from-hf", fast.hf_dir, "--output", tmp_path / "bf16-model")
+    assert load_model_dir(tmp_path / "bf16-model", dtype=None).stored_dtype == "float32"
+    half = train_torch(tiny_dir, train_rows, held, tmp_path / "switch", c, device="cpu", stop_after=3, progress=False)
+    rest = train_torch(tiny_dir, train_rows, held, tmp_path / "switch", c, device="cpu", resume=True,
+                       autocast="bf16", progress=False)
+    np.testing.assert_allclose(half.losses, eager.losses[:3], rtol=1e-6)
+    assert rest.steps == 6 and len(rest.losses) == 3
+    with pytest.raises(TrainError, match="autocast must be bf16 or fp32, got 'fp16'"):
+        train_torch(tiny_dir, train_rows, held, tmp_path / "bad", c, device="cpu", autocast="fp16", progress=False)

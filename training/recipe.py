@@ -172,14 +172,15 @@ TRAINERS = ("mindspore", "torch")
 
 def run_recipe(recipe_path: str | Path, out: str | Path, *, progress: bool = True, trainer: str = "mindspore",
                corpus: str | Path | None = None, time_budget_s: float | None = None, prepare: bool = False,
-               checkpoint_dtype: str = "float32") -> Path | None:
+               checkpoint_dtype: str = "float32", autocast: str | None = None, torch_compile: bool = False) -> Path | None:
     """Run (or continue) the recipe into OUT; returns OUT/model (None when `prepare` stops before training).
     Each step below skips what OUT already holds. `corpus` replaces the recipe's [data] corpus path."""
     if trainer not in TRAINERS:
         raise TrainError(f"trainer must be one of {TRAINERS}, got {trainer!r}")
-    if trainer != "torch" and (time_budget_s is not None or checkpoint_dtype != "float32"):
-        raise TrainError(f"a time budget ({time_budget_s}) and checkpoint dtype ({checkpoint_dtype}) are options of "
-                         f"the torch trainer; add --trainer torch")
+    if trainer != "torch" and (time_budget_s is not None or checkpoint_dtype != "float32" or autocast is not None
+                               or torch_compile):
+        raise TrainError(f"a time budget ({time_budget_s}), checkpoint dtype ({checkpoint_dtype}), autocast "
+                         f"({autocast}) and torch.compile ({torch_compile}) are options of the torch trainer; add --trainer torch")
     deadline = None if time_budget_s is None else time.monotonic() + time_budget_s  # the data step counts too
     recipe = load_recipe(recipe_path)
     if corpus is not None:
@@ -205,7 +206,8 @@ def run_recipe(recipe_path: str | Path, out: str | Path, *, progress: bool = Tru
 
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         result = train_torch(init_dir, *rows, run_dir, cfg, resume=run_dir.exists(), time_budget_s=left,
-                             checkpoint_dtype=checkpoint_dtype, progress=progress)
+                             checkpoint_dtype=checkpoint_dtype, autocast=autocast, torch_compile=torch_compile,
+                             progress=progress)
         if result.hf_dir is None:
             raise TrainError(f"training stopped at step {result.steps} of {cfg.max_steps} (time budget); run the "
                              f"command again to continue")

@@ -12,7 +12,9 @@ tests/test_torch_trainer.py checks it on the CPU (same rows, same losses):
   - held-out loss: the summed loss over held-out rows / their labelled tokens, every eval_every steps and at
     the end.
 On CUDA the forward and backward run under bfloat16 autocast (weights, gradients and optimiser in float32);
-on a CPU everything is float32.
+on a CPU everything is float32 unless `autocast="bf16"` asks for the same autocast there (CPUs with AVX512-BF16
+or AMX run its matrix products faster). `torch_compile=True` runs the training forward and loss through
+torch.compile (the held-out loss stays eager). Both are speed options; neither changes what is saved.
 
 What differs from the MindSpore trainer: checkpoints hold the weights only, in parts of at most
 `part_bytes` (the GPU machine brings back at most 64 MiB in files of at most 16 MiB, and AdamW state does not
@@ -37,6 +39,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +95,7 @@ def codefill_weights(model: LlamaForCausalLM, arch) -> dict[str, np.ndarray]:
 
 def summed_loss(model, x: torch.Tensor, y: torch.Tensor, bf16: bool) -> torch.Tensor:
     """Cross-entropy summed over positions whose label is not IGNORE_INDEX (train_network.LanguageModelLoss)."""
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         logits = model(input_ids=x).logits
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE_INDEX,
                            reduction="sum")
@@ -107,14 +110,14 @@ def _shifted(rows: Rows, index, device) -> tuple[torch.Tensor, torch.Tensor]:
 
 class _TorchRun:
     def __init__(self, model_dir: Path, out_dir: Path, cfg: TrainConfig, device: torch.device,
-                 part_bytes: int, checkpoint_dtype: str):
+                 part_bytes: int, checkpoint_dtype: str, bf16: bool, torch_compile: bool):
         # MODEL_DIR's weights are read only when no checkpoint is resumed (restore): a resumed attempt needs
         # its config.json and tokenizer.model only, so the initial weights need not travel again
         self.arch = read_model_config(model_dir)[0]
         self.tokenizer_path, self.model_dir = Path(model_dir) / TOKENIZER_NAME, model_dir
         self.out_dir, self.cfg, self.device = out_dir, cfg, device
         self.part_bytes, self.checkpoint_dtype = part_bytes, checkpoint_dtype
-        self.bf16 = device.type == "cuda"
+        self.bf16, self.torch_compile = bf16, torch_compile
         self.metrics_path = out_dir / "metrics.jsonl"
         self.records: list[dict] = []
         self.model: LlamaForCausalLM | None = None
@@ -124,6 +127,9 @@ class _TorchRun:
         self.model = hf_model(self.arch, weights).to(self.device)
         self.model.train()
         self.opt = self._optimizer()   # on resume the moments restart: see the module docstring
+        self.train_loss = partial(summed_loss, self.model, bf16=self.bf16)
+        if self.torch_compile:
+            self.train_loss = torch.compile(self.train_loss)
 
     def _optimizer(self) -> torch.optim.Optimizer:
         params = list(self.model.parameters())
@@ -189,7 +195,7 @@ class _TorchRun:
         loss_sum = 0.0
         for m in range(0, len(rows), cfg.micro_batch):
             x, y = _shifted(train, rows[m:m + cfg.micro_batch], self.device)
-            loss = summed_loss(self.model, x, y, self.bf16)
+            loss = self.train_loss(x, y)
             (loss / n_tokens).backward()
             loss_sum += float(loss.detach())
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -245,9 +251,10 @@ class _TorchRun:
 def train_torch(model_dir: str | Path, train: Rows, held: Rows, out_dir: str | Path, cfg: TrainConfig, *,
                 resume: bool = False, device: str | None = None, time_budget_s: float | None = None,
                 stop_after: int | None = None, part_bytes: int = PART_BYTES, checkpoint_dtype: str = "float32",
-                progress: bool = True) -> TorchTrainResult:
+                autocast: str | None = None, torch_compile: bool = False, progress: bool = True) -> TorchTrainResult:
     """Train (or resume) from MODEL_DIR's weights on `train` rows; see the module docstring. `stop_after`:
-    return after that many steps in total, as if interrupted (tests of resume)."""
+    return after that many steps in total, as if interrupted (tests of resume). autocast: "bf16" or "fp32"
+    (None: bf16 on CUDA, fp32 on a CPU)."""
     if cfg.lora is not None:
         raise TrainError("the PyTorch trainer trains the full model; LoRA runs on the MindSpore trainer")
     if checkpoint_dtype not in ("float32", "bfloat16"):
@@ -258,7 +265,13 @@ def train_torch(model_dir: str | Path, train: Rows, held: Rows, out_dir: str | P
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    run = _TorchRun(Path(model_dir), Path(out_dir), cfg, dev, part_bytes, checkpoint_dtype)
+    if autocast not in (None, "bf16", "fp32"):
+        raise TrainError(f"autocast must be bf16 or fp32, got {autocast!r}")
+    bf16 = dev.type == "cuda" if autocast is None else autocast == "bf16"
+    run = _TorchRun(Path(model_dir), Path(out_dir), cfg, dev, part_bytes, checkpoint_dtype, bf16, torch_compile)
+    if progress:
+        print(f"[torch-train] on {dev.type}, {'bf16 autocast' if bf16 else 'float32'}"
+              f"{', torch.compile' if torch_compile else ''}", flush=True)
     start = run.restore(resume)
     end = cfg.max_steps if stop_after is None else min(cfg.max_steps, stop_after)
     result = TorchTrainResult(run.out_dir, start)

@@ -137,7 +137,7 @@ def test_corpus_recipes_refuse_bad_combinations(recipe, corpus, tmp_path):
         run_recipe(recipe, tmp_path / "o", trainer="torch", corpus=tmp_path, prepare=True)
     with pytest.raises(TrainError, match="trainer must be one of"):
         run_recipe(recipe, tmp_path / "o", trainer="jax")
-    with pytest.raises(TrainError, match=r"time budget \(60\) .* add --trainer torch"):
+    with pytest.raises(TrainError, match=r"time budget \(60\).* add --trainer torch"):
         run_recipe(recipe, tmp_path / "o", time_budget_s=60)
     both = tmp_path / "both.toml"
     both.write_text(recipe.read_text().replace("[data]\n", '[data]\nsource = "stdlib"\n'))

@@ -15,6 +15,8 @@
 # or checkpoint/ (the newest: carry it back as RUN_DIR/run/checkpoints/step-N, and metrics.jsonl as
 # RUN_DIR/run/metrics.jsonl, to resume).
 # CHECKPOINT_DTYPE (default bfloat16) halves the checkpoint: it has to travel both ways beside the corpus.
+# TORCH_COMPILE=1 adds --compile (torch.compile of the training forward: faster steps after a compile of a
+# minute or so; not yet tried on a GPU machine, so it is off by default).
 #
 # What to carry (64 MiB in all, the repository included): RUN_DIR/recipe.toml and tokenizer.model; init/ whole on
 # the first attempt, or nothing of it where SentencePiece runs (init is seeded: it is written again, bit for
@@ -23,7 +25,7 @@
 # SentencePiece is missing (otherwise the rows are built here, the same on every attempt from the same shards).
 set -euo pipefail
 if [ $# -lt 3 ]; then
-    sed -n 2,26p "$0"
+    sed -n 2,25p "$0"
     exit 2
 fi
 RECIPE=$(realpath -m "$1") RUN=$(realpath -m "$2") CORPUS=$(realpath -m "$3") BUDGET=${4:-540}
@@ -47,7 +49,7 @@ PY
 LEFT=$(( BUDGET - ($(date +%s) - START) - 15 ))   # 15 s kept for collecting the results
 set +e
 "$PY" -m codefill.cli recipe "$RECIPE" --output "$RUN" --trainer torch --corpus "$CORPUS" --time-budget "$LEFT" \
-    --checkpoint-dtype "${CHECKPOINT_DTYPE:-bfloat16}" --no-progress
+    --checkpoint-dtype "${CHECKPOINT_DTYPE:-bfloat16}" ${TORCH_COMPILE:+--compile} --no-progress
 RC=$?
 set -e
 

@@ -126,8 +126,9 @@ def test_gpu_script_without_sentencepiece_trains_from_carried_rows(recipe, corpu
     blocker = tmp_path / "no-sentencepiece"
     blocker.mkdir()
     (blocker / "sentencepiece.py").write_text("raise ImportError('not on this machine')\n")
-    done = gpu_train(recipe, run, corpus, 600, tmp_path / "out", {"PYTHONPATH": str(blocker)})
+    done = gpu_train(recipe, run, corpus, 600, tmp_path / "out", {"PYTHONPATH": str(blocker), "TORCH_COMPILE": "1"})
     assert done.returncode == 0 and "no sentencepiece" in done.stdout, done.stdout + done.stderr
+    assert "float32, torch.compile" in done.stdout   # TORCH_COMPILE reached the trainer (on a CPU: float32)
     assert (tmp_path / "out" / "hf" / "config.json").exists() and not (run / "model").exists()
     run_codefill("convert", "--from-hf", tmp_path / "out" / "hf", "--output", tmp_path / "converted")
 

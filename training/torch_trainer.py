@@ -269,9 +269,8 @@ def train_torch(model_dir: str | Path, train: Rows, held: Rows, out_dir: str | P
         raise TrainError(f"autocast must be bf16 or fp32, got {autocast!r}")
     bf16 = dev.type == "cuda" if autocast is None else autocast == "bf16"
     run = _TorchRun(Path(model_dir), Path(out_dir), cfg, dev, part_bytes, checkpoint_dtype, bf16, torch_compile)
-    if progress:
-        print(f"[torch-train] on {dev.type}, {'bf16 autocast' if bf16 else 'float32'}"
-              f"{', torch.compile' if torch_compile else ''}", flush=True)
+    print(f"[torch-train] on {dev.type}, {'bf16 autocast' if bf16 else 'float32'}"
+          f"{', torch.compile' if torch_compile else ''}", flush=True)   # a log line, with or without progress
     start = run.restore(resume)
     end = cfg.max_steps if stop_after is None else min(cfg.max_steps, stop_after)
     result = TorchTrainResult(run.out_dir, start)

@@ -102,6 +102,11 @@ def inline_request(client, uri: str, line: int, col: int, msg_id: str) -> asynci
                                                             msg_id=msg_id))
 
 
+def replay_cursor(text: str) -> int:
+    """Where the replay types: the start of a line well inside the file."""
+    return text.index("\n", 12_000) + 1
+
+
 def line_col(text: str, offset: int) -> tuple[int, int]:
     return text[:offset].count("\n"), offset - (text.rfind("\n", 0, offset) + 1)
 
@@ -213,7 +218,7 @@ def run(out_dir: str | Path, model_dir: str | Path | None = None, preset: str = 
     max_prompt_tokens = min(max_prompt_tokens, max_seq_len - max_new_tokens)
     source = Path(sysconfig.get_paths()["stdlib"]) / SOURCE_FILE
     text = source.read_text()
-    cursor = text.index("\n", 12_000) + 1  # the start of a line well inside the file
+    cursor = replay_cursor(text)
     options = {"max_new_tokens": max_new_tokens, "max_prompt_tokens": max_prompt_tokens,
                "log_dir": str(out_dir / "lsp-telemetry")}
     report: dict = {

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from codefill.bench_lsp import inline_request, line_col, open_document, replay, serving
+from codefill.bench_lsp import inline_request, line_col, open_document, replay, replay_cursor, serving
 from codefill.bench_workers import SOURCE_FILE, source_name
 from codefill.model.config import LlamaConfig
 
@@ -99,10 +99,16 @@ async def _measure(model_dir: Path, text: str, cursor: int, keystrokes: int, col
     return {"typing": typing, "cold_ms": cold}
 
 
+def over_limits(row: dict, limits: dict) -> list[str]:
+    """The limits a measured row exceeds (storage, typing, cold); limits are inclusive."""
+    return [what for what, bad in (("storage", row["storage_bytes"] > limits["max_storage_bytes"]),
+                                   ("typing", row["typing_p50_ms"] > limits["max_typing_ms"]),
+                                   ("cold", row["cold_ms"] > limits["max_cold_ms"])) if bad]
+
+
 def choose(rows: list[dict], limits: dict) -> str | None:
     """The name of the row with the most parameters within every limit (None when none is)."""
-    fits = [r for r in rows if r["storage_bytes"] <= limits["max_storage_bytes"]
-            and r["typing_p50_ms"] <= limits["max_typing_ms"] and r["cold_ms"] <= limits["max_cold_ms"]]
+    fits = [r for r in rows if not over_limits(r, limits)]
     return max(fits, key=lambda r: r["params"])["name"] if fits else None
 
 
@@ -119,7 +125,7 @@ def run(out_dir: str | Path, *, sizes: dict[str, LlamaConfig] | None = None, key
     tok = Tokenizer(tokenizer_path)
     prompt_tokens = CONTEXT - max_new_tokens
     text = (Path(sysconfig.get_paths()["stdlib"]) / SOURCE_FILE).read_text()
-    cursor = text.index("\n", 12_000) + 1  # bench_lsp's replay
+    cursor = replay_cursor(text)
     cold_docs = _cold_documents(prompt_tokens, tok)
     options = {"max_new_tokens": max_new_tokens, "max_prompt_tokens": prompt_tokens, "context_chunks": 0,
                "log_dir": str(out_dir / "size-telemetry")}
@@ -161,9 +167,7 @@ def _markdown(r: dict) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for row in r["rows"]:
-        over = [what for what, bad in (("storage", row["storage_bytes"] > lim["max_storage_bytes"]),
-                                       ("typing", row["typing_p50_ms"] > lim["max_typing_ms"]),
-                                       ("cold", row["cold_ms"] > lim["max_cold_ms"])) if bad]
+        over = over_limits(row, lim)
         lines.append(f"| {row['name']} | {row['params'] / 1e6:.1f} M | {row['dim']} | {row['n_layers']} | "
                      f"{row['n_heads']} / {row['n_kv_heads']} | {row['ffn_dim']} | {row['storage_bytes'] / 1e6:.1f} | "
                      f"{row['typing_p50_ms']} | {row['typing_p95_ms']} | {row['cold_ms']} "

@@ -306,10 +306,11 @@ def cmd_eval_infill(args: argparse.Namespace) -> None:
     from codefill.training.fim_eval import FimEvalConfig
 
     modes = tuple(m for m in args.modes.split(",") if m)
+    blank = {} if args.blank_line_min_tokens is None else {"blank_line_min_tokens": args.blank_line_min_tokens}
+    fim = FimEvalConfig(max_tasks=args.fim_tasks, max_new_tokens=args.fim_max_new_tokens, **blank)
     config = infilling.InfillConfig(modes=modes or infilling.MODES, spm=not args.psm, limit=args.limit,
-                                    workers=args.workers)
+                                    workers=args.workers, **blank)
     held = None
-    fim = FimEvalConfig(max_tasks=args.fim_tasks, max_new_tokens=args.fim_max_new_tokens)
     if args.recipe is not None:
         from codefill.training.recipe import load_recipe
 
@@ -878,6 +879,9 @@ def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--modes", default="single,multi", help="HumanEval infilling modes: single, multi")
     p.add_argument("--no-humaneval", action="store_true", help="held-out FIM only")
     p.add_argument("--psm", action="store_true", help="PSM prompts (default SPM, as the language server sends)")
+    p.add_argument("--blank-line-min-tokens", type=int, metavar="N",
+                   help="on a blank cursor line, no <EOT> before N ids (default: the language server's setting "
+                        "blank_line_min_tokens); 0: the model's own first choice")
     p.add_argument("--limit", type=int, help="at most N HumanEval infilling tasks per mode (evenly spread)")
     p.add_argument("--source", metavar="DIR", help="held-out FIM on this directory or repository ('stdlib': the "
                                                   "Python standard library); the baseline's train files")

@@ -63,6 +63,7 @@ class InfillConfig:
     limit: int | None = None         # at most this many tasks per mode (an even spread), None: all
     workers: int = 2                 # sandbox processes at a time
     limits: SandboxLimits = SandboxLimits()
+    blank_line_min_tokens: int = FimEvalConfig.blank_line_min_tokens  # as the language server generates
 
     def __post_init__(self):
         object.__setattr__(self, "modes", tuple(self.modes))
@@ -160,7 +161,8 @@ def humaneval_infilling(complete: Complete, tok, config: InfillConfig, *, max_se
     for mode in config.modes:
         tasks = spread(humaneval_tasks(problems, mode), config.limit)
         fim_cfg = FimEvalConfig(max_tasks=max(1, len(tasks)), max_new_tokens=config.max_new_tokens[mode],
-                                max_seq_len=max_seq_len, spm=config.spm, context_lines=10_000)
+                                max_seq_len=max_seq_len, spm=config.spm, context_lines=10_000,
+                                blank_line_min_tokens=config.blank_line_min_tokens)
         with tqdm(total=len(tasks), desc=f"infill {mode}", unit="task", disable=not progress) as bar:
             score = evaluate(tasks, tok, _counted(complete, bar), fim_cfg)
         scores = [(mode, score)]
@@ -197,8 +199,8 @@ def _to_end_of_line(r: FimResult) -> FimResult:
 def _counted(complete: Complete, bar: tqdm) -> Complete:
     """`complete`, advancing the progress bar `bar` (a disabled one when progress is off) once per task."""
 
-    def wrapped(prompt, max_new, stops):
-        out = complete(prompt, max_new, stops)
+    def wrapped(prompt, max_new, stops, min_new):
+        out = complete(prompt, max_new, stops, min_new)
         bar.update()
         return out
 

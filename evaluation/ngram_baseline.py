@@ -98,7 +98,10 @@ class NgramBaseline:
             return ids[mid + 1:], ids[suf + 1:mid]
         return ids[2:suf], ids[suf + 1:mid]                         # PSM: BOS PRE prefix SUF suffix MID
 
-    def complete(self, prompt: Sequence[int], max_new_tokens: int, stop_ids: frozenset[int]) -> list[int]:
+    def complete(self, prompt: Sequence[int], max_new_tokens: int, stop_ids: frozenset[int],
+                 min_new_tokens: int = 0) -> list[int]:
+        """Greedy ids up to the end of the first line with text. `min_new_tokens` changes nothing: the counts
+        come from plain documents without <EOT> or EOS, so no stop id is ever the best next token."""
         prefix, suffix = self.split_prompt(prompt)
         context = [self.tok.bos_id] + prefix
         out: list[int] = []

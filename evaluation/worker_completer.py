@@ -45,8 +45,11 @@ def context(client, tok) -> int:
 
 
 def fim_complete(client):
-    def complete(prompt: list[int], max_new_tokens: int, stop_ids: frozenset[int]) -> list[int]:
-        tokens, _ = client.complete(prompt, max_new_tokens, None, sorted(stop_ids))
+    from codefill.inference_workers.client import StopRules
+
+    def complete(prompt: list[int], max_new_tokens: int, stop_ids: frozenset[int], min_new_tokens: int) -> list[int]:
+        tokens, _ = client.complete(prompt, max_new_tokens, None, sorted(stop_ids),
+                                    rules=StopRules(min_new_tokens=min_new_tokens))
         return [t.token_id for t in tokens]
 
     return complete

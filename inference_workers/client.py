@@ -79,6 +79,7 @@ class StopRules:
     stop_strings: tuple[str, ...] = ()
     stop_at_eol: bool = False
     dedent_column: int = 0  # 0 = off
+    min_new_tokens: int = 0  # the stop ids are held back until this many ids were generated; 0 = off
 
 
 def _request(request_id: str, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Any,
@@ -92,7 +93,8 @@ def _request(request_id: str, prompt_ids: Sequence[int], max_new_tokens: int, sa
                                0.0 if greedy else sampling.temperature, 0 if greedy else sampling.top_k,
                                1.0 if greedy else sampling.top_p, 0 if greedy else sampling.seed, list(stop_ids),
                                list(rules.stop_strings), rules.stop_at_eol, rules.dedent_column,
-                               0.0 if deadline_s is None else deadline_s * 1000.0, required_prefix)
+                               0.0 if deadline_s is None else deadline_s * 1000.0, required_prefix,
+                               rules.min_new_tokens)
     except WireError as e:
         raise WorkerError(f"invalid request: {e}") from e
 

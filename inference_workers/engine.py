@@ -380,10 +380,15 @@ class Engine:
                     slot = old.slot
                     self._finish(old, FinishReason.SUPERSEDED)
                     self.queue.remove(r)
-                    self._place(r, self.cache.match(slot, r.prompt, r.greedy))
+                    self._place(r, self.cache.match(slot, r.prompt, r.greedy, *self._hold(r)))
         while self.queue and self.cache.free_slots():
             r = self.queue.popleft()
-            self._place(r, self.cache.best(r.prompt, r.greedy))
+            self._place(r, self.cache.best(r.prompt, r.greedy, *self._hold(r)))
+
+    @staticmethod
+    def _hold(r: Request) -> tuple[frozenset[int], int]:
+        """The request's stop ids and how many ids must precede one (a replay may not end it sooner)."""
+        return r.stops.stop_ids, r.stops.min_new_tokens
 
     def _extended(self, new: Request) -> Request | None:
         """The active request from the same client whose prompt `new`'s strictly extends (both greedy)."""
@@ -432,9 +437,11 @@ class Engine:
         r.prefilled += len(ids)
         if r.prefilled < len(r.prompt):
             return
+        held_back = self._held_back(r, logits)
         token, logprob = self._sample(r, logits)
         slot.pending = token
-        slot.greedy_from, slot.logprobs = (len(r.prompt), [logprob]) if r.greedy else (None, [])
+        greedy = r.greedy and not held_back
+        slot.greedy_from, slot.logprobs = (len(r.prompt), [logprob]) if greedy else (None, [])
         r.state, r.feed = State.DECODE, token
         if r.cancelled:
             self._finish(r, FinishReason.CANCELLED)
@@ -444,9 +451,10 @@ class Engine:
     def _decoded(self, r: Request, logits: np.ndarray) -> None:
         slot = r.slot
         slot.tokens.append(r.feed)  # the step wrote its keys/values
+        held_back = self._held_back(r, logits)
         token, logprob = self._sample(r, logits)
         slot.pending = token
-        if not r.greedy:
+        if not r.greedy or held_back:
             slot.greedy_from, slot.logprobs = None, []
         elif slot.greedy_from is not None:
             slot.logprobs.append(logprob)
@@ -458,12 +466,21 @@ class Engine:
         else:
             self._emit_token(r, token, logprob)
 
+    def _held_back(self, r: Request, logits: np.ndarray) -> bool:
+        """True when holding back the stop ids (min_new_tokens) changes a greedy choice: the id chosen is not the
+        model's argmax, so the slot must not record the continuation as the prompt's greedy one."""
+        return r.stops.holds_back_stop_ids and int(np.argmax(logits)) in r.stops.stop_ids
+
     def _sample(self, r: Request, logits: np.ndarray) -> tuple[int, float]:
         """The next token and its log-prob under the unmodified softmax. While a healing prefix is pending,
-        only tokens consistent with it may be chosen: their bytes extend it or lie inside it."""
+        only tokens consistent with it may be chosen: their bytes extend it or lie inside it. Before
+        min_new_tokens ids, no stop id may be chosen."""
         constrained = logits
         if r.heal:
             constrained = np.where(self._consistent(r.heal), logits, -np.inf)
+        if r.stops.holds_back_stop_ids:
+            constrained = constrained.copy() if constrained is logits else constrained
+            constrained[[t for t in r.stops.stop_ids if t < len(constrained)]] = -np.inf
         token = sample(constrained, r.sampling, r.rng)
         if r.heal:
             piece = self.table[token]

@@ -80,12 +80,15 @@ class PrefixCache:
     def free_slots(self) -> list[Slot]:
         return [s for s in self.slots if s.owner is None]
 
-    def match(self, slot: Slot, prompt: Sequence[int], greedy: bool) -> Match:
-        """How much of `prompt` slot `slot` already holds (see the module docstring)."""
+    def match(self, slot: Slot, prompt: Sequence[int], greedy: bool, stop_ids: frozenset[int] = frozenset(),
+              min_new_tokens: int = 0) -> Match:
+        """How much of `prompt` slot `slot` already holds (see the module docstring). A request that may not
+        stop before `min_new_tokens` ids gets no replay with one of `stop_ids` among its first ones."""
         seq = slot.seq
         c = common_prefix(prompt, seq)
         if self.inflight_extension and greedy and c == len(prompt) and slot.greedy_from is not None \
-                and slot.greedy_from <= len(prompt) < len(seq):
+                and slot.greedy_from <= len(prompt) < len(seq) \
+                and not stop_ids.intersection(seq[len(prompt):len(prompt) + min_new_tokens]):
             lp = slot.logprobs[len(prompt) - slot.greedy_from:]
             return Match(slot.index, len(prompt), list(zip(seq[len(prompt):], lp)), False)
         if (self.prefix_reuse or self.inflight_extension) and slot.pending is not None \
@@ -96,12 +99,13 @@ class PrefixCache:
         # at least one id must be prefilled, to get the logits of the prompt's last position
         return Match(slot.index, min(c, len(slot.tokens), len(prompt) - 1), [], False)
 
-    def best(self, prompt: Sequence[int], greedy: bool) -> Match | None:
+    def best(self, prompt: Sequence[int], greedy: bool, stop_ids: frozenset[int] = frozenset(),
+             min_new_tokens: int = 0) -> Match | None:
         """The free slot that saves the most work for `prompt`; None if every slot is taken."""
         free = self.free_slots()
         if not free:
             return None
-        matches = [(self.match(s, prompt, greedy), s) for s in free]
+        matches = [(self.match(s, prompt, greedy, stop_ids, min_new_tokens), s) for s in free]
         return max(matches, key=lambda ms: (ms[0].score, -ms[1].last_used))[0]
 
     def acquire(self, index: int, owner: object) -> Slot:

@@ -204,6 +204,9 @@ class GenerateRequest:
     # Token healing: the generated text must start with this (the partial identifier the language server
     # backed off from the prompt). Tokens are constrained until it is covered; "" = off.
     required_prefix: str = ""
+    # The stop ids are held back (never chosen) until this many ids were generated: a language server asking
+    # for a suggestion on a blank line wants some text, not an answer that ends before it starts. 0 = off.
+    min_new_tokens: int = 0
 
     def __post_init__(self) -> None:
         _request_id(self)
@@ -220,6 +223,7 @@ class GenerateRequest:
         _int(self, "dedent_column", 0, MAX_TOKENS)
         _float(self, "deadline_ms", 0.0, 1e9)
         _str(self, "required_prefix", MAX_STOP_STRING_LEN, min_len=0)
+        _int(self, "min_new_tokens", 0, self.max_new_tokens)
 
     @property
     def greedy(self) -> bool:

@@ -340,10 +340,11 @@ class Runner:
         return logits
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
-                 stop_ids: frozenset[int] = frozenset()) -> Iterator[tuple[int, float]]:
+                 stop_ids: frozenset[int] = frozenset(), min_new_tokens: int = 0) -> Iterator[tuple[int, float]]:
         """Batch-1 generation in slot 0: yield (token id, log-prob under the unmodified softmax) one at a time.
 
-        A token in `stop_ids` is yielded and then generation ends. The cache must hold the prompt and every
+        A token in `stop_ids` is yielded and then generation ends; none is chosen among the first
+        `min_new_tokens` (as GenerateRequest.min_new_tokens). The cache must hold the prompt and every
         generated token but the last (which is never fed back): len(prompt) + max_new_tokens - 1 <= max_seq_len.
         The request is checked here, before the returned iterator runs anything.
         """
@@ -353,10 +354,10 @@ class Runner:
         if len(prompt) + max(max_new_tokens - 1, 0) > self.max_seq_len:
             raise GenerationError(f"prompt of {len(prompt)} tokens + max_new_tokens {max_new_tokens} does not fit "
                                   f"the KV cache (max_seq_len {self.max_seq_len})")
-        return self._generate(prompt, max_new_tokens, sampling, frozenset(stop_ids))
+        return self._generate(prompt, max_new_tokens, sampling, frozenset(stop_ids), min_new_tokens)
 
     def _generate(self, prompt: np.ndarray, max_new_tokens: int, sampling: SamplingConfig,
-                  stop_ids: frozenset[int]) -> Iterator[tuple[int, float]]:
+                  stop_ids: frozenset[int], min_new_tokens: int) -> Iterator[tuple[int, float]]:
         if max_new_tokens == 0:
             return
         rng = None if sampling.greedy else sampling.rng()
@@ -364,8 +365,13 @@ class Runner:
         tokens = [0] * self.max_batch  # slot 0 decodes; the other slots, if any, sit idle
         positions = [self.idle_position] * self.max_batch
         positions[0] = len(prompt)
+        held = [t for t in stop_ids if t < self.vocab_size]
         for i in range(max_new_tokens):
-            token = sample(logits, sampling, rng)
+            allowed = logits
+            if i < min_new_tokens and held:
+                allowed = logits.copy()
+                allowed[held] = -np.inf
+            token = sample(allowed, sampling, rng)
             yield token, float(log_softmax(logits)[token])
             if token in stop_ids or i == max_new_tokens - 1:
                 return

@@ -11,7 +11,8 @@ of the generated tokens. Concatenating the table's bytes of generated ids gives 
 (`Finished.text_bytes`) is an offset into the client's decoded middle.
 
 The rules, checked after every token, the earliest cut winning:
-- a stop id: the token ends generation (FinishReason.STOP); its own bytes are not part of the answer;
+- a stop id: the token ends generation (FinishReason.STOP); its own bytes are not part of the answer. Before
+  `min_new_tokens` ids were generated the engine never chooses one (`holds_back_stop_ids`);
 - a stop string: the answer ends where the first match begins (STOP_STRING);
 - end of line: the answer ends before the first newline that follows some non-blank generated text, so a
   completion that starts on the next line still gets that line (END_OF_LINE);
@@ -66,6 +67,7 @@ class StopState:
     stop_at_eol: bool
     dedent_column: int
     table: Sequence[bytes] | None
+    min_new_tokens: int = 0
     text: bytearray = field(default_factory=bytearray)
     n_generated: int = 0
     _line_start: int = -1  # index of the newline starting the current line, once one was generated
@@ -80,7 +82,12 @@ class StopState:
                 f"stop_at_eol {req.stop_at_eol}, dedent_column {req.dedent_column}) but this worker has no "
                 f"token table (it was started without a tokenizer.model)")
         return cls(req.max_new_tokens, frozenset(req.stop_ids), tuple(s.encode("utf-8") for s in req.stop_strings),
-                   req.stop_at_eol, req.dedent_column, table)
+                   req.stop_at_eol, req.dedent_column, table, req.min_new_tokens)
+
+    @property
+    def holds_back_stop_ids(self) -> bool:
+        """True while the next id may not be a stop id (fewer than min_new_tokens generated)."""
+        return self.n_generated < self.min_new_tokens and bool(self.stop_ids)
 
     @property
     def text_bytes(self) -> int:

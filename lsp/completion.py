@@ -8,7 +8,8 @@
       -> lsp/prompt.py build_prompt (exact token budget, context chunks first, SPM by default)
       -> worker: greedy tokens until <EOT> or a stop rule the worker applies itself (stop_at_eol for a
          single-line cursor, dedent_column for a block, the code after the cursor as a stop string for lines
-         inserted above it), so it stops as soon as the answer is complete
+         inserted above it), so it stops as soon as the answer is complete; on a blank line <EOT> is held
+         back for the first `blank_line_min_tokens` ids (min_new_tokens), so an answer has some text
       -> lsp/postprocess.py fit (scope, de-duplication, auto-closed brackets, trimming)
       -> Suggestion(text, replace_after, mean_logprob)
 """
@@ -19,7 +20,7 @@ import math
 import re
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from codefill.inference_workers.client import AsyncWorkerClient, StopRules
 from codefill.inference_workers.protocol import Finished, FinishReason, Token
@@ -27,7 +28,7 @@ from codefill.model.fim import cut_middle
 from codefill.model.sampling import SamplingConfig
 from codefill.model.tokenizer import Tokenizer
 
-from .postprocess import BLOCK_OPENERS, _indent, cursor_lines, fit, inserts_lines, wants_multiline
+from .postprocess import BLOCK_OPENERS, _indent, cursor_lines, fit, inserts_lines, min_new_tokens, wants_multiline
 from .prompt import Chunk, Prompt, PromptConfig, build_prompt
 from .settings import Settings
 
@@ -129,7 +130,8 @@ class Completer:
              language_id: str | None, chunks: Sequence[Chunk] = (), healing: bool | None = None,
              max_new: int | None = None, rules: StopRules | None = None) -> Plan:
         """The prompt and stop rules for a cursor; `max_new` (default: the settings') is capped at half the
-        worker's context, and `rules` (default: the editor's, from the cursor) replace the cursor's rules."""
+        worker's context, and `rules` (default: the editor's, from the cursor and blank_line_min_tokens)
+        replace the cursor's rules."""
         tok = self.tok
         max_new = max(1, min(settings.max_new_tokens if max_new is None else max_new, max_seq_len // 2))
         prefix, suffix = window(prefix, suffix, settings.max_prompt_tokens * CHARS_PER_TOKEN_BOUND)
@@ -139,8 +141,10 @@ class Completer:
         prompt = build_prompt(tok, prefix[:len(prefix) - len(heal)], suffix,
                               self.prompt_config(settings, max_seq_len, max_new),
                               path=path, language_id=language_id, chunks=chunks)
-        return Plan(prefix, suffix, multiline, heal, prompt, max_new,
-                    stop_rules(prefix, suffix, multiline) if rules is None else rules)
+        if rules is None:
+            rules = replace(stop_rules(prefix, suffix, multiline),
+                            min_new_tokens=min(max_new, min_new_tokens(prefix, settings.blank_line_min_tokens)))
+        return Plan(prefix, suffix, multiline, heal, prompt, max_new, rules)
 
     def middle(self, plan: Plan, tokens: Sequence[Token], finished: Finished) -> tuple[str | None, int]:
         """(the answer's text: up to <EOT> and the worker's stop-rule cut, healed text removed; None if the

@@ -48,6 +48,13 @@ def cursor_lines(prefix: str, suffix: str) -> tuple[str, str]:
     return before, after
 
 
+def min_new_tokens(prefix: str, on_blank_line: int) -> int:
+    """How many ids the model must write before it may end the middle at this cursor: `on_blank_line` where
+    nothing but blanks precede the cursor on its line (the user is at a line to write, and an <EOT> there at
+    once would show nothing), else 0 (after code on the line, nothing more can be the right answer)."""
+    return on_blank_line if not cursor_lines(prefix, "")[0].strip() else 0
+
+
 def wants_multiline(prefix: str, suffix: str) -> bool:
     """Rule 1: does this cursor want a block (several lines) rather than the rest of one line?"""
     before, after = cursor_lines(prefix, suffix)

@@ -50,6 +50,7 @@ class Settings:
     temperature: float = 0.0  # 0 = greedy (what prefix reuse and in-flight extension are built for)
     token_healing: bool = True  # back off a partial identifier and make the model re-generate it
     min_mean_logprob: float | None = None  # hide suggestions whose mean token log-prob is lower; None: show all
+    blank_line_min_tokens: int = 1  # on a blank line the model may not end (<EOT>) before this many ids; 0: it may
 
     # --- request lifecycle ---
     debounce_min_ms: float = 15.0  # wait at least this long after a keystroke before calling the model
@@ -73,7 +74,7 @@ class Settings:
 
         for key in ("tp", "max_prompt_tokens", "max_new_tokens", "max_document_chars", "log_max_bytes"):
             need(_is_int(getattr(self, key)) and getattr(self, key) >= 1, key, "must be an integer >= 1")
-        for key in ("context_chunks", "cache_size", "log_backups"):
+        for key in ("context_chunks", "cache_size", "log_backups", "blank_line_min_tokens"):
             need(_is_int(getattr(self, key)) and getattr(self, key) >= 0, key, "must be an integer >= 0")
         need(self.max_prompt_tokens >= 8, "max_prompt_tokens", "must be >= 8")
         need(self.worker_max_seq_len is None or (_is_int(self.worker_max_seq_len) and self.worker_max_seq_len > 0),

@@ -461,3 +461,35 @@ def test_runner_exception_fails_the_engine_but_value_error_only_the_request():
     engine.run_until_idle()
     assert "model failed: decode step of 1 rows raised RuntimeError: rank 1 is gone" in replies.error("a")
     assert not engine.health(1).ready
+
+
+def test_min_new_tokens_holds_back_stop_ids_in_engine_replay_and_runner(runner):
+    from codefill.inference_workers.protocol import WireError
+    from codefill.model.sampling import log_softmax
+
+    prompt = PROMPTS[0]
+    full, _ = solo(runner, prompt, 6)
+    stop = [full[0]]  # the model's own first choice, taken as the stop id: it wants to end at once
+    logits = runner.prefill(prompt, 0, 0).copy()
+    logits[stop] = -np.inf
+    second = int(np.argmax(logits))  # what it must write instead
+    engine, replies = make_engine(runner)
+    engine.submit(b"c", GenerateRequest("free", prompt, 6, stop_ids=stop))
+    engine.run_until_idle()
+    assert replies.tokens("free") == stop and replies.finished("free").finish_reason == FinishReason.STOP
+    # same prompt, same slot: the cached continuation starts with the stop id, so it must not be replayed
+    engine.submit(b"c", GenerateRequest("held", prompt, 6, stop_ids=stop, min_new_tokens=1))
+    engine.run_until_idle()
+    held = replies.tokens("held")
+    assert replies.finished("held").n_replayed == 0 and held[0] == second != full[0]
+    unmodified = log_softmax(runner.prefill(prompt, 1, 0))[second]
+    assert replies.logprobs("held")[0] == pytest.approx(float(unmodified), abs=1e-4)
+    # the in-process runner does the same
+    assert [t for t, _ in runner.generate(prompt, 6, stop_ids=frozenset(stop), min_new_tokens=1)] == held
+    # the held-back id is not the model's argmax: typing it must not replay the rest as the greedy decode
+    engine.submit(b"c", GenerateRequest("typed", prompt + [second], 4))
+    engine.run_until_idle()
+    assert replies.finished("typed").n_replayed == 0
+    assert replies.tokens("typed") == solo(runner, prompt + [second], 4)[0]
+    with pytest.raises(WireError, match="min_new_tokens"):
+        GenerateRequest("bad", prompt, 4, min_new_tokens=5)

@@ -104,14 +104,14 @@ def test_an_oracle_scores_full_marks_and_a_wrong_answer_does_not(tok):
         for t in spread(humaneval_tasks(problems, mode), config.limit):
             answers[tuple(task_prompt(tok, t, fim_cfg))] = tok.encode_infilling(t.middle) + [tok.eot_id]
 
-    results, rows = humaneval_infilling(lambda p, n, s: answers[tuple(p)], tok, config, max_seq_len=2048,
+    results, rows = humaneval_infilling(lambda p, n, s, m: answers[tuple(p)], tok, config, max_seq_len=2048,
                                         problems=problems, progress=False)
     assert [r.mode for r in results] == ["single", "single_eol", "single_served", "multi", "multi_served"]
     for r in results:
         assert r.tasks == 8 and r.passed == 8 and r.score.exact_matches == 8, r.summary()
     assert len(rows) == 40 and all(row["status"] == "passed" for row in rows)
 
-    results, _ = humaneval_infilling(lambda p, n, s: tok.encode_infilling("    pass\n") + [tok.eot_id], tok,
+    results, _ = humaneval_infilling(lambda p, n, s, m: tok.encode_infilling("    pass\n") + [tok.eot_id], tok,
                                      config, max_seq_len=2048, problems=problems, progress=False)
     assert all(r.score.exact_matches == 0 for r in results)
     assert all(r.passed < r.tasks for r in results)
@@ -270,7 +270,7 @@ def test_eval_refuses_a_baseline_through_workers(tiny, tiny_worker, source_dir, 
 def test_single_line_answers_are_also_scored_cut_at_the_end_of_the_line(tok):
     problems = load_problems()[:3]
     rambling = tok.encode_infilling("    \n    return 1\n    return 2\n") + [tok.eot_id]
-    results, rows = humaneval_infilling(lambda p, n, s: rambling, tok, InfillConfig(modes=("single",), limit=2),
+    results, rows = humaneval_infilling(lambda p, n, s, m: rambling, tok, InfillConfig(modes=("single",), limit=2),
                                         max_seq_len=2048, problems=problems, progress=False)
     assert [r.mode for r in results] == ["single", "single_eol", "single_served"]
     by_mode = {m: [r["prediction"] for r in rows if r["mode"] == m] for m in ("single", "single_eol")}
@@ -301,3 +301,24 @@ def test_held_out_answers_are_also_scored_as_the_server_shows_them():
         body.rstrip("\n"), True)
     # an answer that only repeats the rest of the line is no suggestion: scored as empty
     assert scored("x = (", "1)\n", ")\n", ")") == ("", False)
+
+
+def test_evaluation_holds_back_eot_where_the_language_server_does(tok):
+    from codefill.training.data_error import DataError
+    from codefill.training.fim_eval import evaluate
+
+    tasks = [FimTask("a.py", 1, "def f(x):\n", "    return x\n", "\nprint(f(1))\n"),   # blank cursor line
+             FimTask("b.py", 1, "def f(x):\n    y", " = x\n", "    return y\n")]          # after code
+    seen = []
+
+    def complete(prompt, max_new, stops, min_new):
+        seen.append(min_new)
+        return [tok.eot_id]
+
+    evaluate(tasks, tok, complete, FimEvalConfig())
+    assert seen == [1, 0]  # lsp/settings.py's default blank_line_min_tokens
+    seen.clear()
+    evaluate(tasks, tok, complete, FimEvalConfig(blank_line_min_tokens=0))
+    assert seen == [0, 0]
+    with pytest.raises(DataError, match="blank_line_min_tokens must be a non-negative integer, got -1"):
+        FimEvalConfig(blank_line_min_tokens=-1)

@@ -280,16 +280,41 @@ async def test_stop_rules_are_sent_to_the_worker(tiny_dir, fake, tmp_path):
     try:
         uri = "file:///work/rules.py"
         open_doc(client, uri, "def f(x):\n    if x:\n        \n    y = f(x)\n")
-        await ask(client, uri, 3, 10)  # mid-line: one line
+        await ask(client, uri, 3, 10)  # mid-line: one line, and after code nothing more may be the answer
         assert fake.requests[-1].stop_at_eol and fake.requests[-1].dedent_column == 0
+        assert fake.requests[-1].min_new_tokens == 0
         await ask(client, uri, 2, 8)  # a blank line in a block: stop when a line dedents below 8
         assert not fake.requests[-1].stop_at_eol and fake.requests[-1].dedent_column == 8
+        assert fake.requests[-1].min_new_tokens == 1  # blank_line_min_tokens: <EOT> only after some text
         await ask(client, uri, 1, 9)  # after "if x:": the block's lines must be indented deeper than 4
-        assert fake.requests[-1].dedent_column == 5
+        assert fake.requests[-1].dedent_column == 5 and fake.requests[-1].min_new_tokens == 0
         for col in (0, 4):  # the start of a code line: lines above it, ending where the model writes that line
             await ask(client, uri, 3, col)
             r = fake.requests[-1]
             assert r.stop_strings == ["\n    y = f(x)"] and not r.stop_at_eol and r.dedent_column == 0
+            assert r.min_new_tokens == 1
+    finally:
+        await client.shutdown_session()
+
+
+@ASYNC
+async def test_blank_line_min_tokens_setting(tiny_dir, fake, tmp_path):
+    client = await connect(tiny_dir, fake, tmp_path, options={"blank_line_min_tokens": 3, "cache_size": 0})
+    try:
+        uri = "file:///work/blank.py"
+        open_doc(client, uri, "def f(x):\n    \n    return x\n")
+        await ask(client, uri, 1, 4)
+        assert fake.requests[-1].min_new_tokens == 3
+        await ask(client, uri, 2, 12)  # after code: never held back
+        assert fake.requests[-1].min_new_tokens == 0
+        client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
+            settings={"codefill": {"blank_line_min_tokens": 0}}))
+        await ask(client, uri, 1, 4)
+        assert fake.requests[-1].min_new_tokens == 0  # the model may answer nothing
+        client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
+            settings={"codefill": {"blank_line_min_tokens": -1}}))
+        await stats(client)
+        assert any("blank_line_min_tokens = -1" in m.message for m in client.messages)
     finally:
         await client.shutdown_session()
 

@@ -99,7 +99,7 @@ def _frame(cls, *fields) -> bytes:
     return bytes([cls.TYPE]) + msgpack.packb(list(fields), use_bin_type=True)
 
 
-GOOD_REQ = ["r", [1, 2, 3], 16, 0.0, 0, 1.0, 0, [9], [], False, 0, 0.0, ""]
+GOOD_REQ = ["r", [1, 2, 3], 16, 0.0, 0, 1.0, 0, [9], [], False, 0, 0.0, "", 0]
 
 
 def _req(**changes) -> bytes:
@@ -144,6 +144,8 @@ def test_hand_built_good_request_decodes():
         ({"dedent_column": -1}, r"dedent_column = -1 is out of range"),
         ({"deadline_ms": -5}, r"deadline_ms = -5.0 is out of range"),
         ({"deadline_ms": "soon"}, r"deadline_ms must be a float, got str"),
+        ({"min_new_tokens": 17}, r"min_new_tokens = 17 is out of range"),
+        ({"min_new_tokens": -1}, r"min_new_tokens = -1 is out of range"),
     ],
 )
 def test_bad_request_fields(changes, match):

@@ -2,7 +2,7 @@
 
     tasks = make_tasks(root, paths, FimEvalConfig())        # from the held-out list tokenize_fim writes
     score = evaluate_model_dir(model_dir, tasks, config)    # an in-process Runner, greedy
-    score = evaluate(tasks, tok, complete, config)          # any `complete(prompt_ids, max_new, stop_ids)`
+    score = evaluate(tasks, tok, complete, config)          # any `complete(prompt_ids, max_new, stop_ids, min_new)`
     print(score.report("after")); served = FimScore([as_served(r) for r in score.results])
 
 A task hides a span of 1 to `max_middle_lines` whole lines of a file (the lines an editor user would type
@@ -15,7 +15,9 @@ the longer files. `tasks_per_file` caps a file's spans (default: no cap but max_
 keeps `context_lines` lines before the span and half as many after it, then drops lines from the far ends
 until it fits the model's context with `max_new_tokens` to spare.
 
-The model's answer is its greedy continuation up to <EOT> (or EOS), read with `fim.decode_middle`;
+The model's answer is its greedy continuation up to <EOT> (or EOS), read with `fim.decode_middle`, generated as
+the language server generates it: on a task whose cursor line is blank, the stop ids are held back for the
+first `blank_line_min_tokens` ids (lsp/postprocess.min_new_tokens; 0: the model's own first choice);
 `as_served` turns it into what the language server would show at that cursor (lsp/postprocess.fit). Metrics,
 both on text with trailing whitespace stripped from every line and trailing blank lines dropped:
 
@@ -33,14 +35,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from codefill.lsp.postprocess import fit
+from codefill.lsp.postprocess import fit, min_new_tokens
+from codefill.lsp.settings import Settings
 from codefill.model.fim import cut_middle, infilling_prompt_tokens
 from codefill.model.tokenizer import Tokenizer
 
 from .data_error import DataError
 
-# complete(prompt_ids, max_new_tokens, stop_ids) -> generated ids (greedy), the stop id included or not
-Complete = Callable[[list[int], int, frozenset[int]], list[int]]
+# complete(prompt_ids, max_new_tokens, stop_ids, min_new_tokens) -> generated ids (greedy), the stop id included or
+# not; no stop id among the first min_new_tokens
+Complete = Callable[[list[int], int, frozenset[int], int], list[int]]
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ class FimEvalConfig:
     max_seq_len: int = 1024  # the evaluation's context (prompt + answer), at most the model's
     spm: bool = True  # SPM prompts, as the language server sends; False: PSM
     seed: int = 0
+    blank_line_min_tokens: int = Settings.blank_line_min_tokens  # the language server's rule and default
 
     def __post_init__(self):
         for name in ("max_tasks", "tasks_per_file", "max_middle_lines", "max_new_tokens", "max_seq_len"):
@@ -61,6 +66,10 @@ class FimEvalConfig:
                 continue
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise DataError(f"FimEvalConfig.{name} must be a positive integer, got {v!r}")
+        if not isinstance(self.blank_line_min_tokens, int) or isinstance(self.blank_line_min_tokens, bool) \
+                or self.blank_line_min_tokens < 0:
+            raise DataError(f"FimEvalConfig.blank_line_min_tokens must be a non-negative integer, got "
+                            f"{self.blank_line_min_tokens!r}")
         if not isinstance(self.context_lines, int) or self.context_lines < 0:
             raise DataError(f"FimEvalConfig.context_lines must be a non-negative integer, got {self.context_lines!r}")
         if self.max_new_tokens + 8 > self.max_seq_len:
@@ -212,7 +221,8 @@ def evaluate(tasks: Sequence[FimTask], tok: Tokenizer, complete: Complete,
     stops = frozenset({tok.eot_id, tok.eos_id})
     score = FimScore()
     for task in tasks:
-        generated = complete(task_prompt(tok, task, config), config.max_new_tokens, stops)
+        min_new = min(config.max_new_tokens, min_new_tokens(task.prefix, config.blank_line_min_tokens))
+        generated = complete(task_prompt(tok, task, config), config.max_new_tokens, stops, min_new)
         ids, stopped = cut_middle(tok, generated)
         prediction = tok.decode_infilling(ids)
         score.results.append(FimResult(task, prediction, exact_match(prediction, task.middle),
@@ -232,8 +242,9 @@ def generator_complete(generator) -> Complete:
     """`complete` over an in-process inference_workers.runner.Runner (greedy, slot 0)."""
     from codefill.model.sampling import SamplingConfig
 
-    def complete(prompt: list[int], max_new_tokens: int, stop_ids: frozenset[int]) -> list[int]:
-        return [t for t, _ in generator.generate(prompt, max_new_tokens, SamplingConfig(), stop_ids=stop_ids)]
+    def complete(prompt: list[int], max_new_tokens: int, stop_ids: frozenset[int], min_new_tokens: int) -> list[int]:
+        return [t for t, _ in generator.generate(prompt, max_new_tokens, SamplingConfig(), stop_ids=stop_ids,
+                                                 min_new_tokens=min_new_tokens)]
 
     return complete
 
@@ -253,8 +264,8 @@ def evaluate_model_dir(model_dir: str | Path, tasks: Sequence[FimTask], config: 
     generator = Runner(files.config, files.weights, max_seq_len=config.max_seq_len, max_batch=1)
     complete = generator_complete(generator)
     with tqdm(total=len(tasks), desc=progress, unit="span", disable=progress is None) as bar:
-        def counted(prompt: list[int], max_new_tokens: int, stop_ids: frozenset[int]) -> list[int]:
-            out = complete(prompt, max_new_tokens, stop_ids)
+        def counted(prompt: list[int], max_new_tokens: int, stop_ids: frozenset[int], min_new: int) -> list[int]:
+            out = complete(prompt, max_new_tokens, stop_ids, min_new)
             bar.update()
             return out
 

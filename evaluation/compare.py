@@ -12,8 +12,9 @@ For each mode and measure the rows hold (`passed`: the tests ran and passed; `ex
 edit similarity), the report gives A's and B's means, the difference, a paired bootstrap interval of the mean
 difference (training/paired_decision.bootstrap_interval: the same resampled tasks for both models) and, for the
 0/1 measures, the exact sign test over the tasks where only one model succeeded. A row's verdict is `better` or
-`worse` when its interval lies wholly above or below 0, else `no clear difference`: a point difference alone is
-not called better. Writes DIR/compare.json and DIR/compare.md.
+`worse` when its interval lies wholly above or below 0 and, for a 0/1 measure, the sign test agrees at the same
+level (the bootstrap alone calls 4 tasks gained and none lost out of 256 a difference; the sign test, p = 0.125,
+does not), else `no clear difference`: a point difference alone is not called better. Writes DIR/compare.json and DIR/compare.md.
 """
 
 from __future__ import annotations
@@ -83,10 +84,13 @@ class Row:
     wins: int | None  # 0/1 measures: tasks only B got, only A got, and the sign test's p-value
     losses: int | None
     p_value: float | None
+    alpha: float  # 1 - the confidence level: the sign test's p-value must be below it
 
     @property
     def verdict(self) -> str:
-        return "better" if self.low > 0 else "worse" if self.high < 0 else "no clear difference"
+        agreed = self.p_value is None or self.p_value < self.alpha
+        return "better" if self.low > 0 and agreed else "worse" if self.high < 0 and agreed else \
+            "no clear difference"
 
 
 def compare(a: dict, b: dict, config: DecisionConfig = DecisionConfig()) -> tuple[list[Row], list[str]]:
@@ -110,7 +114,7 @@ def compare(a: dict, b: dict, config: DecisionConfig = DecisionConfig()) -> tupl
             sign = sign_test(va > 0.5, vb > 0.5) if measure != "similarity" else None
             rows.append(Row(mode, measure, len(keys), float(va.mean()), float(vb.mean()), low, high,
                             sign.wins if sign else None, sign.losses if sign else None,
-                            sign.p_value if sign else None))
+                            sign.p_value if sign else None, 1.0 - config.confidence))
     if not rows:
         raise EvalError(f"no mode in common: A has {sorted(a)}, B has {sorted(b)}")
     return rows, skipped

@@ -63,6 +63,17 @@ def test_paired_rows_give_verdicts_from_their_intervals(tmp_path):
     assert "| held_out_served | exact | 80 | 0.0% | 37.5% | +0.375 |" in md and "30 / 0" in md
 
 
+def test_a_few_tasks_gained_and_none_lost_need_the_sign_test_too(tmp_path):
+    # 4 of 256 gained, none lost: every bootstrap resample has a difference >= 0 and most > 0, so the interval
+    # lies above 0, but 4 / 0 is p = 0.125 by the sign test: not called better.
+    a = [_infill_row("held_out_served", i, False, 0.4) for i in range(256)]
+    b = [_infill_row("held_out_served", i, i < 4, 0.4) for i in range(256)]
+    report = compare.run(_write(tmp_path / "a", a), _write(tmp_path / "b", b), tmp_path / "out")
+    [row] = [r for r in report["rows"] if r["measure"] == "exact"]
+    assert row["low"] > 0 and row["p_value"] == pytest.approx(0.125)
+    assert row["verdict"] == "no clear difference"
+
+
 def test_a_worse_model_is_called_worse_and_modes_of_one_side_are_skipped(tmp_path):
     a = [_infill_row("held_out", i, True, 1.0) for i in range(40)] + [_infill_row("multi_served", 1, False, 0.1)]
     b = [_infill_row("held_out", i, i % 4 == 0, 0.5) for i in range(40)]

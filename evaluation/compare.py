@@ -14,7 +14,8 @@ difference (training/paired_decision.bootstrap_interval: the same resampled task
 0/1 measures, the exact sign test over the tasks where only one model succeeded. A row's verdict is `better` or
 `worse` when its interval lies wholly above or below 0 and, for a 0/1 measure, the sign test agrees at the same
 level (the bootstrap alone calls 4 tasks gained and none lost out of 256 a difference; the sign test, p = 0.125,
-does not), else `no clear difference`: a point difference alone is not called better. Writes DIR/compare.json and DIR/compare.md.
+does not), else `no clear difference`: a point difference alone is not called better. Writes DIR/compare.json
+and DIR/compare.md.
 """
 
 from __future__ import annotations

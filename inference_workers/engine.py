@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from codefill.model.sampling import SamplingConfig, log_softmax, sample
+from codefill.model.sampling import SamplingConfig, log_softmax, sample, without
 
 from .prefix_cache import Match, PrefixCache, Slot, common_prefix
 from .speculation_gate import SpeculationGate
@@ -479,8 +479,7 @@ class Engine:
         if r.heal:
             constrained = np.where(self._consistent(r.heal), logits, -np.inf)
         if r.stops.holds_back_stop_ids:
-            constrained = constrained.copy() if constrained is logits else constrained
-            constrained[[t for t in r.stops.stop_ids if t < len(constrained)]] = -np.inf
+            constrained = without(constrained, r.stops.stop_ids)
         token = sample(constrained, r.sampling, r.rng)
         if r.heal:
             piece = self.table[token]

@@ -63,7 +63,7 @@ from codefill.model.device import TARGETS, configure_mindspore
 from codefill.model.ascend_attention import use_ascend_attention
 from codefill.model.kernels import KernelStatus, load as load_kernels, use_kernels
 from codefill.model.precision import PLAN_DTYPES, apply_precision, resolve as resolve_precision
-from codefill.model.sampling import SamplingConfig, log_softmax, sample
+from codefill.model.sampling import SamplingConfig, log_softmax, sample, without
 
 from .coordination import (
     OP_COMMIT,
@@ -365,13 +365,8 @@ class Runner:
         tokens = [0] * self.max_batch  # slot 0 decodes; the other slots, if any, sit idle
         positions = [self.idle_position] * self.max_batch
         positions[0] = len(prompt)
-        held = [t for t in stop_ids if t < self.vocab_size]
         for i in range(max_new_tokens):
-            allowed = logits
-            if i < min_new_tokens and held:
-                allowed = logits.copy()
-                allowed[held] = -np.inf
-            token = sample(allowed, sampling, rng)
+            token = sample(without(logits, stop_ids) if i < min_new_tokens else logits, sampling, rng)
             yield token, float(log_softmax(logits)[token])
             if token in stop_ids or i == max_new_tokens - 1:
                 return

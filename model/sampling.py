@@ -56,6 +56,13 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum())
 
 
+def without(logits: np.ndarray, ids) -> np.ndarray:
+    """A copy of `logits` in which none of `ids` (those inside the vocabulary) can be chosen."""
+    out = logits.copy()
+    out[[t for t in ids if 0 <= t < len(out)]] = -np.inf
+    return out
+
+
 def sample(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator | None = None) -> int:
     """One token id from last-position logits [V]. `rng` is required unless cfg is greedy."""
     if logits.ndim != 1:

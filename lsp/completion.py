@@ -143,7 +143,7 @@ class Completer:
                               path=path, language_id=language_id, chunks=chunks)
         if rules is None:
             rules = replace(stop_rules(prefix, suffix, multiline),
-                            min_new_tokens=min(max_new, min_new_tokens(prefix, settings.blank_line_min_tokens)))
+                            min_new_tokens=min_new_tokens(prefix, settings.blank_line_min_tokens, max_new))
         return Plan(prefix, suffix, multiline, heal, prompt, max_new, rules)
 
     def middle(self, plan: Plan, tokens: Sequence[Token], finished: Finished) -> tuple[str | None, int]:

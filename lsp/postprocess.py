@@ -48,11 +48,12 @@ def cursor_lines(prefix: str, suffix: str) -> tuple[str, str]:
     return before, after
 
 
-def min_new_tokens(prefix: str, on_blank_line: int) -> int:
+def min_new_tokens(prefix: str, on_blank_line: int, max_new: int) -> int:
     """How many ids the model must write before it may end the middle at this cursor: `on_blank_line` where
     nothing but blanks precede the cursor on its line (the user is at a line to write, and an <EOT> there at
-    once would show nothing), else 0 (after code on the line, nothing more can be the right answer)."""
-    return on_blank_line if not cursor_lines(prefix, "")[0].strip() else 0
+    once would show nothing), else 0 (after code on the line, nothing more can be the right answer); never
+    more than the `max_new` ids the request may write."""
+    return min(max_new, on_blank_line) if not cursor_lines(prefix, "")[0].strip() else 0
 
 
 def wants_multiline(prefix: str, suffix: str) -> bool:

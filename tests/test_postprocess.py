@@ -2,7 +2,7 @@
 
 import pytest
 
-from codefill.lsp.postprocess import Fitted, fit, inserts_lines, wants_multiline
+from codefill.lsp.postprocess import Fitted, fit, inserts_lines, min_new_tokens, wants_multiline
 
 
 @pytest.mark.parametrize("prefix,suffix,multi", [
@@ -119,3 +119,13 @@ def test_rule1_inserted_lines_run_to_where_the_model_writes_the_following_code()
     # a middle that starts with the following code itself suggests nothing; nor does a blank one
     assert fit(BODY_PREFIX, "    return total\n", "    return total\n    x = 1") is None
     assert fit(BODY_PREFIX, "    return total\n", "\n\n", ended=True) is None
+
+
+@pytest.mark.parametrize("prefix, on_blank, max_new, expected", [
+    ("def f():\n    ", 3, 16, 3),    # a blank line to write: the model must write something first
+    ("def f():\n    ", 3, 2, 2),     # never more than the request may write
+    ("def f():\n    x = ", 3, 16, 0),  # after code on the line, ending at once can be right
+    ("", 0, 16, 0),
+])
+def test_min_new_tokens_only_on_a_blank_line_and_within_the_budget(prefix, on_blank, max_new, expected):
+    assert min_new_tokens(prefix, on_blank, max_new) == expected

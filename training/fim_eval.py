@@ -221,7 +221,7 @@ def evaluate(tasks: Sequence[FimTask], tok: Tokenizer, complete: Complete,
     stops = frozenset({tok.eot_id, tok.eos_id})
     score = FimScore()
     for task in tasks:
-        min_new = min(config.max_new_tokens, min_new_tokens(task.prefix, config.blank_line_min_tokens))
+        min_new = min_new_tokens(task.prefix, config.blank_line_min_tokens, config.max_new_tokens)
         generated = complete(task_prompt(tok, task, config), config.max_new_tokens, stops, min_new)
         ids, stopped = cut_middle(tok, generated)
         prediction = tok.decode_infilling(ids)

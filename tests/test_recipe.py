@@ -9,7 +9,7 @@ import pytest
 
 from codefill.model.checkpoint import load_model_dir
 from codefill.model.tokenizer import Tokenizer
-from codefill.training.recipe import load_recipe
+from codefill.training.recipe import load_recipe, tokens_trained
 from codefill.training.train_error import TrainError
 from helpers import run_codefill
 
@@ -79,6 +79,7 @@ def test_recipe_trains_a_model_and_continues_after_an_interruption(source, tmp_p
     assert [m["step"] for m in metrics if "held_out_loss" in m] == [3, 6]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["train_files"] + summary["held_out_files"] >= 10
+    assert summary["tokens_trained"] == 6 * 2 * 64  # 6 steps of 2 rows of 64 positions
     held = json.loads((out / "data" / "train.heldout.json").read_text())["files"]
     assert sorted(held) == sorted(summary["held_out_paths"]) and held
     assert not any(p.startswith("skipme/") for p in held)
@@ -99,6 +100,13 @@ def test_recipe_trains_a_model_and_continues_after_an_interruption(source, tmp_p
     done = run_codefill("recipe", other, "--output", out, check=False)
     assert done.returncode == 2 and "different recipe" in done.stderr
     assert (out / "model" / "model.safetensors").read_bytes() == before
+
+
+def test_tokens_trained_counts_every_step_between_logged_ones():
+    # log_every 10, a resumed run that logged step 20 twice, and the last step (25) logged off the grid
+    losses = [{"step": s, "tokens": 8192} for s in (10, 20, 20, 25)]
+    assert tokens_trained(losses) == 25 * 8192
+    assert tokens_trained([]) == 0
 
 
 def test_a_recipe_with_line_cuts_short_windows_and_packed_rows(source, tmp_path):

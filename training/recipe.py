@@ -413,6 +413,16 @@ def _save_final(trained_dir: Path, model_dir: Path, recipe: Recipe, arch: LlamaC
     return save_model_dir(model_dir, arch, weights, tok_path, note=note, overwrite=True)
 
 
+def tokens_trained(losses: list[dict]) -> int:
+    """Positions trained on, from the trainers' loss records: each holds its own step's "tokens" and is written
+    every log_every steps, so it stands for the steps since the record before it (a resumed run may repeat a step)."""
+    total, last = 0, 0
+    for m in sorted({m["step"]: m for m in losses}.values(), key=lambda m: m["step"]):
+        total += (m["step"] - last) * m["tokens"]
+        last = m["step"]
+    return total
+
+
 def _summary(recipe: Recipe, root: Path, arch: LlamaConfig, cfg: TrainConfig, train_files, held_files,
              sources: SourceSummary, run_dir: Path, started: float) -> dict:
     """What OUT/summary.json records: files, tokens, time and final losses (from OUT/run/metrics.jsonl)."""
@@ -425,7 +435,7 @@ def _summary(recipe: Recipe, root: Path, arch: LlamaConfig, cfg: TrainConfig, tr
         "held_out_paths": [f.path for f in held_files],
         "train_chars": sum(len(f.text) for f in train_files), "parameters": arch.n_params(),
         "architecture": arch.to_dict(), "steps": cfg.max_steps,
-        "tokens_trained": sum(m["tokens"] for m in losses), "final_train_loss": losses[-1]["loss"] if losses else None,
+        "tokens_trained": tokens_trained(losses), "final_train_loss": losses[-1]["loss"] if losses else None,
         "final_held_out_loss": held[-1]["held_out_loss"] if held else None,
         "train_seconds_this_call": round(time.time() - started, 1),
         "train_elapsed_s_last_segment": losses[-1]["elapsed_s"] if losses else None,

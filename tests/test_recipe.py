@@ -9,7 +9,7 @@ import pytest
 
 from codefill.model.checkpoint import load_model_dir
 from codefill.model.tokenizer import Tokenizer
-from codefill.training.recipe import load_recipe, tokens_trained
+from codefill.training.recipe import load_recipe, tokens_trained, train_elapsed_s
 from codefill.training.train_error import TrainError
 from helpers import run_codefill
 
@@ -107,6 +107,12 @@ def test_tokens_trained_counts_every_step_between_logged_ones():
     losses = [{"step": s, "tokens": 8192} for s in (10, 20, 20, 25)]
     assert tokens_trained(losses) == 25 * 8192
     assert tokens_trained([]) == 0
+
+
+def test_train_elapsed_s_adds_the_segments_of_a_resumed_run():
+    elapsed = [10.0, 20.0, 5.0, 15.0, 2.0]  # three calls: 20 s, 15 s, 2 s
+    assert train_elapsed_s([{"elapsed_s": e} for e in elapsed]) == 37.0
+    assert train_elapsed_s([]) == 0.0
 
 
 def test_a_recipe_with_line_cuts_short_windows_and_packed_rows(source, tmp_path):

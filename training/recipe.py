@@ -423,6 +423,17 @@ def tokens_trained(losses: list[dict]) -> int:
     return total
 
 
+def train_elapsed_s(losses: list[dict]) -> float:
+    """Training time over every call of a resumed run: each call's records count "elapsed_s" from its own start,
+    so a drop in elapsed_s starts a new segment, and the segments' last values add up."""
+    total, last = 0.0, 0.0
+    for m in losses:
+        if m["elapsed_s"] < last:
+            total += last
+        last = m["elapsed_s"]
+    return total + last
+
+
 def _summary(recipe: Recipe, root: Path, arch: LlamaConfig, cfg: TrainConfig, train_files, held_files,
              sources: SourceSummary, run_dir: Path, started: float) -> dict:
     """What OUT/summary.json records: files, tokens, time and final losses (from OUT/run/metrics.jsonl)."""
@@ -439,5 +450,6 @@ def _summary(recipe: Recipe, root: Path, arch: LlamaConfig, cfg: TrainConfig, tr
         "final_held_out_loss": held[-1]["held_out_loss"] if held else None,
         "train_seconds_this_call": round(time.time() - started, 1),
         "train_elapsed_s_last_segment": losses[-1]["elapsed_s"] if losses else None,
+        "train_elapsed_s_all_segments": round(train_elapsed_s(losses), 1),
         "save_dtype": recipe.save_dtype, "sources": sources.report(),
     }

@@ -14,6 +14,10 @@ bundled model:
 
 Random weights never stop early, so every suggestion runs its `max_new_tokens`: a trained model's are no slower.
 The chosen size is the candidate with the most parameters within every limit. Writes `size.json` and `size.md`.
+
+With `models` (`codefill bench size --model MODEL_DIR`: that model beside the bundled one) the rows are those
+trained model directories as stored, measured the same way against the same limits, each with its own tokenizer:
+whether a model meant to be bundled keeps within them, side by side with the one it would replace.
 """
 
 from __future__ import annotations
@@ -114,8 +118,10 @@ def choose(rows: list[dict], limits: dict) -> str | None:
 
 def run(out_dir: str | Path, *, sizes: dict[str, LlamaConfig] | None = None, keystrokes: int = 40,
         max_new_tokens: int = 16, max_storage_bytes: int = 40_000_000, max_typing_ms: float = 150.0,
-        max_cold_ms: float = 1500.0, tokenizer_path: str | Path | None = None) -> dict:
+        max_cold_ms: float = 1500.0, tokenizer_path: str | Path | None = None,
+        models: dict[str, str | Path] | None = None) -> dict:
     from codefill.bundled import bundled_model_dir
+    from codefill.model.checkpoint import read_model_config
     from codefill.model.tokenizer import Tokenizer
 
     out_dir = Path(out_dir)
@@ -130,10 +136,15 @@ def run(out_dir: str | Path, *, sizes: dict[str, LlamaConfig] | None = None, key
     options = {"max_new_tokens": max_new_tokens, "max_prompt_tokens": prompt_tokens, "context_chunks": 0,
                "log_dir": str(out_dir / "size-telemetry")}
     limits = {"max_storage_bytes": max_storage_bytes, "max_typing_ms": max_typing_ms, "max_cold_ms": max_cold_ms}
+    if models is None:
+        candidates = {}
+        for name, config in sizes.items():
+            config = LlamaConfig.from_dict({**config.to_dict(), "vocab_size": tok.vocab_size})
+            candidates[name] = (build_candidate(out_dir / "size-models" / name, config, tokenizer_path), config)
+    else:
+        candidates = {name: (Path(d), read_model_config(Path(d))[0]) for name, d in models.items()}
     rows = []
-    for name, config in sizes.items():
-        config = LlamaConfig.from_dict({**config.to_dict(), "vocab_size": tok.vocab_size})
-        model_dir = build_candidate(out_dir / "size-models" / name, config, tokenizer_path)
+    for name, (model_dir, config) in candidates.items():
         m = asyncio.run(_measure(model_dir, text, cursor, keystrokes, cold_docs, options))
         row = {"name": name, "params": config.n_params(), "dim": config.dim, "n_layers": config.n_layers,
                "n_heads": config.n_heads, "n_kv_heads": config.n_kv_heads, "ffn_dim": config.ffn_dim,
@@ -143,7 +154,8 @@ def run(out_dir: str | Path, *, sizes: dict[str, LlamaConfig] | None = None, key
         rows.append(row)
         print(f"[bench size] {name}: {row['params'] / 1e6:.1f} M params, {row['storage_bytes'] / 1e6:.1f} MB, "
               f"typing p50 {row['typing_p50_ms']} ms, cold {row['cold_ms']} ms", file=sys.stderr, flush=True)
-    report = {"limits": limits, "prompt_tokens": prompt_tokens, "max_new_tokens": max_new_tokens,
+    report = {"limits": limits, "prompt_tokens": prompt_tokens,
+              "models": None if models is None else {name: str(d) for name, d in models.items()}, "max_new_tokens": max_new_tokens,
               "keystrokes": keystrokes, "source": source_name(), "cold_files": list(COLD_FILES),
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
               "rows": rows, "chosen": choose(rows, limits)}
@@ -154,10 +166,12 @@ def run(out_dir: str | Path, *, sizes: dict[str, LlamaConfig] | None = None, key
 
 def _markdown(r: dict) -> str:
     lim = r["limits"]
+    what = (f"Random float16 weights in Code Llama's architecture, vocabulary {VOCAB_SIZE}, context {CONTEXT}"
+            if not r.get("models") else "Trained models as stored (" +
+            ", ".join(f"{name}: `{d}`" for name, d in r["models"].items()) + "), each with its own tokenizer")
     lines = [
         "# Model size the CPU can serve (`codefill bench size`)", "",
-        f"Random float16 weights in Code Llama's architecture, vocabulary {VOCAB_SIZE}, context {CONTEXT}, served by "
-        f"`codefill serve`. Typing: {r['keystrokes']} keys of {r['source']}, the next key after the answer, "
+        f"{what}, served by `codefill serve`. Typing: {r['keystrokes']} keys of {r['source']}, the next key after the answer, "
         f"suggestions of {r['max_new_tokens']} tokens. Cold: the first suggestion on an unseen document, a "
         f"{r['prompt_tokens']}-id prompt, median of {', '.join(r['cold_files'])}. Machine: {r['machine']}.", "",
         f"Limits: storage at most {lim['max_storage_bytes'] / 1e6:g} MB, typing p50 at most {lim['max_typing_ms']:g} "
@@ -173,6 +187,10 @@ def _markdown(r: dict) -> str:
                      f"{row['typing_p50_ms']} | {row['typing_p95_ms']} | {row['cold_ms']} "
                      f"({', '.join(str(c) for c in row['cold_each_ms'])}) | "
                      f"{'yes' if not over else 'no: ' + ', '.join(over)} |")
+    if r.get("models"):
+        lines += ["", "Within every limit: " + (", ".join(row["name"] for row in r["rows"] if not over_limits(row, lim))
+                                                 or "none") + ".", ""]
+        return "\n".join(lines)
     lines += ["", f"**Chosen: {r['chosen']}**, the most parameters within every limit." if r["chosen"]
               else "**No candidate is within every limit.**", ""]
     return "\n".join(lines)

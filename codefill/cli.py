@@ -447,8 +447,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
         report = run(out, model_dir=model, preset=args.preset)
     elif args.what == "size":  # the largest model the CPU serves within the bundled model's limits
         from codefill.bench_size import run
+        from codefill.bundled import bundled_model_dir
 
-        report = run(out)
+        # --model: that trained model beside the bundled one, measured against the same limits
+        bundled = bundled_model_dir()
+        report = run(out) if model is None else run(out, models={f"bundled ({bundled.name})": bundled, str(model): model})
     elif args.what == "speculation":
         from codefill.bench_speculation import run
 
@@ -917,7 +920,7 @@ def _add_bench_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="run a benchmark and write its report")
     p.add_argument("what", choices=["model", "workers", "lsp", "train", "profile", "speculation", "size"])
     p.add_argument("--preset", default="small", help="architecture of the random-weight model benchmarked")
-    _model_arg(p, required=False, help="workers/lsp: benchmark this model instead of a preset")
+    _model_arg(p, required=False, help="workers/lsp/speculation: benchmark this model instead of a preset; size: this trained model beside the bundled one, against the same limits")
     p.add_argument("--skip-tp", action="store_true", help="workers: skip part (a), TP=1 vs TP=2")
     p.add_argument("--recipe", metavar="RECIPE.toml", help="train: time the recipe's model and rows instead")
     p.add_argument("--out", default="bench_results")

@@ -56,3 +56,18 @@ def test_candidates_are_served_measured_and_chosen(tmp_path):
     assert json.loads((tmp_path / "size.json").read_text())["chosen"] == report["chosen"]
     md = (tmp_path / "size.md").read_text()
     assert "| t128 |" in md and "no: storage" in md
+
+
+def test_trained_models_are_measured_as_stored_against_the_same_limits(tmp_path):
+    """`bench size --model`: given model directories are served as they are (no candidate is built), with their
+    own storage, parameters and tokenizer, and the report says which keep within every limit."""
+    model = bench_size.build_candidate(tmp_path / "given", bench_size._shape(64, 2, 1, 172),
+                                       bundled_model_dir() / "tokenizer.model")
+    report = bench_size.run(tmp_path / "out", models={"given": model}, keystrokes=3, max_storage_bytes=1_000_000)
+    (row,) = report["rows"]
+    assert row["name"] == "given" and row["params"] == read_model_config(model)[0].n_params()
+    assert row["storage_bytes"] == sum(f.stat().st_size for f in model.iterdir()) > 1_000_000
+    assert row["typing_p50_ms"] > 0 and len(row["cold_each_ms"]) == len(bench_size.COLD_FILES)
+    assert not (tmp_path / "out" / "size-models").exists()
+    md = (tmp_path / "out" / "size.md").read_text()
+    assert "Trained models as stored (given: `" in md and "no: storage" in md and "Within every limit: none." in md

@@ -1,17 +1,18 @@
-"""The bundled model: `models/codefill-stdlib` in this repository, what `codefill serve`, `demo`, `generate`,
+"""The bundled model: `models/codefill-pypi-5m` in this repository, what `codefill serve`, `demo`, `generate`,
 `infill` and `eval` use when no --model is given.
 
-It is the output of `codefill recipe recipes/codefill-stdlib.toml` (its model card is the README.md beside it): a
-small Code Llama-architecture model trained from scratch on the Python standard library. It lives in the source
-tree, next to the `codefill` package folder, so an editable install (what scripts/setup.sh makes) finds it from any
-directory.
+It is the output of `codefill recipe recipes/codefill-pypi-cpu.toml` on the corpus that `codefill data corpus
+recipes/corpus/pypi.toml` builds (its model card is the README.md beside it, its data card DATA.md): a small Code
+Llama-architecture model trained from scratch on permissively licensed Python from PyPI and the standard library.
+It lives in the source tree, next to the `codefill` package folder, so an editable install (what scripts/setup.sh
+makes) finds it from any directory.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-BUNDLED_NAME = "codefill-stdlib"
+BUNDLED_NAME = "codefill-pypi-5m"
 
 
 def bundled_model_dir() -> Path:

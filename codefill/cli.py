@@ -451,7 +451,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
         # --model: that trained model beside the bundled one, measured against the same limits
         bundled = bundled_model_dir()
-        report = run(out) if model is None else run(out, models={f"bundled ({bundled.name})": bundled, str(model): model})
+        report = run(out) if model is None else run(out, models={f"bundled ({bundled.name})": bundled,
+                                                                  str(model): model})
     elif args.what == "speculation":
         from codefill.bench_speculation import run
 
@@ -567,7 +568,7 @@ def _model_arg(p: argparse.ArgumentParser, *, required: bool = True, metavar: st
 
 def _bundled_model_arg(p: argparse.ArgumentParser, help: str | None = None) -> None:
     """--model for the commands that take the bundled model without it (the command calls _model_or_bundled)."""
-    default = "default: the bundled model, models/codefill-stdlib"
+    default = "default: the bundled model, models/codefill-pypi-5m"
     _model_arg(p, required=False, help=f"{help} ({default})" if help else default)
 
 
@@ -761,7 +762,7 @@ def _add_new_model_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("recipe", help="train a small model from scratch as a recipe file says (tokenizer, "
                                       "FIM data, training); run again to continue an interrupted run")
-    p.add_argument("recipe", metavar="RECIPE.toml", help="e.g. recipes/codefill-stdlib.toml")
+    p.add_argument("recipe", metavar="RECIPE.toml", help="e.g. recipes/codefill-pypi-cpu.toml")
     p.add_argument("--output", required=True, metavar="OUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs)")
     p.add_argument("--trainer", choices=["mindspore", "torch"], default="mindspore",
@@ -920,7 +921,8 @@ def _add_bench_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="run a benchmark and write its report")
     p.add_argument("what", choices=["model", "workers", "lsp", "train", "profile", "speculation", "size"])
     p.add_argument("--preset", default="small", help="architecture of the random-weight model benchmarked")
-    _model_arg(p, required=False, help="workers/lsp/speculation: benchmark this model instead of a preset; size: this trained model beside the bundled one, against the same limits")
+    _model_arg(p, required=False, help="workers/lsp/speculation: benchmark this model instead of a preset; "
+                                       "size: this trained model beside the bundled one, against the same limits")
     p.add_argument("--skip-tp", action="store_true", help="workers: skip part (a), TP=1 vs TP=2")
     p.add_argument("--recipe", metavar="RECIPE.toml", help="train: time the recipe's model and rows instead")
     p.add_argument("--out", default="bench_results")

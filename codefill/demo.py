@@ -74,8 +74,8 @@ def run_demo(model_dir: Path) -> None:
     if not (model_dir / "config.json").exists():
         from codefill.cli import CliError
 
-        raise CliError(f"no model directory at {model_dir} (the bundled one is models/codefill-stdlib; "
-                       f"`codefill recipe recipes/codefill-stdlib.toml` rebuilds it)")
+        raise CliError(f"no model directory at {model_dir} (the bundled one is models/codefill-pypi-5m; its "
+                       f"model card, models/codefill-pypi-5m/README.md, has the commands that rebuild it)")
     code = asyncio.run(_demo(model_dir))
     if code:
         print("the server answered with no inline completion item", file=sys.stderr)

@@ -162,9 +162,10 @@ def test_a_missing_source_is_refused_before_anything_is_written(tmp_path):
 
 
 def test_the_bundled_recipe_parses_and_matches_the_bundled_model():
-    recipe = load_recipe(ROOT / "recipes" / "codefill-stdlib.toml")
-    assert recipe.source == "stdlib" and recipe.fim.fim_rate == 0.9 and recipe.train.lora is None
-    bundled = ROOT / "models" / "codefill-stdlib"
+    recipe = load_recipe(ROOT / "recipes" / "codefill-pypi-cpu.toml")
+    assert recipe.corpus is not None and recipe.fim.fim_rate == 0.9 and recipe.train.lora is None
+    bundled = ROOT / "models" / "codefill-pypi-5m"
+    assert load_recipe(bundled / "recipe.toml") == recipe  # the copy beside the model is the recipe
     if not (bundled / "config.json").exists():
         pytest.skip("the bundled model is not in this checkout")
     files = load_model_dir(bundled, dtype=None)

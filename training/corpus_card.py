@@ -20,7 +20,7 @@ import numpy as np
 from .corpus_shards import MIB, read_shard
 
 SAMPLE_CHARS = 4_000_000   # text measured every way for the transport decision
-# The FIM rows measured: the bundled recipe's [fim] (recipes/codefill-stdlib.toml) in rows of 1,025 tokens.
+# The FIM rows measured: the standard-library recipe's [fim] (recipes/codefill-stdlib.toml) in rows of 1,025 tokens.
 SAMPLE_FIM = dict(fim_rate=0.9, spm_rate=0.5, seed=0, line_rate=0.8, line_lines=3, window_tokens=512, pack=True)
 SAMPLE_ROW_LENGTH = 1025
 

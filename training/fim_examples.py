@@ -22,8 +22,8 @@ space, as in the paper and Meta's inference code.
 Other families (model/families.py) get their own markers and end token through the tokenizer (Qwen2.5-Coder:
 no BOS, <|endoftext|> after the middle; DeepSeek-Coder: <｜end▁of▁sentence｜>), and PSM only.
 
-Five options depart from the paper, all off by default; the bundled recipe (recipes/codefill-stdlib.toml)
-uses all five:
+Five options depart from the paper, all off by default; the standard-library recipe
+(recipes/codefill-stdlib.toml) uses all five, the bundled recipe (recipes/codefill-pypi-cpu.toml) all but passes:
 
   - line_rate: that share of infilling examples draws its two cut points among the window's line starts
     (offset 0, every offset after a newline, and the end) instead of among all characters, so the middle is

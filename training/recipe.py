@@ -1,6 +1,6 @@
 """`codefill recipe RECIPE.toml --output OUT`: train a small Code Llama-architecture model from scratch.
 
-A recipe file (see recipes/codefill-stdlib.toml, the bundled model's) names everything the run depends on:
+A recipe file (see recipes/codefill-pypi-cpu.toml, the bundled model's) names everything the run depends on:
 
     [data]       which source tree (a directory, or "stdlib": the running interpreter's standard library minus
                  its site-packages), which extensions, excluded patterns, the held-out share (by file); or

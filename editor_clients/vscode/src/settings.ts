@@ -40,7 +40,7 @@ export function serverCommand(
   if (!command) {
     return { error: "codefill.command is empty: set it to the codefill executable" };
   }
-  // An empty model: the server's own default, the bundled model (models/codefill-stdlib).
+  // An empty model: the server's own default, the bundled model (models/codefill-pypi-5m).
   const args = model ? ["serve", "--stdio", "--model", model] : ["serve", "--stdio"];
   if (endpoint) {
     args.push("--endpoint", endpoint);

@@ -121,7 +121,7 @@ def run(out_dir: str | Path, *, sizes: dict[str, LlamaConfig] | None = None, key
         max_cold_ms: float = 1500.0, tokenizer_path: str | Path | None = None,
         models: dict[str, str | Path] | None = None) -> dict:
     from codefill.bundled import bundled_model_dir
-    from codefill.model.checkpoint import read_model_config
+    from codefill.model.checkpoint import load_tokenizer, read_model_config
     from codefill.model.tokenizer import Tokenizer
 
     out_dir = Path(out_dir)
@@ -132,7 +132,6 @@ def run(out_dir: str | Path, *, sizes: dict[str, LlamaConfig] | None = None, key
     prompt_tokens = CONTEXT - max_new_tokens
     text = (Path(sysconfig.get_paths()["stdlib"]) / SOURCE_FILE).read_text()
     cursor = replay_cursor(text)
-    cold_docs = _cold_documents(prompt_tokens, tok)
     options = {"max_new_tokens": max_new_tokens, "max_prompt_tokens": prompt_tokens, "context_chunks": 0,
                "log_dir": str(out_dir / "size-telemetry")}
     limits = {"max_storage_bytes": max_storage_bytes, "max_typing_ms": max_typing_ms, "max_cold_ms": max_cold_ms}
@@ -145,6 +144,9 @@ def run(out_dir: str | Path, *, sizes: dict[str, LlamaConfig] | None = None, key
         candidates = {name: (Path(d), read_model_config(Path(d))[0]) for name, d in models.items()}
     rows = []
     for name, (model_dir, config) in candidates.items():
+        # enough text around each cold cursor for a full prompt in this model's own ids (a given model's tokenizer
+        # is not the bundled one)
+        cold_docs = _cold_documents(prompt_tokens, load_tokenizer(model_dir))
         m = asyncio.run(_measure(model_dir, text, cursor, keystrokes, cold_docs, options))
         row = {"name": name, "params": config.n_params(), "dim": config.dim, "n_layers": config.n_layers,
                "n_heads": config.n_heads, "n_kv_heads": config.n_kv_heads, "ffn_dim": config.ffn_dim,
@@ -154,8 +156,8 @@ def run(out_dir: str | Path, *, sizes: dict[str, LlamaConfig] | None = None, key
         rows.append(row)
         print(f"[bench size] {name}: {row['params'] / 1e6:.1f} M params, {row['storage_bytes'] / 1e6:.1f} MB, "
               f"typing p50 {row['typing_p50_ms']} ms, cold {row['cold_ms']} ms", file=sys.stderr, flush=True)
-    report = {"limits": limits, "prompt_tokens": prompt_tokens,
-              "models": None if models is None else {name: str(d) for name, d in models.items()}, "max_new_tokens": max_new_tokens,
+    report = {"limits": limits, "prompt_tokens": prompt_tokens, "max_new_tokens": max_new_tokens,
+              "models": None if models is None else {name: str(d) for name, d in models.items()},
               "keystrokes": keystrokes, "source": source_name(), "cold_files": list(COLD_FILES),
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
               "rows": rows, "chosen": choose(rows, limits)}
@@ -171,8 +173,8 @@ def _markdown(r: dict) -> str:
             ", ".join(f"{name}: `{d}`" for name, d in r["models"].items()) + "), each with its own tokenizer")
     lines = [
         "# Model size the CPU can serve (`codefill bench size`)", "",
-        f"{what}, served by `codefill serve`. Typing: {r['keystrokes']} keys of {r['source']}, the next key after the answer, "
-        f"suggestions of {r['max_new_tokens']} tokens. Cold: the first suggestion on an unseen document, a "
+        f"{what}, served by `codefill serve`. Typing: {r['keystrokes']} keys of {r['source']}, the next key after the "
+        f"answer, suggestions of {r['max_new_tokens']} tokens. Cold: the first suggestion on an unseen document, a "
         f"{r['prompt_tokens']}-id prompt, median of {', '.join(r['cold_files'])}. Machine: {r['machine']}.", "",
         f"Limits: storage at most {lim['max_storage_bytes'] / 1e6:g} MB, typing p50 at most {lim['max_typing_ms']:g} "
         f"ms, cold at most {lim['max_cold_ms']:g} ms.", "",
@@ -188,11 +190,13 @@ def _markdown(r: dict) -> str:
                      f"({', '.join(str(c) for c in row['cold_each_ms'])}) | "
                      f"{'yes' if not over else 'no: ' + ', '.join(over)} |")
     if r.get("models"):
-        lines += ["", "Within every limit: " + (", ".join(row["name"] for row in r["rows"] if not over_limits(row, lim))
-                                                 or "none") + ".", ""]
-        return "\n".join(lines)
-    lines += ["", f"**Chosen: {r['chosen']}**, the most parameters within every limit." if r["chosen"]
-              else "**No candidate is within every limit.**", ""]
+        within = ", ".join(row["name"] for row in r["rows"] if not over_limits(row, lim)) or "none"
+        verdict = f"Within every limit: {within}."
+    elif r["chosen"]:
+        verdict = f"**Chosen: {r['chosen']}**, the most parameters within every limit."
+    else:
+        verdict = "**No candidate is within every limit.**"
+    lines += ["", verdict, ""]
     return "\n".join(lines)
 
 
